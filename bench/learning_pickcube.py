@@ -1,0 +1,176 @@
+"""Learning proof on a real simulator: few-shot SFT, then π-StepNFT online, on ManiSkill3 PickCube.
+
+1. Expert demos offline from ManiSkill's motion planner (cached).
+2. SFT a small state-only flow policy on a few of them, so it succeeds only partially.
+3. π-StepNFT online from that checkpoint: Flow-SDE rollouts, terminal-binary labels, and an
+   ODE evaluation on fixed held-out seeds after every iteration. The main variant and the
+   ablations (loss_form=weighted, target=terminal) start from the same SFT checkpoint and use
+   the same seeds and wall-clock budget; they run as parallel processes so they share the
+   machine equally.
+
+Prints one JSON document (and writes it to <out>/learning_pickcube.json):
+
+    python bench/learning_pickcube.py --rl-minutes 30            # main + both ablations
+    python bench/learning_pickcube.py --variants stepnft --rl-minutes 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
+
+from sim_bridge.maniskill_env import ManiSkillEnv, ManiSkillEnvConfig  # noqa: E402
+from stepnft_ros.algo.sft import SFTConfig, train_sft  # noqa: E402
+from stepnft_ros.algo.stepnft import StepNFTConfig  # noqa: E402
+from stepnft_ros.atomic import atomic_write_text  # noqa: E402
+from stepnft_ros.episodes.demos import ChunkDataset, DemoSet  # noqa: E402
+from stepnft_ros.online import OnlineConfig, run_online  # noqa: E402
+from stepnft_ros.policy import FlowPolicy, FlowVLA, PolicyConfig, load_checkpoint, save_checkpoint  # noqa: E402
+from stepnft_ros.rollout import evaluate  # noqa: E402
+
+VARIANTS = {
+    'stepnft': {},
+    'weighted': {'loss_form': 'weighted'},
+    'terminal': {'target': 'terminal'},
+}
+EVAL_SEEDS = tuple(range(10_000, 10_000 + 48))  # held out: demos use seeds from 0, RL from 1_000_000
+
+
+def log(msg: str) -> None:
+    print(f'[{time.strftime("%H:%M:%S")}] {msg}', file=sys.stderr, flush=True)
+
+
+def env_config(args: argparse.Namespace) -> ManiSkillEnvConfig:
+    return ManiSkillEnvConfig(env_id='PickCube-v1', control_mode='pd_ee_delta_pose', obs_mode='state',
+                              max_episode_steps=args.max_episode_steps)
+
+
+def prepare_sft(args: argparse.Namespace, out: Path) -> dict:
+    """Demos -> SFT checkpoint -> its ODE success on the held-out seeds (all cached in `out`)."""
+    from sim_bridge.maniskill_demos import generate_demos
+
+    demo_path = out / 'demos.npz'
+    if not demo_path.exists():
+        start = time.perf_counter()
+        generate_demos('PickCube-v1', n=args.num_demos, out_path=str(demo_path),
+                       control_mode='pd_ee_delta_pose', max_steps=args.max_episode_steps)
+        log(f'demos: {args.num_demos} in {time.perf_counter() - start:.0f}s -> {demo_path}')
+    ckpt = out / 'sft'
+    summary_path = out / 'sft_summary.json'
+    if summary_path.exists() and (ckpt / 'model.safetensors').exists():
+        return json.loads(summary_path.read_text())
+    demos = DemoSet.load(demo_path, max_episodes=args.num_demos)
+    torch.manual_seed(args.seed)
+    cfg = PolicyConfig(state_dim=demos.states.shape[1], action_dim=demos.actions.shape[1],
+                       horizon=args.horizon, d_model=128, n_heads=4, prefix_layers=1, expert_layers=2,
+                       num_steps=4, noise_level=args.noise_level)
+    model = FlowVLA(cfg)
+    model.normalizer.fit(demos.states, demos.actions)
+    data = ChunkDataset(demos, model)
+    sft_cfg = SFTConfig(steps=args.sft_steps, batch_size=256, lr=3e-4, seed=args.seed)
+    start = time.perf_counter()
+    losses = train_sft(model, len(data), data.get_batch, sft_cfg,
+                       log=lambda s, l: log(f'sft step {s} loss {l:.4f}') if s % 500 == 0 else None)
+    sft_s = time.perf_counter() - start
+    save_checkpoint(ckpt, model, {'stage': 'sft', 'demos': demos.num_episodes, 'weights_version': 0})
+    with ManiSkillEnv(env_config(args)) as env:
+        success, episodes = evaluate(env, FlowPolicy(model, mode='ode'), list(EVAL_SEEDS), args.actions_per_chunk)
+    summary = {'num_demos': demos.num_episodes, 'demo_steps': int(demos.episode_lengths.sum()),
+               'sft_steps': sft_cfg.steps, 'sft_wall_s': round(sft_s, 1), 'sft_final_loss': losses[-1],
+               'sft_eval_success': success, 'policy_config': asdict(cfg)}
+    atomic_write_text(summary_path, json.dumps(summary, indent=2))
+    log(f'SFT: {demos.num_episodes} demos, ODE success {success:.3f} on {len(EVAL_SEEDS)} held-out seeds')
+    return summary
+
+
+def run_variant(args: argparse.Namespace, out: Path, variant: str) -> dict:
+    torch.set_num_threads(1)  # the variants run side by side on a 2-core machine
+    model, _ = load_checkpoint(out / 'sft')
+    algo = replace(StepNFTConfig(lr=args.lr, epochs=args.epochs, minibatch_size=args.minibatch_size),
+                   **VARIANTS[variant])
+    online = OnlineConfig(iterations=10_000, episodes_per_iteration=args.episodes_per_iteration,
+                          actions_per_chunk=args.actions_per_chunk, eval_seeds=EVAL_SEEDS,
+                          time_budget_s=args.rl_minutes * 60.0, seed=args.seed)
+    start = time.perf_counter()
+
+    def progress(entry: dict) -> None:
+        entry['wall_s'] = round(time.perf_counter() - start, 1)
+        log(f'{variant} it {entry["iteration"]}: eval {entry["eval_success"]:.3f} '
+            f'train {entry.get("train_success", float("nan")):.3f} env_steps {entry["env_steps"]} '
+            f'rl_wall {entry["rl_wall_s"]:.0f}s pref_acc {entry.get("preference_accuracy", float("nan")):.3f} '
+            f'clip {entry.get("clip_fraction", float("nan")):.3f}')
+
+    with ManiSkillEnv(env_config(args)) as env:
+        history = run_online(env, model, online, algo, log=progress)
+    save_checkpoint(out / f'rl_{variant}', model, {'stage': 'stepnft', 'variant': variant,
+                                                 'weights_version': len(history) - 1})
+    evals = [h['eval_success'] for h in history]
+    result = {'variant': variant, 'algo_config': asdict(algo), 'online_config': asdict(online),
+              'sft_success': evals[0], 'final_success': evals[-1], 'best_success': max(evals),
+              'gain_final': evals[-1] - evals[0], 'iterations': len(history) - 1,
+              'env_steps': history[-1]['env_steps'], 'rl_wall_s': history[-1]['rl_wall_s'],
+              'total_wall_s': round(time.perf_counter() - start, 1), 'history': history}
+    atomic_write_text(out / f'result_{variant}.json', json.dumps(result, indent=2))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--out', default='runs/learning_pickcube', help='work and result directory')
+    p.add_argument('--variants', default='stepnft,weighted,terminal', help=f'comma list of {list(VARIANTS)}')
+    p.add_argument('--rl-minutes', type=float, default=30.0, help='RL wall-clock budget per variant')
+    p.add_argument('--num-demos', type=int, default=10, help='few-shot demos for SFT')
+    p.add_argument('--sft-steps', type=int, default=3000)
+    p.add_argument('--horizon', type=int, default=8, help='H: actions per chunk')
+    p.add_argument('--actions-per-chunk', type=int, default=8, help='actions executed before re-planning')
+    p.add_argument('--max-episode-steps', type=int, default=100)
+    p.add_argument('--noise-level', type=float, default=0.3, help='a: Flow-SDE noise level')
+    p.add_argument('--lr', type=float, default=1e-4)
+    p.add_argument('--epochs', type=int, default=2)
+    p.add_argument('--minibatch-size', type=int, default=128)
+    p.add_argument('--episodes-per-iteration', type=int, default=32)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--worker', help=argparse.SUPPRESS)  # internal: run one variant in this process
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        run_variant(args, out, args.worker)
+        return 0
+    variants = [v.strip() for v in args.variants.split(',') if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f'unknown variants {unknown}; choose from {list(VARIANTS)}')
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    sft = prepare_sft(args, out)
+    passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
+    procs = {v: subprocess.Popen([sys.executable, __file__, *passthrough, '--worker', v]) for v in variants}
+    codes = {v: proc.wait() for v, proc in procs.items()}
+    failed = {v: c for v, c in codes.items() if c != 0}
+    results = {v: json.loads((out / f'result_{v}.json').read_text()) for v in variants if v not in failed}
+    report = {
+        'benchmark': 'learning_pickcube', 'env': 'ManiSkill3 PickCube-v1 state pd_ee_delta_pose physx_cpu',
+        'machine': {'cpus': os.cpu_count(), 'torch': torch.__version__, 'cuda': torch.cuda.is_available()},
+        'eval_seeds': len(EVAL_SEEDS), 'sft': sft, 'failed_variants': failed,
+        'summary': {v: {k: r[k] for k in ('sft_success', 'final_success', 'best_success', 'gain_final',
+                                          'iterations', 'env_steps', 'rl_wall_s')} for v, r in results.items()},
+        'variants': results,
+    }
+    atomic_write_text(out / 'learning_pickcube.json', json.dumps(report, indent=2))
+    print(json.dumps({k: report[k] for k in ('benchmark', 'sft', 'summary', 'failed_variants')}, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Installs everything stepnft_ros needs into a venv (default: ./.venv).
+# Idempotent: a second run only checks stamps and returns in seconds.
+#   STEPNFT_VENV    venv path (default: <repo>/.venv)
+#   STEPNFT_NO_APT  set to 1 to skip apt (e.g. no root; install the Vulkan packages yourself)
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${STEPNFT_VENV:-$repo/.venv}"
+python="${PYTHON:-python3}"
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+# --- apt: SAPIEN (ManiSkill) needs a Vulkan device even for state observations. Without an
+# NVIDIA driver, Debian 12's Mesa is too old; bookworm-backports has Mesa 25 (lavapipe).
+install_vulkan() {
+  if [ "${STEPNFT_NO_APT:-0}" = 1 ]; then log "apt skipped (STEPNFT_NO_APT=1)"; return; fi
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    log "NVIDIA driver present: its Vulkan ICD serves SAPIEN"; return
+  fi
+  local mesa_ver
+  mesa_ver="$(dpkg-query -W -f='${Version}' mesa-vulkan-drivers 2>/dev/null || true)"
+  if dpkg -s libvulkan1 >/dev/null 2>&1 && [ -n "$mesa_ver" ] && dpkg --compare-versions "$mesa_ver" ge 24; then
+    return
+  fi
+  local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  . /etc/os-release
+  if [ "${VERSION_CODENAME:-}" = bookworm ]; then
+    if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+      log "adding bookworm-backports (Mesa 25 lavapipe for software Vulkan)"
+      echo "deb http://deb.debian.org/debian bookworm-backports main" | $sudo tee /etc/apt/sources.list.d/stepnft-backports.list >/dev/null
+    fi
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libvulkan1 >/dev/null
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports mesa-vulkan-drivers >/dev/null
+  else
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libvulkan1 mesa-vulkan-drivers >/dev/null
+  fi
+  log "Vulkan: mesa-vulkan-drivers $(dpkg-query -W -f='${Version}' mesa-vulkan-drivers)"
+}
+
+# --- ROS 2: use a sourced system distro if rclpy imports there, else PyPI wheels of ROS 2 Kilted.
+system_ros=0
+if [ -n "${ROS_DISTRO:-}" ] && "$python" -c "import rclpy" >/dev/null 2>&1; then system_ros=1; fi
+
+stamp="$venv/.stepnft-setup-stamp"
+want="$(cat "$repo/scripts/setup.sh" "$repo/requirements.txt" "$repo/setup.py" | sha256sum | cut -d' ' -f1)-ros$system_ros"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  log "up to date ($venv)"; exit 0
+fi
+
+install_vulkan
+
+if [ ! -x "$venv/bin/python" ]; then
+  log "creating venv $venv"
+  if [ "$system_ros" = 1 ]; then "$python" -m venv --system-site-packages "$venv"; else "$python" -m venv "$venv"; fi
+fi
+pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+"${pip[@]}" --upgrade "pip>=24" >/dev/null
+# torch first and pinned: any looser request pulls a multi-GB CUDA build on CPU machines.
+"${pip[@]}" "torch==2.13.0"
+if [ "$system_ros" = 0 ]; then
+  "${pip[@]}" ros-rclpy ros-rmw-fastrtps-cpp ros-std-msgs ros-sensor-msgs ros-std-srvs \
+    ros-geometry-msgs ros-trajectory-msgs ros-builtin-interfaces ros-rosgraph-msgs ros-domain-coordinator
+fi
+"${pip[@]}" -c <(echo "torch==2.13.0") -r "$repo/requirements.txt"
+# compat mode: a .pth puts the checkout on sys.path, so new modules need no reinstall.
+"${pip[@]}" --no-deps --config-settings editable_mode=compat -e "$repo"
+echo "$want" > "$stamp"
+log "done: $venv"

@@ -1,0 +1,29 @@
+from glob import glob
+
+from setuptools import find_packages, setup
+
+package_name = 'stepnft_ros'
+
+setup(
+    name=package_name,
+    version='0.1.0',
+    packages=find_packages(include=['stepnft_ros', 'stepnft_ros.*', 'sim_bridge', 'sim_bridge.*']),
+    data_files=[
+        ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
+        ('share/' + package_name, ['package.xml']),
+        ('share/' + package_name + '/launch', glob('launch/*.launch.py')),
+        ('share/' + package_name + '/config', glob('config/*.yaml')),
+    ],
+    install_requires=['setuptools'],
+    zip_safe=True,
+    maintainer='stepnft_ros maintainers',
+    maintainer_email='dev@stepnft.local',
+    description='pi-StepNFT online RL fine-tuning of flow-based VLA policies as ROS 2 nodes',
+    license='Apache-2.0',
+    python_requires='>=3.10',
+    entry_points={
+        'console_scripts': [
+            'stepnft = stepnft_ros.cli:main',
+        ],
+    },
+)

@@ -1,0 +1,185 @@
+"""ROS-free adapter around one ManiSkill3 environment.
+
+The rest of the project only sees plain numpy: a flat float32 state vector, uint8 camera
+images and a language instruction. Episodes end at the first success (terminal-binary RL
+labels) or when ``max_episode_steps`` is reached.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+# ManiSkill asks on stdin before downloading assets; a node or test must never block on that.
+os.environ.setdefault('MS_SKIP_ASSET_DOWNLOAD_PROMPT', '1')
+
+# Tasks whose assets ship inside the mani-skill wheel (no download needed) and a short
+# instruction for each; unknown tasks fall back to a generic instruction.
+TASK_INSTRUCTIONS = {
+    'PickCube-v1': 'pick up the cube and lift it to the goal',
+    'PushCube-v1': 'push the cube to the goal region',
+    'PullCube-v1': 'pull the cube to the goal region',
+    'StackCube-v1': 'stack the red cube on top of the green cube',
+    'PegInsertionSide-v1': 'insert the peg into the hole in the box',
+    'PlaceSphere-v1': 'place the sphere into the bin',
+    'PokeCube-v1': 'use the peg to poke the cube to the goal',
+    'PushT-v1': 'push the T-shaped block onto the target',
+}
+_GENERIC_INSTRUCTION = 'complete the task'
+
+_CONTROL_MODES = (
+    'pd_ee_delta_pose', 'pd_ee_delta_pos', 'pd_ee_target_delta_pose', 'pd_ee_pose',
+    'pd_joint_pos', 'pd_joint_delta_pos', 'pd_joint_target_delta_pos', 'pd_joint_vel',
+)
+_OBS_MODES = ('state', 'rgb')
+_SIM_BACKENDS = ('physx_cpu', 'physx_cuda', 'cpu', 'gpu', 'auto')
+
+
+@dataclass(frozen=True)
+class ManiSkillEnvConfig:
+    """Settings of one ManiSkill environment (num_envs is always 1)."""
+
+    env_id: str = 'PickCube-v1'
+    """Registered ManiSkill task id, e.g. "PickCube-v1"."""
+    control_mode: str = 'pd_ee_delta_pose'
+    """Robot controller; pd_ee_delta_pose is a 7-D normalized [-1, 1] action (dpos, drot, gripper)."""
+    obs_mode: str = 'state'
+    """"state": flat privileged state only; "rgb": the same state plus camera images."""
+    max_episode_steps: int = 100
+    """Truncation horizon. PickCube's registered 50 is too short for expert demos (~60-90)."""
+    sim_backend: str = 'physx_cpu'
+    """Physics backend; physx_cpu needs no GPU (a Vulkan device is still required by SAPIEN)."""
+    image_size: int = 64
+    """Side in pixels of the square camera images (only used when obs_mode="rgb")."""
+    instruction: Optional[str] = None
+    """Language instruction; None picks the task's entry in TASK_INSTRUCTIONS."""
+
+    def __post_init__(self):
+        if not isinstance(self.env_id, str) or not self.env_id:
+            raise ValueError(f'env_id must be a non-empty string, got {self.env_id!r}')
+        if self.control_mode not in _CONTROL_MODES:
+            raise ValueError(f'control_mode must be one of {_CONTROL_MODES}, got {self.control_mode!r}')
+        if self.obs_mode not in _OBS_MODES:
+            raise ValueError(f'obs_mode must be one of {_OBS_MODES}, got {self.obs_mode!r}')
+        if (not isinstance(self.max_episode_steps, int) or isinstance(self.max_episode_steps, bool)
+                or self.max_episode_steps < 1):
+            raise ValueError(f'max_episode_steps must be an int >= 1, got {self.max_episode_steps!r}')
+        if self.sim_backend not in _SIM_BACKENDS:
+            raise ValueError(f'sim_backend must be one of {_SIM_BACKENDS}, got {self.sim_backend!r}')
+        if (not isinstance(self.image_size, int) or isinstance(self.image_size, bool)
+                or not 8 <= self.image_size <= 1024):
+            raise ValueError(f'image_size must be an int in [8, 1024], got {self.image_size!r}')
+        if self.instruction is None:
+            # frozen dataclass: resolve the default once so cfg.instruction is always a str.
+            object.__setattr__(self, 'instruction',
+                               TASK_INSTRUCTIONS.get(self.env_id, _GENERIC_INSTRUCTION))
+        elif not isinstance(self.instruction, str) or not self.instruction.strip():
+            raise ValueError(f'instruction must be a non-empty string, got {self.instruction!r}')
+
+
+def _to_numpy(x) -> np.ndarray:
+    """ManiSkill returns batched torch tensors (also on CPU); drop the batch dim of 1."""
+    if hasattr(x, 'detach'):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    return x[0] if x.ndim > 0 and x.shape[0] == 1 else x
+
+
+class ManiSkillEnv:
+    """One ManiSkill environment behind a numpy reset/step API.
+
+    ``reset(seed)`` is deterministic: the same seed gives the same initial state, which is
+    what lets offline demos be replayed open-loop (see bench/maniskill_demos.py).
+    """
+
+    def __init__(self, cfg: ManiSkillEnvConfig = ManiSkillEnvConfig()):
+        # Imported here so that importing this module (e.g. for the config) stays cheap.
+        import gymnasium as gym
+        import mani_skill.envs  # noqa: F401  (registers the tasks with gymnasium)
+
+        self.cfg = cfg
+        kwargs = {}
+        if cfg.obs_mode == 'rgb':
+            # "rgb+state" keeps the exact flat state layout of obs_mode="state" (the task adds
+            # privileged object poses only when "state" is in the mode) and adds images.
+            ms_obs_mode = 'rgb+state'
+            kwargs['sensor_configs'] = dict(width=cfg.image_size, height=cfg.image_size)
+        else:
+            ms_obs_mode = 'state'
+        self._env = gym.make(
+            cfg.env_id,
+            num_envs=1,
+            obs_mode=ms_obs_mode,
+            control_mode=cfg.control_mode,
+            sim_backend=cfg.sim_backend,
+            render_mode=None,
+            reward_mode='none',  # success comes from info["success"]; skip reward math
+            max_episode_steps=cfg.max_episode_steps,
+            **kwargs,
+        )
+        base = self._env.unwrapped
+        space = base.single_action_space
+        if len(space.shape) != 1:
+            raise ValueError(f'{cfg.env_id}/{cfg.control_mode}: expected a flat Box action space, got {space}')
+        self.action_dim = int(space.shape[0])
+        self.action_low = np.asarray(space.low, dtype=np.float32).copy()
+        self.action_high = np.asarray(space.high, dtype=np.float32).copy()
+        self.camera_names = tuple(base.scene.sensors.keys()) if cfg.obs_mode == 'rgb' else ()
+        self.instruction = cfg.instruction
+        self.last_info: dict = {}
+        self._done = True
+        self.state_dim = int(self.reset(seed=0)['state'].shape[0])
+        self._done = True  # the probe reset above is not an episode the caller started
+
+    def _convert_obs(self, raw) -> dict:
+        if self.cfg.obs_mode == 'rgb':
+            state = raw['state']
+            images = {name: np.ascontiguousarray(_to_numpy(raw['sensor_data'][name]['rgb']),
+                                                 dtype=np.uint8)
+                      for name in self.camera_names}
+        else:
+            state, images = raw, {}
+        return {
+            'state': np.ascontiguousarray(_to_numpy(state), dtype=np.float32),
+            'images': images,
+            'instruction': self.instruction,
+        }
+
+    def reset(self, seed: int) -> dict:
+        """Start an episode; the seed fixes robot init noise, object pose and goal."""
+        raw, info = self._env.reset(seed=int(seed))
+        self.last_info = {k: _to_numpy(v) for k, v in info.items()}
+        self._done = False
+        return self._convert_obs(raw)
+
+    def step(self, action: np.ndarray) -> tuple[dict, bool, bool]:
+        """Apply one action (clipped to bounds); returns (obs, success, done)."""
+        if self._done:
+            raise RuntimeError('episode is over: call reset() before step()')
+        a = np.asarray(action, dtype=np.float32).reshape(-1)
+        if a.shape != (self.action_dim,):
+            raise ValueError(f'action must have shape ({self.action_dim},), got {np.shape(action)}')
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f'action contains non-finite values: {a}')
+        a = np.clip(a, self.action_low, self.action_high)
+        # ManiSkill wants a batch dim even for one env.
+        raw, _, terminated, truncated, info = self._env.step(a[None])
+        self.last_info = {k: _to_numpy(v) for k, v in info.items()}
+        success = bool(self.last_info['success'])
+        # terminated = success (or a task's fail flag); truncated = max_episode_steps reached.
+        self._done = bool(_to_numpy(terminated)) or bool(_to_numpy(truncated)) or success
+        return self._convert_obs(raw), success, self._done
+
+    def close(self):
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

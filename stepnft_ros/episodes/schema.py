@@ -1,0 +1,92 @@
+"""Episodes: what a rollout records per decision, and their collation into training batches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from stepnft_ros.algo.labels import terminal_binary_label
+from stepnft_ros.policy.config import PolicyConfig
+from stepnft_ros.policy.types import Observation, ObservationBatch, Trace, stack_observations
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One decision: the observation answered, the chunk (H, D) sent (un-normalized, unclipped),
+    and its single-row trace (batch dimension 1)."""
+
+    observation: Observation
+    chunk: np.ndarray
+    trace: Trace
+    valid: bool = True
+    """False masks the decision out of updates (e.g. the robot rejected or never executed it)."""
+
+
+@dataclass
+class Episode:
+    """A finished (or running) episode; `success` is None until the outcome is known."""
+
+    episode_id: str
+    weights_version: int
+    decisions: list[Decision] = field(default_factory=list)
+    success: bool | None = None
+    env_steps: int = 0
+    seed: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.success is not None
+
+
+@dataclass(frozen=True)
+class DecisionBatch:
+    """Decisions of several episodes, flattened for the update.
+
+    obs: B observations; trace: Trace (B, ...); y: (B,) labels ±1; r: (B,) preference in [0, 1];
+    weight: (B,) per-episode averaging weights: mask / (valid decisions of its episode), so that
+    Σ weight·ℓ / n_episodes averages over decisions within each episode, then over episodes;
+    episode_index: (B,) which episode each decision came from.
+    """
+
+    obs: ObservationBatch
+    trace: Trace
+    y: torch.Tensor
+    r: torch.Tensor
+    weight: torch.Tensor
+    episode_index: torch.Tensor
+    n_episodes: int
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def index(self, idx: torch.Tensor) -> DecisionBatch:
+        return DecisionBatch(self.obs.index(idx), self.trace.index(idx), self.y[idx], self.r[idx],
+                             self.weight[idx], self.episode_index[idx], self.n_episodes)
+
+
+def collate_episodes(episodes: Sequence[Episode], cfg: PolicyConfig) -> DecisionBatch:
+    """Flatten finished episodes into one batch with terminal-binary labels (ALGORITHM.md §3)."""
+    unfinished = [e.episode_id for e in episodes if not e.finished]
+    if unfinished:
+        raise ValueError(f'episodes without an outcome cannot be trained on: {unfinished[:5]}')
+    kept = [e for e in episodes if any(d.valid for d in e.decisions)]
+    if not kept:
+        raise ValueError('no episode has a valid decision')
+    decisions, y, weight, ep_index = [], [], [], []
+    for i, ep in enumerate(kept):
+        n_valid = sum(d.valid for d in ep.decisions)
+        label = terminal_binary_label(bool(ep.success))
+        for d in ep.decisions:
+            decisions.append(d)
+            y.append(label)
+            weight.append((1.0 / n_valid) if d.valid else 0.0)
+            ep_index.append(i)
+    y_t = torch.tensor(y)
+    return DecisionBatch(
+        obs=stack_observations([d.observation for d in decisions], cfg),
+        trace=Trace.cat([d.trace for d in decisions]),
+        y=y_t, r=(y_t + 1.0) / 2.0, weight=torch.tensor(weight),
+        episode_index=torch.tensor(ep_index), n_episodes=len(kept))

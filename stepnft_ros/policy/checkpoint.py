@@ -1,0 +1,96 @@
+"""Checkpoints: one self-describing safetensors file (weights + config + metadata), never pickle.
+
+`<dir>/model.safetensors` carries the PolicyConfig JSON in its header metadata, so the weights
+and the config can't drift apart; `<dir>/config.json` is a human-readable copy. Both are
+written atomically (temp file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+
+from stepnft_ros.atomic import atomic_write_bytes, atomic_write_text
+from stepnft_ros.policy.config import PolicyConfig
+from stepnft_ros.policy.modeling import FlowVLA
+
+WEIGHTS_FILE = 'model.safetensors'
+CONFIG_FILE = 'config.json'
+FORMAT = 'stepnft_ros.policy/1'
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt, or does not match what the caller expects."""
+
+
+def save_checkpoint(directory: str | Path, model: FlowVLA, metadata: dict[str, Any] | None = None) -> Path:
+    """Write `model` (weights, normalization stats, config) and JSON-able `metadata` to `directory`."""
+    directory = Path(directory)
+    tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    header = {'format': FORMAT, 'config': model.config.to_json(),
+              'metadata': json.dumps(metadata or {}, sort_keys=True)}
+    path = atomic_write_bytes(directory / WEIGHTS_FILE, safetensors.torch.save(tensors, metadata=header))
+    atomic_write_text(directory / CONFIG_FILE, model.config.to_json() + '\n')
+    return path
+
+
+def read_header(directory: str | Path) -> tuple[PolicyConfig, dict[str, Any]]:
+    """Config and metadata of a checkpoint without loading its tensors."""
+    path = _weights_path(directory)
+    try:
+        with safetensors.safe_open(str(path), framework='pt') as f:
+            header = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for torn/garbage files
+        raise CheckpointError(f'{path}: not a readable safetensors file ({err})') from err
+    if header.get('format') != FORMAT:
+        raise CheckpointError(f'{path}: format {header.get("format")!r}, expected {FORMAT!r}')
+    try:
+        config = PolicyConfig.from_dict(json.loads(header['config']))
+        metadata = json.loads(header.get('metadata', '{}'))
+    except (KeyError, ValueError, TypeError) as err:
+        raise CheckpointError(f'{path}: invalid config in header ({err})') from err
+    return config, metadata
+
+
+def load_checkpoint(directory: str | Path, expected: PolicyConfig | None = None,
+                    device: str | torch.device = 'cpu') -> tuple[FlowVLA, dict[str, Any]]:
+    """Build the model a checkpoint describes and load its weights.
+
+    `expected`: fail unless the checkpoint's action_dim/horizon/state_dim/cameras match it.
+    """
+    config, metadata = read_header(directory)
+    if expected is not None:
+        for name in ('action_dim', 'horizon', 'state_dim', 'camera_names', 'image_size'):
+            got, want = getattr(config, name), getattr(expected, name)
+            if got != want:
+                raise CheckpointError(f'{_weights_path(directory)}: {name} is {got!r}, expected {want!r}')
+    path = _weights_path(directory)
+    try:
+        tensors = safetensors.torch.load_file(str(path), device=str(device))
+    except Exception as err:
+        raise CheckpointError(f'{path}: cannot read tensors ({err})') from err
+    model = FlowVLA(config).to(device)
+    expected_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected_shapes) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected_shapes))
+    wrong = sorted(k for k in set(tensors) & set(expected_shapes) if tuple(tensors[k].shape) != expected_shapes[k])
+    if missing or unexpected or wrong:
+        raise CheckpointError(f'{path}: tensors do not match its config: missing {missing[:5]}, '
+                              f'unexpected {unexpected[:5]}, wrong shape {wrong[:5]}')
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
+    if bad:
+        raise CheckpointError(f'{path}: non-finite values in {bad[:5]}')
+    model.load_state_dict(tensors)
+    return model, metadata
+
+
+def _weights_path(directory: str | Path) -> Path:
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f'no checkpoint at {path}')
+    return path

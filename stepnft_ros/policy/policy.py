@@ -1,0 +1,70 @@
+"""The policy interface the nodes and rollouts use: `infer(obs) -> chunk` and `reset()`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from stepnft_ros.policy.modeling import FlowVLA
+from stepnft_ros.policy.sampler import sample_chunk
+from stepnft_ros.policy.types import Observation, Trace, stack_observations
+
+SAMPLING_MODES = ('sde', 'ode')
+
+
+@dataclass(frozen=True)
+class PolicyOutput:
+    """chunks: (B, H, D) un-normalized actions (not yet clipped to robot bounds);
+    trace: the π-StepNFT trace of each decision (normalized action space)."""
+
+    chunks: np.ndarray
+    trace: Trace
+
+
+class FlowPolicy:
+    """Samples action chunks from a FlowVLA: Flow-SDE (`sde`) to explore, Euler ODE (`ode`) to deploy."""
+
+    def __init__(self, model: FlowVLA, mode: str = 'sde', noise_level: float | None = None,
+                 seed: int = 0, device: str | torch.device = 'cpu', fixed_step: int | None = None) -> None:
+        if mode not in SAMPLING_MODES:
+            raise ValueError(f'mode must be one of {SAMPLING_MODES}, got {mode!r}')
+        self.model = model.to(device).eval()
+        self.mode = mode
+        self.noise_level = model.config.noise_level if noise_level is None else noise_level
+        self.device = torch.device(device)
+        self.seed = seed
+        if fixed_step is not None and not 0 <= fixed_step < model.config.num_steps:
+            raise ValueError(f'fixed_step must be in [0, {model.config.num_steps}), got {fixed_step}')
+        self.fixed_step = fixed_step  # None: record a uniformly random solver step k* per decision
+        self.generator = torch.Generator(device=self.device)
+        self.reset()
+
+    @property
+    def a(self) -> float:
+        """Noise level actually used: 0 for the ODE sampler."""
+        return self.noise_level if self.mode == 'sde' else 0.0
+
+    def reset(self, seed: int | None = None) -> None:
+        """Re-seed the sampler's noise (default: the construction seed)."""
+        self.generator.manual_seed(self.seed if seed is None else seed)
+
+    @torch.no_grad()
+    def infer_batch(self, observations: Sequence[Observation]) -> PolicyOutput:
+        """Validates every observation (ObservationError on bad input) and samples one chunk each."""
+        cfg = self.model.config
+        batch = stack_observations(observations, cfg).to(self.device)
+        prefix = self.model.encode_prefix(batch)  # computed once, reused by all K steps
+        noise = torch.randn((batch.batch_size, cfg.horizon, cfg.action_dim),
+                            generator=self.generator, device=self.device)
+        k_star = None if self.fixed_step is None else torch.full(
+            (batch.batch_size,), self.fixed_step, dtype=torch.long, device=self.device)
+        x_final, trace = sample_chunk(lambda x, tau: self.model.velocity(x, tau, prefix),
+                                      noise, cfg.num_steps, self.a, generator=self.generator, k_star=k_star)
+        chunks = self.model.normalizer.unnormalize_action(x_final)
+        return PolicyOutput(chunks=chunks.cpu().numpy(), trace=trace.to('cpu'))
+
+    def infer(self, observation: Observation) -> PolicyOutput:
+        return self.infer_batch([observation])

@@ -1,0 +1,95 @@
+"""ODE (Euler) and Flow-SDE samplers with the per-decision trace (ALGORITHM.md §2).
+
+Grid: τ_k = 1 − k/K, k = 0..K; Δ_k = τ_k − τ_{k+1}. τ = 1 is noise, τ = 0 is data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from stepnft_ros.policy.types import Trace
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B,H,D), τ (B,)) -> v (B,H,D)
+
+
+def time_grid(num_steps: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """τ_k = 1 − k/K for k = 0..K: (K+1,)."""
+    return 1.0 - torch.arange(num_steps + 1, dtype=torch.float32, device=device) / num_steps
+
+
+def grid_at(k: torch.Tensor, num_steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(τ_k, τ_{k+1}, Δ_k) for integer steps k (any shape)."""
+    tau_k = 1.0 - k.float() / num_steps
+    tau_next = 1.0 - (k.float() + 1.0) / num_steps
+    return tau_k, tau_next, tau_k - tau_next
+
+
+def sde_sigma(tau_k: torch.Tensor, tau_next: torch.Tensor, a: torch.Tensor | float) -> torch.Tensor:
+    """σ_k = a·sqrt(τ_k / (1 − τ_k)); at τ_k = 1 the denominator uses τ_{k+1}: a·sqrt(1 / (1 − τ_1))."""
+    at_noise = tau_k >= 1.0
+    denominator = torch.where(at_noise, 1.0 - tau_next, 1.0 - tau_k)
+    return a * torch.sqrt(tau_k / denominator)
+
+
+def sde_mean(x: torch.Tensor, v: torch.Tensor, tau_k: torch.Tensor, tau_next: torch.Tensor,
+             sigma_k: torch.Tensor) -> torch.Tensor:
+    """μ_k(x, v) = x̂0·(1 − τ_{k+1}) + x̂1·(τ_{k+1} − σ_k²·Δ_k / (2·τ_k)).
+
+    x, v: (B, H, D); tau_k, tau_next, sigma_k: (B,) (or broadcastable). With σ_k = 0 this is
+    exactly the Euler step x − Δ_k·v.
+    """
+    tau_k, tau_next, sigma_k = (t.reshape(-1, 1, 1) for t in (tau_k, tau_next, sigma_k))
+    delta_k = tau_k - tau_next
+    x0_hat = x - tau_k * v
+    x1_hat = x + (1.0 - tau_k) * v
+    return x0_hat * (1.0 - tau_next) + x1_hat * (tau_next - sigma_k ** 2 * delta_k / (2.0 * tau_k))
+
+
+def sde_std(sigma_k: torch.Tensor, delta_k: torch.Tensor) -> torch.Tensor:
+    """s_k = sqrt(Δ_k)·σ_k: (B,)."""
+    return torch.sqrt(delta_k) * sigma_k
+
+
+def euler_step(x: torch.Tensor, v: torch.Tensor, delta_k: torch.Tensor) -> torch.Tensor:
+    """ODE step x_{k+1} = x − Δ_k·v; x, v (B, H, D), Δ_k (B,)."""
+    return x - delta_k.reshape(-1, 1, 1) * v
+
+
+@torch.no_grad()
+def sample_chunk(velocity: VelocityFn, noise: torch.Tensor, num_steps: int, a: float,
+                 generator: torch.Generator | None = None,
+                 k_star: torch.Tensor | None = None) -> tuple[torch.Tensor, Trace]:
+    """Integrate from x_0 = ε (τ = 1) to x_K (τ = 0); a = 0 is the ODE sampler, a > 0 the Flow-SDE.
+
+    noise: (B, H, D) the initial ε; k_star: (B,) steps to record (default: uniform per decision,
+    the paper's best choice). Returns x_K (B, H, D) and the trace of step k*.
+    """
+    b = noise.shape[0]
+    device = noise.device
+    if k_star is None:
+        k_star = torch.randint(0, num_steps, (b,), generator=generator, device=device)
+    x = noise
+    x_k = torch.empty_like(x)
+    x_next = torch.empty_like(x)
+    v_old = torch.empty_like(x)
+    for k in range(num_steps):
+        ks = torch.full((b,), k, device=device)
+        tau_k, tau_next, delta_k = grid_at(ks, num_steps)
+        v = velocity(x, tau_k)
+        if a > 0.0:
+            sigma_k = sde_sigma(tau_k, tau_next, a)
+            mu = sde_mean(x, v, tau_k, tau_next, sigma_k)
+            xi = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+            x_new = mu + sde_std(sigma_k, delta_k).reshape(-1, 1, 1) * xi
+        else:
+            x_new = euler_step(x, v, delta_k)
+        chosen = (k_star == k).reshape(-1, 1, 1)
+        x_k = torch.where(chosen, x, x_k)
+        x_next = torch.where(chosen, x_new, x_next)
+        v_old = torch.where(chosen, v, v_old)
+        x = x_new
+    trace = Trace(x_k=x_k, x_next=x_next, v_old=v_old, k=k_star.long(),
+                  a=torch.full((b,), float(a), device=device), x_final=x.clone())
+    return x, trace

@@ -1,0 +1,65 @@
+"""The ROS-free rollout loop: a policy acting in an environment, recorded as Episodes.
+
+The ROS pipeline does the same across processes; this loop is the reference it is measured
+against, and what benchmarks and the CLI use directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+from stepnft_ros.episodes.schema import Decision, Episode
+from stepnft_ros.policy.policy import FlowPolicy
+from stepnft_ros.policy.types import Observation
+
+
+class Env(Protocol):
+    """What the loop needs of an environment (sim_bridge adapters and test envs provide it)."""
+
+    action_low: np.ndarray   # (D,)
+    action_high: np.ndarray  # (D,)
+
+    def reset(self, seed: int) -> Mapping[str, Any]: ...
+
+    def step(self, action: np.ndarray) -> tuple[Mapping[str, Any], bool, bool]: ...
+
+
+def to_observation(raw: Mapping[str, Any]) -> Observation:
+    """Env dict {state, images, instruction} -> Observation."""
+    return Observation(state=raw.get('state'), images=raw.get('images') or {},
+                       instruction=raw.get('instruction', ''))
+
+
+def run_episode(env: Env, policy: FlowPolicy, seed: int, actions_per_chunk: int,
+                weights_version: int = 0, episode_id: str | None = None) -> Episode:
+    """Reset with `seed`, act chunk by chunk until the env reports done; outcome = success.
+
+    Executes the first `actions_per_chunk` actions of each chunk, clipped to the env's bounds
+    (the trace keeps the unclipped sample, ALGORITHM.md §2).
+    """
+    episode = Episode(episode_id=episode_id or f'seed{seed}', weights_version=weights_version, seed=seed)
+    obs = to_observation(env.reset(seed))
+    success = done = False
+    while not done:
+        out = policy.infer(obs)
+        episode.decisions.append(Decision(observation=obs, chunk=out.chunks[0], trace=out.trace))
+        for action in out.chunks[0][:actions_per_chunk]:
+            raw, success, done = env.step(np.clip(action, env.action_low, env.action_high))
+            episode.env_steps += 1
+            if done:
+                break
+        obs = to_observation(raw)
+    episode.success = bool(success)
+    return episode
+
+
+def evaluate(env: Env, policy: FlowPolicy, seeds: list[int], actions_per_chunk: int) -> tuple[float, list[Episode]]:
+    """Success rate over `seeds` (use an ODE policy for the paper's evaluation protocol)."""
+    episodes = []
+    for seed in seeds:
+        policy.reset(seed)  # the same seed gives the same sampler noise: evaluations are repeatable
+        episodes.append(run_episode(env, policy, seed, actions_per_chunk))
+    return float(np.mean([e.success for e in episodes])), episodes

@@ -1,0 +1,135 @@
+"""π-StepNFT loss identities (ALGORITHM.md §4, §5)."""
+
+import math
+
+import pytest
+import torch
+
+from stepnft_ros.algo.stepnft import (StepNFTConfig, branch_errors, mirrored_branches, push_pull_loss,
+                                      step_error, stepnft_loss, trust_region, weighted_loss)
+from stepnft_ros.policy.sampler import grid_at, sde_mean, sde_sigma, sde_std
+from stepnft_ros.policy.types import Trace
+
+K = 4
+
+
+def make_trace(b=8, h=5, d=3, a=0.4, seed=0) -> Trace:
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randint(0, K, (b,), generator=g)
+    x_k, v_old = torch.randn(b, h, d, generator=g), torch.randn(b, h, d, generator=g)
+    tau_k, tau_next, delta_k = grid_at(k, K)
+    sigma = sde_sigma(tau_k, tau_next, a)
+    x_next = sde_mean(x_k, v_old, tau_k, tau_next, sigma) + \
+        sde_std(sigma, delta_k)[:, None, None] * torch.randn(b, h, d, generator=g)
+    return Trace(x_k=x_k, x_next=x_next, v_old=v_old, k=k, a=torch.full((b,), a),
+                 x_final=torch.randn(b, h, d, generator=g))
+
+
+def gaussian_log_density(x, mu, s):
+    return torch.distributions.Normal(mu, s[:, None, None]).log_prob(x).flatten(1).sum(1)
+
+
+def test_lemma_4_2_ranking_margin_is_a_log_likelihood_ratio():
+    trace = make_trace()
+    v_theta = trace.v_old + 0.1 * torch.randn_like(trace.v_old)
+    cfg = StepNFTConfig(eps_s=0.0, delta_max=1e9)
+    e_plus, e_minus, _ = branch_errors(v_theta, trace, cfg, K)
+    tau_k, tau_next, delta_k = grid_at(trace.k, K)
+    sigma = sde_sigma(tau_k, tau_next, trace.a)
+    s = sde_std(sigma, delta_k)
+    v_plus, v_minus = mirrored_branches(trace.v_old, v_theta - trace.v_old, 1.0)
+    log_ratio = gaussian_log_density(trace.x_next, sde_mean(trace.x_k, v_plus, tau_k, tau_next, sigma), s) - \
+        gaussian_log_density(trace.x_next, sde_mean(trace.x_k, v_minus, tau_k, tau_next, sigma), s)
+    assert torch.allclose(-(e_plus - e_minus) / 2, log_ratio, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('loss_form', ['ranking'])
+def test_loss_is_log2_at_the_old_policy(loss_form):
+    trace = make_trace()
+    y = torch.tensor([1.0, -1.0] * 4)
+    loss, metrics = stepnft_loss(trace.v_old.clone(), trace, y, (y + 1) / 2, torch.ones(8),
+                                 StepNFTConfig(loss_form=loss_form), K)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics['e_plus'] == pytest.approx(metrics['e_minus'])
+
+
+@pytest.mark.parametrize('target', ['next_step', 'terminal'])
+@pytest.mark.parametrize('y', [1.0, -1.0])
+def test_gradient_moves_the_mean_toward_success_and_away_from_failure(y, target):
+    trace = make_trace(b=1, seed=5)
+    v_theta = trace.v_old.clone().requires_grad_(True)
+    cfg = StepNFTConfig(target=target, lambda_kl=0.0)
+    loss, _ = stepnft_loss(v_theta, trace, torch.tensor([y]), torch.tensor([(y + 1) / 2]), torch.ones(1), cfg, K)
+    loss.backward()
+    v_new = (v_theta - 1e-3 * v_theta.grad).detach()
+    tau_k, tau_next, _ = grid_at(trace.k, K)
+    sigma = sde_sigma(tau_k, tau_next, trace.a)
+    if target == 'next_step':
+        goal = trace.x_next
+        before, after = (sde_mean(trace.x_k, v, tau_k, tau_next, sigma) for v in (trace.v_old, v_new))
+    else:
+        goal = trace.x_final
+        before, after = (trace.x_k - tau_k[:, None, None] * v for v in (trace.v_old, v_new))
+    closer = (after - goal).norm() < (before - goal).norm()
+    assert closer == (y > 0)
+
+
+def test_trust_region_clips_the_norm_over_the_whole_chunk():
+    dv = torch.zeros(3, 2, 2)
+    dv[0] = 0.1
+    dv[1] = 1.0
+    dv[2, 0, 0] = 0.5
+    clipped, hit = trust_region(dv, 0.5)
+    norms = clipped.flatten(1).norm(dim=1)
+    assert torch.allclose(norms, torch.tensor([0.2, 0.5, 0.5]))
+    assert hit.tolist() == [False, True, False]
+    assert torch.allclose(clipped[1] / clipped[1].norm(), dv[1] / dv[1].norm())  # direction kept
+
+
+def test_step_error_divides_by_the_step_variance():
+    e = step_error(torch.ones(1, 2, 2), torch.zeros(1, 2, 2), torch.tensor([0.5]), 1e-4)
+    assert e.item() == pytest.approx(4 / (0.25 + 1e-4))
+
+
+def test_push_pull_and_weighted_forms():
+    e_plus, e_minus = torch.tensor([1.0, 3.0]), torch.tensor([3.0, 1.0])
+    assert torch.allclose(push_pull_loss(e_plus, e_minus, torch.tensor([1.0, 1.0]), 1.0),
+                          torch.nn.functional.softplus(torch.tensor([-1.0, 1.0])))
+    assert torch.allclose(weighted_loss(e_plus, e_minus, torch.tensor([1.0, 0.25])), torch.tensor([1.0, 1.5]))
+
+
+def test_per_episode_averaging_and_masking():
+    trace = make_trace(b=4)
+    v_theta = trace.v_old + 0.2 * torch.randn_like(trace.v_old)
+    y = torch.tensor([1.0, 1.0, 1.0, -1.0])
+    cfg = StepNFTConfig(lambda_kl=0.0)
+    per_sample = push_pull_loss(*branch_errors(v_theta, trace, cfg, K)[:2], y, cfg.b)
+    # episode A = decisions 0, 1, 2 (decision 2 masked); episode B = decision 3
+    weight = torch.tensor([0.5, 0.5, 0.0, 1.0])
+    loss, metrics = stepnft_loss(v_theta, trace, y, (y + 1) / 2, weight, cfg, K)
+    expected = ((per_sample[0] + per_sample[1]) / 2 + per_sample[3]) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # a masked decision changes nothing, whatever its value
+    v_theta2 = v_theta.clone()
+    v_theta2[2] += 10.0
+    assert stepnft_loss(v_theta2, trace, y, (y + 1) / 2, weight, cfg, K)[0].item() == pytest.approx(loss.item())
+    assert 0.0 <= metrics['preference_accuracy'] <= 1.0
+
+
+def test_kl_term_is_weighted_by_lambda():
+    trace = make_trace(b=2)
+    v_theta = trace.v_old + 1.0
+    y, w = torch.ones(2), torch.ones(2)
+    base, m = stepnft_loss(v_theta, trace, y, y, w, StepNFTConfig(lambda_kl=0.0), K)
+    with_kl, _ = stepnft_loss(v_theta, trace, y, y, w, StepNFTConfig(lambda_kl=0.5), K)
+    assert with_kl.item() == pytest.approx(base.item() + 0.5 * m['kl'], rel=1e-5)
+    assert m['kl'] == pytest.approx(5 * 3, rel=1e-5)  # ||1||² over a (5, 3) chunk
+
+
+def test_bad_config_values_are_named():
+    with pytest.raises(ValueError, match='loss_form'):
+        StepNFTConfig(loss_form='mse')
+    with pytest.raises(ValueError, match='delta_max'):
+        StepNFTConfig(delta_max=0.0)
+    with pytest.raises(ValueError, match='outside'):
+        StepNFTConfig(step_selection='7').fixed_step(4)

@@ -25,7 +25,6 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
@@ -58,10 +57,10 @@ def env_config(args: argparse.Namespace) -> ManiSkillEnvConfig:
 
 def prepare_sft(args: argparse.Namespace, out: Path) -> dict:
     """Demos -> SFT checkpoint -> its ODE success on the held-out seeds (all cached in `out`)."""
-    from sim_bridge.maniskill_demos import generate_demos
-
     demo_path = out / 'demos.npz'
     if not demo_path.exists():
+        from sim_bridge.maniskill_demos import generate_demos
+
         start = time.perf_counter()
         generate_demos('PickCube-v1', n=args.num_demos, out_path=str(demo_path),
                        control_mode='pd_ee_delta_pose', max_steps=args.max_episode_steps)
@@ -73,15 +72,15 @@ def prepare_sft(args: argparse.Namespace, out: Path) -> dict:
     demos = DemoSet.load(demo_path, max_episodes=args.num_demos)
     torch.manual_seed(args.seed)
     cfg = PolicyConfig(state_dim=demos.states.shape[1], action_dim=demos.actions.shape[1],
-                       horizon=args.horizon, d_model=128, n_heads=4, prefix_layers=1, expert_layers=2,
+                       horizon=args.horizon, d_model=args.d_model, n_heads=4, prefix_layers=1, expert_layers=2,
                        num_steps=4, noise_level=args.noise_level)
     model = FlowVLA(cfg)
     model.normalizer.fit(demos.states, demos.actions)
     data = ChunkDataset(demos, model)
-    sft_cfg = SFTConfig(steps=args.sft_steps, batch_size=256, lr=3e-4, seed=args.seed)
+    sft_cfg = SFTConfig(steps=args.sft_steps, batch_size=args.sft_batch, lr=1e-3, seed=args.seed)
     start = time.perf_counter()
     losses = train_sft(model, len(data), data.get_batch, sft_cfg,
-                       log=lambda s, l: log(f'sft step {s} loss {l:.4f}') if s % 500 == 0 else None)
+                       log=lambda step, loss: log(f'sft step {step} loss {loss:.4f}') if step % 500 == 0 else None)
     sft_s = time.perf_counter() - start
     save_checkpoint(ckpt, model, {'stage': 'sft', 'demos': demos.num_episodes, 'weights_version': 0})
     with ManiSkillEnv(env_config(args)) as env:
@@ -132,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--rl-minutes', type=float, default=30.0, help='RL wall-clock budget per variant')
     p.add_argument('--num-demos', type=int, default=10, help='few-shot demos for SFT')
     p.add_argument('--sft-steps', type=int, default=3000)
+    p.add_argument('--sft-batch', type=int, default=128)
+    p.add_argument('--d-model', type=int, default=64, help='token width of the policy')
     p.add_argument('--horizon', type=int, default=8, help='H: actions per chunk')
     p.add_argument('--actions-per-chunk', type=int, default=8, help='actions executed before re-planning')
     p.add_argument('--max-episode-steps', type=int, default=100)
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         p.error(f'unknown variants {unknown}; choose from {list(VARIANTS)}')
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(1)  # small model: one thread is as fast, and never oversubscribes
     sft = prepare_sft(args, out)
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
     procs = {v: subprocess.Popen([sys.executable, __file__, *passthrough, '--worker', v]) for v in variants}

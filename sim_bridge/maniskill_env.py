@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 
@@ -49,13 +48,17 @@ class ManiSkillEnvConfig:
     obs_mode: str = 'state'
     """"state": flat privileged state only; "rgb": the same state plus camera images."""
     max_episode_steps: int = 100
-    """Truncation horizon. PickCube's registered 50 is too short for expert demos (~60-90)."""
+    """Truncation horizon. PickCube's registered 50 is too short: expert demos take 47-93 steps."""
     sim_backend: str = 'physx_cpu'
     """Physics backend; physx_cpu needs no GPU (a Vulkan device is still required by SAPIEN)."""
     image_size: int = 64
     """Side in pixels of the square camera images (only used when obs_mode="rgb")."""
-    instruction: Optional[str] = None
+    instruction: str | None = None
     """Language instruction; None picks the task's entry in TASK_INSTRUCTIONS."""
+    reconfigure_on_reset: bool = False
+    """Rebuild the PhysX scene at every reset (~0.2 s each). PhysX CPU keeps hidden state
+    across plain resets (stale contacts: is_grasped can read 1 at t=0; ~1 cm drift after a
+    grasp), so only rebuilt scenes make seed -> trajectory bit-exact (demo generation)."""
 
     def __post_init__(self):
         if not isinstance(self.env_id, str) or not self.env_id:
@@ -72,12 +75,25 @@ class ManiSkillEnvConfig:
         if (not isinstance(self.image_size, int) or isinstance(self.image_size, bool)
                 or not 8 <= self.image_size <= 1024):
             raise ValueError(f'image_size must be an int in [8, 1024], got {self.image_size!r}')
+        if not isinstance(self.reconfigure_on_reset, bool):
+            # ValueError (not TypeError) so callers catch one exception type for any bad field.
+            raise ValueError(
+                f'reconfigure_on_reset must be a bool, got {self.reconfigure_on_reset!r}')
         if self.instruction is None:
             # frozen dataclass: resolve the default once so cfg.instruction is always a str.
             object.__setattr__(self, 'instruction',
                                TASK_INSTRUCTIONS.get(self.env_id, _GENERIC_INSTRUCTION))
         elif not isinstance(self.instruction, str) or not self.instruction.strip():
             raise ValueError(f'instruction must be a non-empty string, got {self.instruction!r}')
+
+
+def _info_to_python(info: dict) -> dict:
+    """Batched torch info values -> plain Python scalars (or arrays if not scalar)."""
+    out = {}
+    for k, v in info.items():
+        v = _to_numpy(v)
+        out[k] = v.item() if isinstance(v, np.ndarray) and v.size == 1 else v
+    return out
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -91,8 +107,10 @@ def _to_numpy(x) -> np.ndarray:
 class ManiSkillEnv:
     """One ManiSkill environment behind a numpy reset/step API.
 
-    ``reset(seed)`` is deterministic: the same seed gives the same initial state, which is
-    what lets offline demos be replayed open-loop (see bench/maniskill_demos.py).
+    ``reset(seed)`` always gives the same initial state for a seed. Whole trajectories are
+    bit-exact for a seed and action sequence only with ``reconfigure_on_reset=True``; with
+    plain resets open-loop demo replays drift by up to ~1 cm after the grasp (see
+    bench/maniskill_demos.py). Stepping after ``done`` raises until the next reset.
     """
 
     def __init__(self, cfg: ManiSkillEnvConfig = ManiSkillEnvConfig()):
@@ -106,7 +124,7 @@ class ManiSkillEnv:
             # "rgb+state" keeps the exact flat state layout of obs_mode="state" (the task adds
             # privileged object poses only when "state" is in the mode) and adds images.
             ms_obs_mode = 'rgb+state'
-            kwargs['sensor_configs'] = dict(width=cfg.image_size, height=cfg.image_size)
+            kwargs['sensor_configs'] = {'width': cfg.image_size, 'height': cfg.image_size}
         else:
             ms_obs_mode = 'state'
         self._env = gym.make(
@@ -123,13 +141,14 @@ class ManiSkillEnv:
         base = self._env.unwrapped
         space = base.single_action_space
         if len(space.shape) != 1:
-            raise ValueError(f'{cfg.env_id}/{cfg.control_mode}: expected a flat Box action space, got {space}')
+            raise ValueError(f'{cfg.env_id}/{cfg.control_mode}: expected a flat Box action space, '
+                             f'got {space}')
         self.action_dim = int(space.shape[0])
         self.action_low = np.asarray(space.low, dtype=np.float32).copy()
         self.action_high = np.asarray(space.high, dtype=np.float32).copy()
         self.camera_names = tuple(base.scene.sensors.keys()) if cfg.obs_mode == 'rgb' else ()
         self.instruction = cfg.instruction
-        self.last_info: dict = {}
+        self.last_info: dict = {}  # ManiSkill's info of the last reset/step, e.g. is_grasped
         self._done = True
         self.state_dim = int(self.reset(seed=0)['state'].shape[0])
         self._done = True  # the probe reset above is not an episode the caller started
@@ -150,8 +169,9 @@ class ManiSkillEnv:
 
     def reset(self, seed: int) -> dict:
         """Start an episode; the seed fixes robot init noise, object pose and goal."""
-        raw, info = self._env.reset(seed=int(seed))
-        self.last_info = {k: _to_numpy(v) for k, v in info.items()}
+        options = {'reconfigure': True} if self.cfg.reconfigure_on_reset else None
+        raw, info = self._env.reset(seed=int(seed), options=options)
+        self.last_info = _info_to_python(info)
         self._done = False
         return self._convert_obs(raw)
 
@@ -167,7 +187,7 @@ class ManiSkillEnv:
         a = np.clip(a, self.action_low, self.action_high)
         # ManiSkill wants a batch dim even for one env.
         raw, _, terminated, truncated, info = self._env.step(a[None])
-        self.last_info = {k: _to_numpy(v) for k, v in info.items()}
+        self.last_info = _info_to_python(info)
         success = bool(self.last_info['success'])
         # terminated = success (or a task's fail flag); truncated = max_episode_steps reached.
         self._done = bool(_to_numpy(terminated)) or bool(_to_numpy(truncated)) or success

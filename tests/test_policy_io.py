@@ -10,8 +10,16 @@ import torch
 from stepnft_ros.algo.labels import advantage_to_preference, terminal_binary_label
 from stepnft_ros.algo.sft import flow_matching_loss, sample_flow_time
 from stepnft_ros.episodes import Decision, Episode, collate_episodes
-from stepnft_ros.policy import (CheckpointError, FlowPolicy, FlowVLA, Observation, ObservationError, PolicyConfig,
-                                load_checkpoint, save_checkpoint)
+from stepnft_ros.policy import (
+    CheckpointError,
+    FlowPolicy,
+    FlowVLA,
+    Observation,
+    ObservationError,
+    PolicyConfig,
+    load_checkpoint,
+    save_checkpoint,
+)
 from stepnft_ros.policy.types import stack_observations
 
 VISION = PolicyConfig(state_dim=4, action_dim=3, horizon=2, camera_names=('wrist', 'scene'), image_size=16,
@@ -47,7 +55,7 @@ def test_checkpoint_round_trip(tmp_path):
     save_checkpoint(tmp_path, model, {'weights_version': 3})
     loaded, meta = load_checkpoint(tmp_path, expected=VISION)
     assert meta == {'weights_version': 3} and loaded.config == VISION
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert json.loads((tmp_path / 'config.json').read_text())['camera_names'] == ['wrist', 'scene']
     assert not list(tmp_path.glob('*.tmp'))  # atomic writes leave no temp files

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from stepnft_ros.policy import FlowPolicy, FlowVLA, Observation, PolicyConfig
-from stepnft_ros.policy.sampler import (euler_step, grid_at, sample_chunk, sde_mean, sde_sigma, sde_std,
-                                        time_grid)
+from stepnft_ros.policy.sampler import euler_step, grid_at, sample_chunk, sde_mean, sde_sigma, sde_std, time_grid
 
 
 def test_time_grid_matches_formula():

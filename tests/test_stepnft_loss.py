@@ -5,8 +5,16 @@ import math
 import pytest
 import torch
 
-from stepnft_ros.algo.stepnft import (StepNFTConfig, branch_errors, mirrored_branches, push_pull_loss,
-                                      step_error, stepnft_loss, trust_region, weighted_loss)
+from stepnft_ros.algo.stepnft import (
+    StepNFTConfig,
+    branch_errors,
+    mirrored_branches,
+    push_pull_loss,
+    step_error,
+    stepnft_loss,
+    trust_region,
+    weighted_loss,
+)
 from stepnft_ros.policy.sampler import grid_at, sde_mean, sde_sigma, sde_std
 from stepnft_ros.policy.types import Trace
 

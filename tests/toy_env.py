@@ -40,7 +40,8 @@ class PointReach:
         return self._obs(), success, success or self.steps >= MAX_STEPS
 
 
-def expert_demos(n: int, seed: int, action_noise: float, bias: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def expert_demos(n: int, seed: int, action_noise: float,
+                 bias: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Straight-line demos with Gaussian noise and a constant `bias` (a miscalibrated teleoperator):
     states (T, 4), actions (T, 2), episode lengths (n,)."""
     rng = np.random.default_rng(seed)
@@ -51,7 +52,8 @@ def expert_demos(n: int, seed: int, action_noise: float, bias: tuple[float, floa
         done, t = False, 0
         while not done:
             direction = env.goal - env.pos
-            act = np.clip(direction / max(np.linalg.norm(direction), 1e-6) + np.asarray(bias) + rng.normal(0, action_noise, 2), -1, 1)
+            heading = direction / max(np.linalg.norm(direction), 1e-6)
+            act = np.clip(heading + np.asarray(bias) + rng.normal(0, action_noise, 2), -1, 1)
             states.append(obs['state'])
             actions.append(act.astype(np.float32))
             obs, _, done = env.step(act)

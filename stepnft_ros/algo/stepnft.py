@@ -6,14 +6,17 @@ One velocity evaluation per stored decision; no critic, no chain log-likelihood.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from stepnft_ros.episodes.schema import DecisionBatch
 from stepnft_ros.policy.modeling import FlowVLA
 from stepnft_ros.policy.sampler import grid_at, sde_mean, sde_sigma, sde_std
 from stepnft_ros.policy.types import Trace
+
+if TYPE_CHECKING:  # episodes imports algo.labels; a runtime import here would be circular
+    from stepnft_ros.episodes.schema import DecisionBatch
 
 LOSS_FORMS = ('ranking', 'weighted')
 TARGETS = ('next_step', 'terminal')

@@ -130,4 +130,4 @@ class Trace:
 
     @staticmethod
     def cat(traces: Sequence[Trace]) -> Trace:
-        return Trace(*(torch.cat(parts) for parts in zip(*(t.as_tuple() for t in traces))))
+        return Trace(*(torch.cat(parts) for parts in zip(*(t.as_tuple() for t in traces), strict=True)))

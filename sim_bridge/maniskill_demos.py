@@ -13,7 +13,7 @@ actions (T, D) float32, final_obs (N, S) float32 observation after each episode'
 action, episode_starts / episode_lengths / seeds (N,) int64, success (N,) bool, plus 0-d
 string/int metadata (env_id, control_mode, instruction, max_episode_steps).
 
-    python bench/maniskill_demos.py -n 20 -o /tmp/pickcube_demos.npz --verify
+    python -m sim_bridge.maniskill_demos -n 20 -o /tmp/pickcube_demos.npz --verify
 """
 
 from __future__ import annotations
@@ -28,11 +28,7 @@ import numpy as np
 
 os.environ.setdefault('MS_SKIP_ASSET_DOWNLOAD_PROMPT', '1')
 
-try:
-    from sim_bridge.maniskill_env import ManiSkillEnv, ManiSkillEnvConfig
-except ImportError:  # run as a script from a checkout: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from sim_bridge.maniskill_env import ManiSkillEnv, ManiSkillEnvConfig
+from sim_bridge.maniskill_env import ManiSkillEnv, ManiSkillEnvConfig
 
 # The motion planner commands joint positions; every other mode is obtained by conversion.
 _PLANNER_CONTROL_MODE = 'pd_joint_pos'
@@ -66,10 +62,13 @@ def _action_logger(env):
 
 def _plan(planner_env, solve, seed: int):
     """Run the motion-planning solution; returns the pd_joint_pos actions or None on failure."""
+    # A rebuilt scene makes planning independent of the previous seed (solve() then resets
+    # again with the seed, with no physics step in between).
+    planner_env.reset(seed=seed, options={'reconfigure': True})
     planner_env.actions = []
     try:
         res = solve(planner_env, seed=seed, debug=False, vis=False)
-    except Exception as exc:  # the planner raises on unreachable grasps; just skip the seed
+    except Exception as exc:  # mplib/planner errors vary (unreachable grasp...): skip the seed
         print(f'seed {seed}: motion planning raised {exc!r}', file=sys.stderr)
         return None
     if isinstance(res, int) or not bool(res[-1]['success'].item()):
@@ -100,8 +99,11 @@ def generate_demos(env_id: str = 'PickCube-v1', n: int = 10, out_path: str = 'de
     planner_env = _action_logger(_make_raw_env(env_id, _PLANNER_CONTROL_MODE, 'none', long_horizon))
     convert_env = (None if control_mode == _PLANNER_CONTROL_MODE else
                    _action_logger(_make_raw_env(env_id, control_mode, 'none', long_horizon)))
+    # reconfigure_on_reset: stored obs are what a fresh scene gives for the seed, not
+    # something tainted by PhysX state left over from the previous demo.
     replay_env = ManiSkillEnv(ManiSkillEnvConfig(env_id=env_id, control_mode=control_mode,
-                                                 obs_mode='state', max_episode_steps=max_steps))
+                                                 obs_mode='state', max_episode_steps=max_steps,
+                                                 reconfigure_on_reset=True))
     episodes, t0, attempts = [], time.perf_counter(), 0
     try:
         for s in range(seed, seed + max_attempts):
@@ -110,14 +112,16 @@ def generate_demos(env_id: str = 'PickCube-v1', n: int = 10, out_path: str = 'de
             attempts += 1
             joint_actions = _plan(planner_env, MP_SOLUTIONS[env_id], s)
             if joint_actions is None:
+                if verbose:
+                    print(f'seed {s}: motion planning failed, skipped', file=sys.stderr)
                 continue
             if convert_env is None:
                 actions = joint_actions
             else:
                 # The converter steps the original env alongside the target env and picks
                 # target-mode actions that track the planner's joint targets (closed loop).
-                planner_env.reset(seed=s)
-                convert_env.reset(seed=s)
+                planner_env.reset(seed=s, options={'reconfigure': True})
+                convert_env.reset(seed=s, options={'reconfigure': True})
                 convert_env.actions = []
                 conversion.from_pd_joint_pos(control_mode, joint_actions, planner_env.env,
                                              convert_env)
@@ -138,8 +142,8 @@ def generate_demos(env_id: str = 'PickCube-v1', n: int = 10, out_path: str = 'de
                       f'after {len(used)} steps', file=sys.stderr)
             if only_success and not success:
                 continue
-            episodes.append(dict(seed=s, obs=np.stack(obs), actions=np.stack(used),
-                                 final_obs=final, success=success))
+            episodes.append({'seed': s, 'obs': np.stack(obs), 'actions': np.stack(used),
+                             'final_obs': final, 'success': success})
     finally:
         planner_env.close()
         if convert_env is not None:
@@ -153,9 +157,14 @@ def generate_demos(env_id: str = 'PickCube-v1', n: int = 10, out_path: str = 'de
 
     lengths = np.array([len(e['actions']) for e in episodes], dtype=np.int64)
     out_path = str(out_path)
+    if not out_path.endswith('.npz'):
+        out_path += '.npz'  # numpy would append it anyway; return the real name
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    # Write next to the target and rename: a crash never leaves a truncated file that a
+    # caller caching on "file exists" would pick up.
+    tmp_path = out_path[:-len('.npz')] + f'.tmp{os.getpid()}.npz'
     np.savez_compressed(
-        out_path,
+        tmp_path,
         obs=np.concatenate([e['obs'] for e in episodes]).astype(np.float32),
         actions=np.concatenate([e['actions'] for e in episodes]).astype(np.float32),
         final_obs=np.stack([e['final_obs'] for e in episodes]).astype(np.float32),
@@ -168,6 +177,7 @@ def generate_demos(env_id: str = 'PickCube-v1', n: int = 10, out_path: str = 'de
         instruction=np.array(replay_env.instruction),
         max_episode_steps=np.array(max_steps, dtype=np.int64),
     )
+    os.replace(tmp_path, out_path)
     if verbose:
         print(f'{len(episodes)} demos ({attempts} seeds tried) in {elapsed:.1f} s '
               f'({elapsed / attempts:.2f} s/seed); length mean {lengths.mean():.1f} '
@@ -175,16 +185,21 @@ def generate_demos(env_id: str = 'PickCube-v1', n: int = 10, out_path: str = 'de
     return out_path
 
 
-def verify_demos(path: str) -> dict:
-    """Replay a demo file open-loop in a fresh ManiSkillEnv; compare states and success."""
+def verify_demos(path: str, reconfigure_on_reset: bool = True) -> dict:
+    """Replay a demo file open-loop in a new ManiSkillEnv; compare states and success.
+
+    With ``reconfigure_on_reset=False`` this measures how far plain (faster, slightly
+    history-dependent) resets drift from the stored states.
+    """
     with np.load(path, allow_pickle=False) as f:
         d = {k: f[k] for k in f.files}
     env = ManiSkillEnv(ManiSkillEnvConfig(env_id=str(d['env_id']), control_mode=str(d['control_mode']),
-                                          max_episode_steps=int(d['max_episode_steps'])))
+                                          max_episode_steps=int(d['max_episode_steps']),
+                                          reconfigure_on_reset=reconfigure_on_reset))
     max_diff, n_success, early = 0.0, 0, 0
     try:
         for i, (start, length, seed) in enumerate(
-                zip(d['episode_starts'], d['episode_lengths'], d['seeds'])):
+                zip(d['episode_starts'], d['episode_lengths'], d['seeds'], strict=True)):
             obs, success = env.reset(seed=int(seed))['state'], False
             for t in range(length):
                 max_diff = max(max_diff, float(np.abs(obs - d['obs'][start + t]).max()))
@@ -198,8 +213,8 @@ def verify_demos(path: str) -> dict:
             n_success += int(success)
     finally:
         env.close()
-    return dict(episodes=len(d['seeds']), replay_success=n_success, ended_early=early,
-                max_abs_state_diff=max_diff, steps=int(d['episode_lengths'].sum()))
+    return {'episodes': len(d['seeds']), 'replay_success': n_success, 'ended_early': early,
+            'max_abs_state_diff': max_diff, 'steps': int(d['episode_lengths'].sum())}
 
 
 def main(argv=None):
@@ -218,7 +233,10 @@ def main(argv=None):
                           control_mode=args.control_mode, max_steps=args.max_steps,
                           only_success=not args.keep_failures)
     if args.verify:
-        print(verify_demos(path))
+        t0 = time.perf_counter()
+        print('open-loop replay, rebuilt scene per reset:', verify_demos(path), file=sys.stderr)
+        print('open-loop replay, plain resets:', verify_demos(path, reconfigure_on_reset=False),
+              f'({time.perf_counter() - t0:.1f} s both)', file=sys.stderr)
 
 
 if __name__ == '__main__':

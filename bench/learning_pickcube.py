@@ -43,7 +43,7 @@ VARIANTS = {
     'weighted': {'loss_form': 'weighted'},
     'terminal': {'target': 'terminal'},
 }
-EVAL_SEEDS = tuple(range(10_000, 10_000 + 48))  # held out: demos use seeds from 0, RL from 1_000_000
+FIRST_EVAL_SEED = 10_000  # held out: demos use seeds from 0, RL episodes from OnlineConfig.first_train_seed
 
 
 def log(msg: str) -> None:
@@ -51,8 +51,14 @@ def log(msg: str) -> None:
 
 
 def env_config(args: argparse.Namespace) -> ManiSkillEnvConfig:
+    # Rebuilding the scene on reset (~0.2 s) makes every seed start exactly as in the demos;
+    # plain resets leak PhysX state (e.g. a stale is_grasped) from the previous episode.
     return ManiSkillEnvConfig(env_id='PickCube-v1', control_mode='pd_ee_delta_pose', obs_mode='state',
-                              max_episode_steps=args.max_episode_steps)
+                              max_episode_steps=args.max_episode_steps, reconfigure_on_reset=True)
+
+
+def eval_seeds(args: argparse.Namespace) -> tuple[int, ...]:
+    return tuple(range(FIRST_EVAL_SEED, FIRST_EVAL_SEED + args.eval_episodes))
 
 
 def prepare_sft(args: argparse.Namespace, out: Path) -> dict:
@@ -84,12 +90,12 @@ def prepare_sft(args: argparse.Namespace, out: Path) -> dict:
     sft_s = time.perf_counter() - start
     save_checkpoint(ckpt, model, {'stage': 'sft', 'demos': demos.num_episodes, 'weights_version': 0})
     with ManiSkillEnv(env_config(args)) as env:
-        success, episodes = evaluate(env, FlowPolicy(model, mode='ode'), list(EVAL_SEEDS), args.actions_per_chunk)
+        success, episodes = evaluate(env, FlowPolicy(model, mode='ode'), list(eval_seeds(args)), args.actions_per_chunk)
     summary = {'num_demos': demos.num_episodes, 'demo_steps': int(demos.episode_lengths.sum()),
                'sft_steps': sft_cfg.steps, 'sft_wall_s': round(sft_s, 1), 'sft_final_loss': losses[-1],
                'sft_eval_success': success, 'policy_config': asdict(cfg)}
     atomic_write_text(summary_path, json.dumps(summary, indent=2))
-    log(f'SFT: {demos.num_episodes} demos, ODE success {success:.3f} on {len(EVAL_SEEDS)} held-out seeds')
+    log(f'SFT: {demos.num_episodes} demos, ODE success {success:.3f} on {args.eval_episodes} held-out seeds')
     return summary
 
 
@@ -99,7 +105,7 @@ def run_variant(args: argparse.Namespace, out: Path, variant: str) -> dict:
     algo = replace(StepNFTConfig(lr=args.lr, epochs=args.epochs, minibatch_size=args.minibatch_size),
                    **VARIANTS[variant])
     online = OnlineConfig(iterations=10_000, episodes_per_iteration=args.episodes_per_iteration,
-                          actions_per_chunk=args.actions_per_chunk, eval_seeds=EVAL_SEEDS,
+                          actions_per_chunk=args.actions_per_chunk, eval_seeds=eval_seeds(args),
                           time_budget_s=args.rl_minutes * 60.0, seed=args.seed)
     start = time.perf_counter()
 
@@ -141,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--epochs', type=int, default=2)
     p.add_argument('--minibatch-size', type=int, default=128)
     p.add_argument('--episodes-per-iteration', type=int, default=32)
+    p.add_argument('--eval-episodes', type=int, default=48, help='held-out seeds evaluated after every iteration')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--worker', help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = p.parse_args(argv)
@@ -163,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         'benchmark': 'learning_pickcube', 'env': 'ManiSkill3 PickCube-v1 state pd_ee_delta_pose physx_cpu',
         'machine': {'cpus': os.cpu_count(), 'torch': torch.__version__, 'cuda': torch.cuda.is_available()},
-        'eval_seeds': len(EVAL_SEEDS), 'sft': sft, 'failed_variants': failed,
+        'eval_seeds': list(eval_seeds(args)), 'sft': sft, 'failed_variants': failed,
         'summary': {v: {k: r[k] for k in ('sft_success', 'final_success', 'best_success', 'gain_final',
                                           'iterations', 'env_steps', 'rl_wall_s')} for v, r in results.items()},
         'variants': results,

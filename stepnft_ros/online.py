@@ -31,8 +31,10 @@ class OnlineConfig:
     """Held-out reset seeds for ODE evaluation after every iteration."""
     time_budget_s: float = float('inf')
     """Stop after the iteration that crosses this wall-clock budget (rollouts + updates)."""
+    first_train_seed: int = 1_000_000
+    """Training episodes reset with consecutive seeds from here (keep them apart from demo/eval seeds)."""
     seed: int = 0
-    """Seeds the training-episode seeds and the sampler."""
+    """Seeds the sampler and the update's shuffling."""
 
     def __post_init__(self) -> None:
         if self.iterations < 0 or self.episodes_per_iteration < 1 or self.actions_per_chunk < 1:
@@ -62,7 +64,7 @@ def run_online(env: Env, model: FlowVLA, online: OnlineConfig, algo: StepNFTConf
             log(entry)
 
     record({'iteration': 0, 'env_steps': 0, 'rl_wall_s': 0.0})
-    env_steps, wall, next_seed = 0, 0.0, online.seed * 1_000_003
+    env_steps, wall, next_seed = 0, 0.0, online.first_train_seed
     for it in range(1, online.iterations + 1):
         if wall >= online.time_budget_s:
             break

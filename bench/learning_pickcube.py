@@ -30,12 +30,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
 from sim_bridge.maniskill_env import ManiSkillEnv, ManiSkillEnvConfig  # noqa: E402
-from stepnft_ros.algo.sft import SFTConfig, train_sft  # noqa: E402
+from stepnft_ros.algo.sft import SFTConfig  # noqa: E402
 from stepnft_ros.algo.stepnft import StepNFTConfig  # noqa: E402
 from stepnft_ros.atomic import atomic_write_text  # noqa: E402
-from stepnft_ros.episodes.demos import ChunkDataset, DemoSet  # noqa: E402
+from stepnft_ros.episodes.demos import DemoSet  # noqa: E402
 from stepnft_ros.online import OnlineConfig, run_online  # noqa: E402
-from stepnft_ros.policy import FlowPolicy, FlowVLA, PolicyConfig, load_checkpoint, save_checkpoint  # noqa: E402
+from stepnft_ros.pipeline import sft_from_demos  # noqa: E402
+from stepnft_ros.policy import FlowPolicy, PolicyConfig, load_checkpoint, save_checkpoint  # noqa: E402
 from stepnft_ros.rollout import evaluate  # noqa: E402
 
 VARIANTS = {
@@ -73,27 +74,31 @@ def prepare_sft(args: argparse.Namespace, out: Path) -> dict:
         log(f'demos: {args.num_demos} in {time.perf_counter() - start:.0f}s -> {demo_path}')
     ckpt = out / 'sft'
     summary_path = out / 'sft_summary.json'
+    sft_args = {k: getattr(args, k) for k in ('num_demos', 'sft_steps', 'sft_batch', 'd_model', 'horizon',
+                                               'noise_level', 'actions_per_chunk', 'eval_episodes', 'seed')}
     if summary_path.exists() and (ckpt / 'model.safetensors').exists():
-        return json.loads(summary_path.read_text())
+        cached = json.loads(summary_path.read_text())
+        if cached.get('args') != sft_args:
+            raise SystemExit(f'{out} holds an SFT stage made with {cached.get("args")}, not {sft_args}: '
+                             'pass another --out')
+        return cached
     demos = DemoSet.load(demo_path, max_episodes=args.num_demos)
-    torch.manual_seed(args.seed)
-    cfg = PolicyConfig(state_dim=demos.states.shape[1], action_dim=demos.actions.shape[1],
-                       horizon=args.horizon, d_model=args.d_model, n_heads=4, prefix_layers=1, expert_layers=2,
-                       num_steps=4, noise_level=args.noise_level)
-    model = FlowVLA(cfg)
-    model.normalizer.fit(demos.states, demos.actions)
-    data = ChunkDataset(demos, model)
+    if demos.num_episodes < args.num_demos:
+        raise SystemExit(f'{demo_path} has {demos.num_episodes} demos, fewer than --num-demos {args.num_demos}')
+    policy_cfg = PolicyConfig(state_dim=1, action_dim=1, horizon=args.horizon, d_model=args.d_model, n_heads=4,
+                              prefix_layers=1, expert_layers=2, num_steps=4, noise_level=args.noise_level)
     sft_cfg = SFTConfig(steps=args.sft_steps, batch_size=args.sft_batch, lr=1e-3, seed=args.seed)
     start = time.perf_counter()
-    losses = train_sft(model, len(data), data.get_batch, sft_cfg,
-                       log=lambda step, loss: log(f'sft step {step} loss {loss:.4f}') if step % 500 == 0 else None)
+    model, losses = sft_from_demos(
+        demos, policy_cfg, sft_cfg,
+        log=lambda step, loss: log(f'sft step {step} loss {loss:.4f}') if step % 500 == 0 else None)
     sft_s = time.perf_counter() - start
     save_checkpoint(ckpt, model, {'stage': 'sft', 'demos': demos.num_episodes, 'weights_version': 0})
     with ManiSkillEnv(env_config(args)) as env:
         success, episodes = evaluate(env, FlowPolicy(model, mode='ode'), list(eval_seeds(args)), args.actions_per_chunk)
-    summary = {'num_demos': demos.num_episodes, 'demo_steps': int(demos.episode_lengths.sum()),
+    summary = {'args': sft_args, 'num_demos': demos.num_episodes, 'demo_steps': int(demos.episode_lengths.sum()),
                'sft_steps': sft_cfg.steps, 'sft_wall_s': round(sft_s, 1), 'sft_final_loss': losses[-1],
-               'sft_eval_success': success, 'policy_config': asdict(cfg)}
+               'sft_eval_success': success, 'policy_config': asdict(model.config)}
     atomic_write_text(summary_path, json.dumps(summary, indent=2))
     log(f'SFT: {demos.num_episodes} demos, ODE success {success:.3f} on {args.eval_episodes} held-out seeds')
     return summary
@@ -106,7 +111,8 @@ def run_variant(args: argparse.Namespace, out: Path, variant: str) -> dict:
                    **VARIANTS[variant])
     online = OnlineConfig(iterations=10_000, episodes_per_iteration=args.episodes_per_iteration,
                           actions_per_chunk=args.actions_per_chunk, eval_seeds=eval_seeds(args),
-                          time_budget_s=args.rl_minutes * 60.0, seed=args.seed)
+                          time_budget_s=args.rl_minutes * 60.0, seed=args.seed, noise_level=args.rl_noise_level,
+                          labels=args.labels)
     start = time.perf_counter()
 
     def progress(entry: dict) -> None:
@@ -143,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--actions-per-chunk', type=int, default=8, help='actions executed before re-planning')
     p.add_argument('--max-episode-steps', type=int, default=100)
     p.add_argument('--noise-level', type=float, default=0.3, help='a: Flow-SDE noise level')
+    p.add_argument('--rl-noise-level', type=float, help='a for the RL rollouts (default: the policy\'s)')
+    p.add_argument('--labels', default='terminal_binary', choices=('terminal_binary', 'batch_mean'))
     p.add_argument('--lr', type=float, default=1e-4)
     p.add_argument('--epochs', type=int, default=2)
     p.add_argument('--minibatch-size', type=int, default=128)

@@ -29,6 +29,10 @@ class OnlineConfig:
     """Actions of each chunk executed before re-planning."""
     eval_seeds: tuple[int, ...] = tuple(range(10_000, 10_020))
     """Held-out reset seeds for ODE evaluation after every iteration."""
+    labels: str = 'terminal_binary'
+    """Episode labels: 'terminal_binary' (y = ±1) or 'batch_mean' (success minus the batch's rate)."""
+    noise_level: float | None = None
+    """a for the Flow-SDE rollouts; None uses the policy config's."""
     time_budget_s: float = float('inf')
     """Stop after the iteration that crosses this wall-clock budget (rollouts + updates)."""
     first_train_seed: int = 1_000_000
@@ -51,7 +55,7 @@ def run_online(env: Env, model: FlowVLA, online: OnlineConfig, algo: StepNFTConf
     rl_wall_s (cumulative rollout + update time, evaluation excluded), plus the update metrics.
     """
     rollout_mode = algo.rollout
-    explore = FlowPolicy(model, mode=rollout_mode, seed=online.seed,
+    explore = FlowPolicy(model, mode=rollout_mode, seed=online.seed, noise_level=online.noise_level,
                          fixed_step=algo.fixed_step(model.config.num_steps))
     evaluator = FlowPolicy(model, mode='ode')
     trainer = StepNFTTrainer(model, algo, seed=online.seed)
@@ -75,7 +79,7 @@ def run_online(env: Env, model: FlowVLA, online: OnlineConfig, algo: StepNFTConf
                                         weights_version=trainer.updates, episode_id=f'it{it}-seed{next_seed}'))
             next_seed += 1
         rollout_s = time.perf_counter() - start
-        metrics = trainer.update(collate_episodes(episodes, model.config))
+        metrics = trainer.update(collate_episodes(episodes, model.config, online.labels))
         wall += time.perf_counter() - start
         env_steps += sum(e.env_steps for e in episodes)
         record({'iteration': it, 'env_steps': env_steps, 'rl_wall_s': round(wall, 2),

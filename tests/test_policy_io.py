@@ -145,3 +145,12 @@ def test_collation_weights_average_per_episode_and_skip_invalid():
     assert batch.y.tolist() == [1, 1, 1, -1] and batch.n_episodes == 2
     with pytest.raises(ValueError, match='without an outcome'):
         collate_episodes([Episode('c', 0, [decision()])], cfg)
+
+
+def test_batch_mean_labels_follow_the_general_form():
+    from stepnft_ros.algo.labels import episode_labels
+    labels = episode_labels([True, False, False, False], 'batch_mean')
+    assert labels[0] == pytest.approx((0.875, 0.75)) and labels[1] == pytest.approx((0.375, -0.25))
+    assert episode_labels([True, False], 'terminal_binary') == [(1.0, 1.0), (0.0, -1.0)]
+    with pytest.raises(ValueError, match='label scheme'):
+        episode_labels([True], 'reward')

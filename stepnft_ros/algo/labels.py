@@ -18,3 +18,21 @@ def advantage_to_preference(advantage: float, clip: float) -> tuple[float, float
         raise ValueError(f'advantage must be finite, got {advantage}')
     r = (max(-clip, min(clip, advantage)) / clip) / 2.0 + 0.5
     return r, 2.0 * r - 1.0
+
+
+LABEL_SCHEMES = ('terminal_binary', 'batch_mean')
+
+
+def episode_labels(successes: list[bool], scheme: str = 'terminal_binary') -> list[tuple[float, float]]:
+    """(r, y) for each episode of a batch.
+
+    'terminal_binary': y = ±1 (the paper's default). 'batch_mean': the general form with the
+    advantage A = success − (batch success rate), c = 1, so y = A: rare successes are pulled
+    hard and the many failures pushed gently, which lowers the variance when success is rare.
+    """
+    if scheme == 'terminal_binary':
+        return [(1.0, 1.0) if s else (0.0, -1.0) for s in successes]
+    if scheme == 'batch_mean':
+        rate = sum(successes) / max(len(successes), 1)
+        return [advantage_to_preference(float(s) - rate, 1.0) for s in successes]
+    raise ValueError(f'label scheme must be one of {LABEL_SCHEMES}, got {scheme!r}')

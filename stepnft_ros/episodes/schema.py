@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from stepnft_ros.algo.labels import terminal_binary_label
+from stepnft_ros.algo.labels import LABEL_SCHEMES, episode_labels
 from stepnft_ros.policy.config import PolicyConfig
 from stepnft_ros.policy.types import Observation, ObservationBatch, Trace, stack_observations
 
@@ -67,26 +67,31 @@ class DecisionBatch:
                              self.weight[idx], self.episode_index[idx], self.n_episodes)
 
 
-def collate_episodes(episodes: Sequence[Episode], cfg: PolicyConfig) -> DecisionBatch:
-    """Flatten finished episodes into one batch with terminal-binary labels (ALGORITHM.md §3)."""
+def collate_episodes(episodes: Sequence[Episode], cfg: PolicyConfig, labels: str = 'terminal_binary') -> DecisionBatch:
+    """Flatten finished episodes into one batch; every decision gets its episode's label (ALGORITHM.md §3).
+
+    labels: 'terminal_binary' (y = ±1) or 'batch_mean' (advantage = success − batch success rate).
+    """
+    if labels not in LABEL_SCHEMES:
+        raise ValueError(f'labels must be one of {LABEL_SCHEMES}, got {labels!r}')
     unfinished = [e.episode_id for e in episodes if not e.finished]
     if unfinished:
         raise ValueError(f'episodes without an outcome cannot be trained on: {unfinished[:5]}')
     kept = [e for e in episodes if any(d.valid for d in e.decisions)]
     if not kept:
         raise ValueError('no episode has a valid decision')
-    decisions, y, weight, ep_index = [], [], [], []
-    for i, ep in enumerate(kept):
+    decisions, y, r, weight, ep_index = [], [], [], [], []
+    ep_labels = episode_labels([bool(e.success) for e in kept], labels)
+    for i, (ep, (ep_r, ep_y)) in enumerate(zip(kept, ep_labels, strict=True)):
         n_valid = sum(d.valid for d in ep.decisions)
-        label = terminal_binary_label(bool(ep.success))
         for d in ep.decisions:
             decisions.append(d)
-            y.append(label)
+            y.append(ep_y)
+            r.append(ep_r)
             weight.append((1.0 / n_valid) if d.valid else 0.0)
             ep_index.append(i)
-    y_t = torch.tensor(y)
     return DecisionBatch(
         obs=stack_observations([d.observation for d in decisions], cfg),
         trace=Trace.cat([d.trace for d in decisions]),
-        y=y_t, r=(y_t + 1.0) / 2.0, weight=torch.tensor(weight),
+        y=torch.tensor(y), r=torch.tensor(r), weight=torch.tensor(weight),
         episode_index=torch.tensor(ep_index), n_episodes=len(kept))

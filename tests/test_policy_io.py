@@ -154,3 +154,19 @@ def test_batch_mean_labels_follow_the_general_form():
     assert episode_labels([True, False], 'terminal_binary') == [(1.0, 1.0), (0.0, -1.0)]
     with pytest.raises(ValueError, match='label scheme'):
         episode_labels([True], 'reward')
+
+
+def test_pretrained_text_encoder_from_a_local_directory(tmp_path):
+    import transformers
+
+    tokenizer = transformers.ByT5Tokenizer()
+    encoder = transformers.BertModel(transformers.BertConfig(
+        vocab_size=len(tokenizer), hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48))
+    tokenizer.save_pretrained(tmp_path)
+    encoder.save_pretrained(tmp_path)
+    cfg = PolicyConfig(state_dim=2, action_dim=2, horizon=2, use_language=True, text_encoder_path=str(tmp_path),
+                       d_model=16, n_heads=2)
+    model = FlowVLA(cfg)
+    assert model.prefix_encoder.text.encoder.config.hidden_size == 24  # the saved encoder, not a fresh one
+    out = FlowPolicy(model).infer(Observation(state=np.zeros(2, np.float32), instruction='open the drawer'))
+    assert np.isfinite(out.chunks).all()

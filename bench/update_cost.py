@@ -29,7 +29,7 @@ from stepnft_ros.policy.sampler import grid_at, sde_mean, sde_sigma, sde_std  # 
 from stepnft_ros.policy.types import Trace, stack_observations  # noqa: E402
 
 CONFIGS = {
-    # the learning benchmark's policy (ManiSkill PickCube state observations)
+    # ManiSkill PickCube state observations (42-D), at twice the learning benchmark's width
     'state_pickcube': PolicyConfig(state_dim=42, action_dim=7, horizon=8, d_model=128, n_heads=4),
     # two 64 px cameras + instruction + state: the VLA shape, scaled down for a CPU
     'vision_language': PolicyConfig(state_dim=8, action_dim=7, horizon=8, camera_names=('scene', 'wrist'),

@@ -54,8 +54,7 @@ def run_online(env: Env, model: FlowVLA, online: OnlineConfig, algo: StepNFTConf
     Record keys: iteration, eval_success, train_success, env_steps (cumulative training steps),
     rl_wall_s (cumulative rollout + update time, evaluation excluded), plus the update metrics.
     """
-    rollout_mode = algo.rollout
-    explore = FlowPolicy(model, mode=rollout_mode, seed=online.seed, noise_level=online.noise_level,
+    explore = FlowPolicy(model, mode=algo.rollout, seed=online.seed, noise_level=online.noise_level,
                          fixed_step=algo.fixed_step(model.config.num_steps))
     evaluator = FlowPolicy(model, mode='ode')
     trainer = StepNFTTrainer(model, algo, seed=online.seed)

@@ -111,8 +111,7 @@ def run_variant(args: argparse.Namespace, out: Path, variant: str) -> dict:
                    **VARIANTS[variant])
     online = OnlineConfig(iterations=10_000, episodes_per_iteration=args.episodes_per_iteration,
                           actions_per_chunk=args.actions_per_chunk, eval_seeds=eval_seeds(args),
-                          time_budget_s=args.rl_minutes * 60.0, seed=args.seed, noise_level=args.rl_noise_level,
-                          labels=args.labels)
+                          time_budget_s=args.rl_minutes * 60.0, seed=args.seed, labels=args.labels)
     start = time.perf_counter()
 
     def progress(entry: dict) -> None:
@@ -149,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--actions-per-chunk', type=int, default=4, help='actions executed before re-planning')
     p.add_argument('--max-episode-steps', type=int, default=100)
     p.add_argument('--noise-level', type=float, default=0.7, help='a: Flow-SDE noise level of the rollouts')
-    p.add_argument('--rl-noise-level', type=float, help='a for the RL rollouts (default: the policy\'s)')
     p.add_argument('--labels', default='terminal_binary', choices=('terminal_binary', 'batch_mean'))
     p.add_argument('--lr', type=float, default=1e-4)
     p.add_argument('--epochs', type=int, default=2)
@@ -171,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f'unknown variants {unknown}; choose from {list(VARIANTS)}')
     torch.set_num_threads(1)  # small model: one thread is as fast, and never oversubscribes
     sft = prepare_sft(args, out)
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
+    passthrough = list(argv if argv is not None else sys.argv[1:])
     procs = {v: subprocess.Popen([sys.executable, __file__, *passthrough, '--worker', v]) for v in variants}
     codes = {v: proc.wait() for v, proc in procs.items()}
     failed = {v: c for v, c in codes.items() if c != 0}

@@ -110,7 +110,7 @@ class ManiSkillEnv:
     ``reset(seed)`` always gives the same initial state for a seed. Whole trajectories are
     bit-exact for a seed and action sequence only with ``reconfigure_on_reset=True``; with
     plain resets open-loop demo replays drift by up to ~1 cm after the grasp (see
-    bench/maniskill_demos.py). Stepping after ``done`` raises until the next reset.
+    sim_bridge/maniskill_demos.py). Stepping after ``done`` raises until the next reset.
     """
 
     def __init__(self, cfg: ManiSkillEnvConfig = ManiSkillEnvConfig()):

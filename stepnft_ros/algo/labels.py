@@ -31,7 +31,7 @@ def episode_labels(successes: list[bool], scheme: str = 'terminal_binary') -> li
     hard and the many failures pushed gently, which lowers the variance when success is rare.
     """
     if scheme == 'terminal_binary':
-        return [(1.0, 1.0) if s else (0.0, -1.0) for s in successes]
+        return [((terminal_binary_label(s) + 1.0) / 2.0, terminal_binary_label(s)) for s in successes]
     if scheme == 'batch_mean':
         rate = sum(successes) / max(len(successes), 1)
         return [advantage_to_preference(float(s) - rate, 1.0) for s in successes]

@@ -8,6 +8,7 @@ setup(
     name=package_name,
     version='0.1.0',
     packages=find_packages(include=['stepnft_ros', 'stepnft_ros.*', 'sim_bridge', 'sim_bridge.*']),
+    package_data={'stepnft_ros': ['episodes/msg/*.msg']},  # episode bag types, registered at run time
     data_files=[
         ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
         ('share/' + package_name, ['package.xml']),
@@ -24,6 +25,9 @@ setup(
     entry_points={
         'console_scripts': [
             'stepnft = stepnft_ros.cli:main',
+            'policy_server = stepnft_ros.nodes.policy_server:main',
+            'learner = stepnft_ros.nodes.learner:main',
+            'maniskill_bridge = sim_bridge.maniskill_node:main',
         ],
     },
 )

@@ -147,11 +147,27 @@ class ManiSkillEnv:
         self.action_low = np.asarray(space.low, dtype=np.float32).copy()
         self.action_high = np.asarray(space.high, dtype=np.float32).copy()
         self.camera_names = tuple(base.scene.sensors.keys()) if cfg.obs_mode == 'rgb' else ()
+        self.joint_names = tuple(j.name for j in base.agent.robot.get_active_joints())
+        # The flat state is [qpos, qvel, task extras] (ManiSkill flattens agent before extra), so a
+        # bridge can publish the first 2·n_joints as a JointState and the rest as task state.
+        self.task_state_names = self._task_state_names(base)
+        self.control_period = float(base.control_timestep)
         self.instruction = cfg.instruction
         self.last_info: dict = {}  # ManiSkill's info of the last reset/step, e.g. is_grasped
         self._done = True
         self.state_dim = int(self.reset(seed=0)['state'].shape[0])
+        if self.state_dim != 2 * len(self.joint_names) + len(self.task_state_names):
+            raise ValueError(f'{cfg.env_id}: state of size {self.state_dim} is not [qpos, qvel, extras] '
+                             f'({len(self.joint_names)} joints, {len(self.task_state_names)} extras)')
         self._done = True  # the probe reset above is not an episode the caller started
+
+    @staticmethod
+    def _task_state_names(base) -> tuple[str, ...]:
+        names = []
+        for key, value in base._get_obs_extra(base.get_info()).items():
+            size = int(np.prod(_to_numpy(value).shape)) if np.ndim(_to_numpy(value)) else 1
+            names += [key] if size == 1 else [f'{key}.{i}' for i in range(size)]
+        return tuple(names)
 
     def _convert_obs(self, raw) -> dict:
         if self.cfg.obs_mode == 'rgb':

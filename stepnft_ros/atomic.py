@@ -31,3 +31,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode('utf-8'))
+
+
+def atomic_publish_dir(staging: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Make a fully written directory visible under `final` in one rename (files fsynced first).
+
+    Readers see either no `final` or all of it. Refuses to replace an existing `final`.
+    """
+    staging, final = Path(staging), Path(final)
+    for file in staging.rglob('*'):
+        if file.is_file():
+            with open(file, 'rb') as f:
+                os.fsync(f.fileno())
+    if final.exists():
+        raise FileExistsError(f'{final} already exists')
+    os.rename(staging, final)
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return final

@@ -4,6 +4,7 @@
     stepnft sft --demos runs/demos.npz --out runs/sft
     stepnft eval --checkpoint runs/sft --episodes 50
     stepnft info runs/sft
+    stepnft train --bags runs/episodes --checkpoint runs/sft --out runs/offline
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import json
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
+from stepnft_ros.algo.labels import LABEL_SCHEMES
 from stepnft_ros.algo.sft import SFTConfig
+from stepnft_ros.algo.stepnft import StepNFTConfig
 from stepnft_ros.episodes.demos import DemoSet
 from stepnft_ros.pipeline import sft_from_demos
 from stepnft_ros.policy import CheckpointError, FlowPolicy, PolicyConfig, load_checkpoint, save_checkpoint
@@ -55,6 +59,38 @@ def _eval(args: argparse.Namespace) -> int:
                       'mean_env_steps': sum(e.env_steps for e in episodes) / len(episodes),
                       'metadata': meta}, indent=2))
     return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from stepnft_ros.offline import train_from_bags
+
+    algo = StepNFTConfig(epochs=args.epochs, lr=args.lr)
+    start = time.perf_counter()
+    report = train_from_bags(args.bags, args.checkpoint, args.out, algo, labels=args.labels,
+                             max_version_lag=args.max_version_lag, seed=args.seed)
+    report['wall_s'] = round(time.perf_counter() - start, 1)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from stepnft_ros import launch_description as ld
+    from stepnft_ros.launcher import launch
+    from stepnft_ros.pipeline import ensure_sft_checkpoint
+
+    graph = ld.TrainSimArgs(run_dir=args.run_dir, num_envs=args.num_envs, checkpoint=args.checkpoint,
+                            obs_mode=args.obs_mode)
+    checkpoint = graph.checkpoint or str(ensure_sft_checkpoint(
+        Path(graph.run_dir) / 'sft_default', log=lambda msg: print(f'[launch] {msg}', file=sys.stderr, flush=True)))
+    read_header(checkpoint)  # fail here, clearly, rather than in every node
+    params = Path(args.params_file) if args.params_file else ld.config_dir() / f'{args.graph}.yaml'
+    if not params.is_file():
+        raise FileNotFoundError(f'no parameter file {params}')
+    code = launch(ld.train_sim(graph, str(Path(checkpoint).resolve())), params, Path(graph.run_dir))
+    plot = Path(graph.run_dir) / 'learner' / 'success.png'
+    if plot.exists():
+        print(f'[launch] success plot: {plot}', flush=True)
+    return code
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -99,6 +135,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--max-episode-steps', type=int, default=100)
     p.add_argument('--mode', choices=('ode', 'sde'), default='ode')
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser('train', help='one offline pi-StepNFT update from recorded episode bags')
+    p.add_argument('--bags', required=True, help='episode store: one rosbag2 directory per episode')
+    p.add_argument('--checkpoint', required=True, help='checkpoint to update')
+    p.add_argument('--out', required=True, help='checkpoint directory to write (weights version + 1)')
+    p.add_argument('--epochs', type=int, default=StepNFTConfig.epochs)
+    p.add_argument('--lr', type=float, default=StepNFTConfig.lr)
+    p.add_argument('--labels', choices=LABEL_SCHEMES, default='terminal_binary')
+    p.add_argument('--max-version-lag', type=int, help='drop episodes more than N weights versions behind')
+    p.add_argument('--seed', type=int, default=0)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser('launch', help='start a node graph without ros2 launch (same graph as launch/*.launch.py)')
+    p.add_argument('graph', choices=('train_sim',))
+    p.add_argument('--run-dir', default='runs/train_sim', help='episodes, checkpoints, plot and logs')
+    p.add_argument('--num-envs', type=int, default=2, help='simulated robots (namespaces env0, env1, ...)')
+    p.add_argument('--checkpoint', default='', help='start from this checkpoint (default: the embedded SFT policy, '
+                                                    'built on first use)')
+    p.add_argument('--obs-mode', default='state', choices=('state', 'rgb'))
+    p.add_argument('--params-file', help='node parameters (default: config/<graph>.yaml)')
+    p.set_defaults(func=_launch)
 
     p = sub.add_parser('info', help="print a checkpoint's config and metadata")
     p.add_argument('checkpoint')

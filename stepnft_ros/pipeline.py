@@ -1,14 +1,19 @@
-"""Building blocks shared by the CLI and the benchmarks: SFT from a demo file, evaluation of a checkpoint."""
+"""Building blocks shared by the CLI, the launchers and the benchmarks: SFT from demos, the default checkpoint."""
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 
 from stepnft_ros.algo.sft import SFTConfig, train_sft
+from stepnft_ros.atomic import atomic_write_text
 from stepnft_ros.episodes.demos import ChunkDataset, DemoSet
+from stepnft_ros.policy.checkpoint import save_checkpoint
 from stepnft_ros.policy.config import PolicyConfig
 from stepnft_ros.policy.modeling import FlowVLA
 
@@ -23,3 +28,55 @@ def sft_from_demos(demos: DemoSet, policy: PolicyConfig, sft: SFTConfig,
     data = ChunkDataset(demos, model)
     losses = train_sft(model, len(data), data.get_batch, sft, log=log)
     return model, losses
+
+
+@dataclass(frozen=True)
+class DefaultSFT:
+    """The embedded default starting point: a small state policy cloned from ManiSkill planner demos."""
+
+    env_id: str = 'PickCube-v1'
+    control_mode: str = 'pd_ee_delta_pose'
+    max_episode_steps: int = 100
+    num_demos: int = 100
+    sft_steps: int = 3000
+    sft_batch: int = 128
+    d_model: int = 64
+    horizon: int = 8
+    noise_level: float = 0.7
+    seed: int = 0
+
+
+def ensure_sft_checkpoint(out: str | Path, spec: DefaultSFT = DefaultSFT(),
+                          log: Callable[[str], None] = print) -> Path:
+    """`out`/sft built on first use (demos cached in `out`/demos.npz); reused when built from the same spec."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt, spec_path = out / 'sft', out / 'sft_spec.json'
+    wanted = json.dumps(asdict(spec), sort_keys=True)
+    if (ckpt / 'model.safetensors').exists() and spec_path.exists():
+        if spec_path.read_text().strip() != wanted:
+            raise ValueError(f'{out} holds an SFT checkpoint built from {spec_path.read_text().strip()}, '
+                             f'not {wanted}: use another directory')
+        return ckpt
+    demo_path = out / 'demos.npz'
+    if not demo_path.exists():
+        from sim_bridge.maniskill_demos import generate_demos
+
+        start = time.perf_counter()
+        log(f'generating {spec.num_demos} motion-planner demos of {spec.env_id} (first use only)')
+        generate_demos(spec.env_id, n=spec.num_demos, out_path=str(demo_path), control_mode=spec.control_mode,
+                       max_steps=spec.max_episode_steps)
+        log(f'demos: {spec.num_demos} in {time.perf_counter() - start:.0f} s -> {demo_path}')
+    demos = DemoSet.load(demo_path, max_episodes=spec.num_demos)
+    if demos.num_episodes < spec.num_demos:
+        raise ValueError(f'{demo_path} has {demos.num_episodes} demos, fewer than the {spec.num_demos} wanted')
+    policy_cfg = PolicyConfig(state_dim=1, action_dim=1, horizon=spec.horizon, d_model=spec.d_model, n_heads=4,
+                              prefix_layers=1, expert_layers=2, num_steps=4, noise_level=spec.noise_level)
+    model, losses = sft_from_demos(demos, policy_cfg, SFTConfig(steps=spec.sft_steps, batch_size=spec.sft_batch,
+                                                                lr=1e-3, seed=spec.seed),
+                                   log=lambda step, loss: log(f'sft step {step} loss {loss:.4f}')
+                                   if step % 500 == 0 else None)
+    save_checkpoint(ckpt, model, {'stage': 'sft', 'env_id': spec.env_id, 'demos': demos.num_episodes,
+                                  'final_loss': losses[-1], 'weights_version': 0})
+    atomic_write_text(spec_path, wanted + '\n')
+    return ckpt

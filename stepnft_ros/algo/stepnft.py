@@ -222,3 +222,24 @@ class StepNFTTrainer:
         out['decisions'] = float(len(batch))
         out['episodes'] = float(batch.n_episodes)
         return out
+
+    def optimizer_tensors(self) -> dict[str, torch.Tensor]:
+        """AdamW moments and step counts as flat tensors (safetensors-friendly) for resumable training."""
+        out = {}
+        for index, state in self.optimizer.state_dict()['state'].items():
+            for key, value in state.items():
+                out[f'{index}.{key}'] = torch.as_tensor(value).detach().cpu().clone()
+        return out
+
+    def load_optimizer_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of optimizer_tensors (ValueError if they do not fit this trainer's parameters)."""
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for name, value in tensors.items():
+            index, key = name.split('.', 1)
+            state.setdefault(int(index), {})[key] = value
+        full = self.optimizer.state_dict()
+        if set(state) - set(range(len(self.params))):
+            raise ValueError(f'optimizer state for {len(state)} parameters, the trainer has {len(self.params)}')
+        full['state'] = state
+        self.optimizer.load_state_dict(full)
+

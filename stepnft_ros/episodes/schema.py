@@ -23,6 +23,10 @@ class Decision:
     trace: Trace
     valid: bool = True
     """False masks the decision out of updates (e.g. the robot rejected or never executed it)."""
+    stamp_ns: int = 0
+    """Stamp of the answered observation (ROS time in ns); joins a decision's records in an episode bag."""
+    weights_version: int | None = None
+    """Weights version that sampled this decision; None: the episode's `weights_version`."""
 
 
 @dataclass
@@ -31,14 +35,25 @@ class Episode:
 
     episode_id: str
     weights_version: int
+    """Weights version the episode started with (decisions may carry newer ones after a hot swap)."""
     decisions: list[Decision] = field(default_factory=list)
     success: bool | None = None
     env_steps: int = 0
     seed: int | None = None
+    robot: str = ''
+    """Namespace of the robot/env that produced it ('' outside ROS)."""
 
     @property
     def finished(self) -> bool:
         return self.success is not None
+
+    def decision_version(self, decision: Decision) -> int:
+        return self.weights_version if decision.weights_version is None else decision.weights_version
+
+    @property
+    def oldest_version(self) -> int:
+        """The oldest weights version that acted in this episode (what off-policy checks compare)."""
+        return min((self.decision_version(d) for d in self.decisions), default=self.weights_version)
 
 
 @dataclass(frozen=True)
@@ -67,14 +82,21 @@ class DecisionBatch:
                              self.weight[idx], self.episode_index[idx], self.n_episodes)
 
 
-def collate_episodes(episodes: Sequence[Episode], cfg: PolicyConfig, labels: str = 'terminal_binary') -> DecisionBatch:
+def collate_episodes(episodes: Sequence[Episode], cfg: PolicyConfig, labels: str = 'terminal_binary',
+                     episode_scale: Sequence[float] | None = None) -> DecisionBatch:
     """Flatten finished episodes into one batch; every decision gets its episode's label (ALGORITHM.md §3).
 
     labels: 'terminal_binary' (y = ±1) or 'batch_mean' (advantage = success − batch success rate).
+    episode_scale: optional per-episode factor on the averaging weights (e.g. < 1 down-weights
+    episodes collected with older weights).
     """
+    if episode_scale is not None and len(episode_scale) != len(episodes):
+        raise ValueError(f'episode_scale has {len(episode_scale)} entries for {len(episodes)} episodes')
     unfinished = [e.episode_id for e in episodes if not e.finished]
     if unfinished:
         raise ValueError(f'episodes without an outcome cannot be trained on: {unfinished[:5]}')
+    factors = [1.0] * len(episodes) if episode_scale is None else [float(f) for f in episode_scale]
+    scale = dict(zip((e.episode_id for e in episodes), factors, strict=True))
     kept = [e for e in episodes if any(d.valid for d in e.decisions)]
     if not kept:
         raise ValueError('no episode has a valid decision')
@@ -86,7 +108,7 @@ def collate_episodes(episodes: Sequence[Episode], cfg: PolicyConfig, labels: str
             decisions.append(d)
             y.append(ep_y)
             r.append(ep_r)
-            weight.append((1.0 / n_valid) if d.valid else 0.0)
+            weight.append((scale[ep.episode_id] / n_valid) if d.valid else 0.0)
             ep_index.append(i)
     return DecisionBatch(
         obs=stack_observations([d.observation for d in decisions], cfg),

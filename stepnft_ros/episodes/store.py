@@ -1,0 +1,497 @@
+"""Episode bags: one rosbag2 directory (metadata.yaml + one MCAP file) per finished episode (no rclpy).
+
+Layout of `<root>/<episode_id>/`, CDR-serialized, message definitions recorded in the MCAP schemas:
+
+    /episode/observation       stepnft_ros/msg/ObservationState   one per decision
+    /episode/images/<camera>   sensor_msgs/msg/Image (rgb8)         one per decision and camera
+    /episode/action_chunk      trajectory_msgs/msg/JointTrajectory  one per decision: H points of D positions
+    /episode/trace             stepnft_ros/msg/DecisionTrace        one per decision
+    /episode/info              stepnft_ros/msg/EpisodeInfo          one, written last
+
+A decision's records share its stamp (header stamp and log time), which is how the reader joins
+them. Episodes recorded without ROS time (every stamp 0) get synthetic stamps (i+1) ms; the bag's
+custom_data says so, and they read back as 0.
+
+Bags are written once: into a hidden temp directory, fsynced, then renamed into place, so a
+reader never sees a partial episode. `EpisodeStore` is the directory of them the learner polls.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+from rosbags.typesys.store import Typestore
+
+from stepnft_ros.episodes.schema import Decision, Episode
+from stepnft_ros.policy.types import Observation, Trace
+
+MSG_DIR = Path(__file__).with_name('msg')
+MSG_PACKAGE = 'stepnft_ros'
+
+OBSERVATION_TOPIC = '/episode/observation'
+IMAGE_TOPIC_PREFIX = '/episode/images/'
+ACTION_TOPIC = '/episode/action_chunk'
+TRACE_TOPIC = '/episode/trace'
+INFO_TOPIC = '/episode/info'
+
+OBSERVATION_TYPE = f'{MSG_PACKAGE}/msg/ObservationState'
+TRACE_TYPE = f'{MSG_PACKAGE}/msg/DecisionTrace'
+INFO_TYPE = f'{MSG_PACKAGE}/msg/EpisodeInfo'
+IMAGE_TYPE = 'sensor_msgs/msg/Image'
+ACTION_TYPE = 'trajectory_msgs/msg/JointTrajectory'
+
+FORMAT_KEY = 'stepnft_ros.episode_format'
+FORMAT_VERSION = '1'
+SYNTHETIC_STAMPS_KEY = 'stepnft_ros.synthetic_stamps'
+BAG_VERSION = 9  # rosbag2 metadata version of Jazzy/Kilted
+TEMP_PREFIX = '.tmp-'
+
+_NS = 1_000_000_000
+_SYNTHETIC_STEP_NS = 1_000_000
+_ID_PATTERN = re.compile(r'[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}')  # no leading '.': hidden names are temp dirs
+_CAMERA_PATTERN = re.compile(r'[A-Za-z][A-Za-z0-9_]*')  # one ROS topic-name token
+_UINT32_MAX = 2**32 - 1
+_MAX_STAMP_NS = 2**31 * _NS - 1  # builtin_interfaces/Time.sec is int32
+
+log = logging.getLogger(__name__)
+
+
+class EpisodeFileError(ValueError):
+    """An episode bag that cannot be read back (missing, truncated, garbled or inconsistent)."""
+
+
+@functools.cache
+def episode_typestore() -> Typestore:
+    """The ROS 2 Kilted standard types plus our stepnft_ros/msg/* definitions (no rosidl build needed)."""
+    typestore = get_typestore(Stores.ROS2_KILTED)
+    types: dict[str, Any] = {}
+    for msg_file in sorted(MSG_DIR.glob('*.msg')):
+        types.update(get_types_from_msg(msg_file.read_text(), f'{MSG_PACKAGE}/msg/{msg_file.stem}'))
+    typestore.register(types)
+    return typestore
+
+
+def check_episode_id(episode_id: str) -> str:
+    if not isinstance(episode_id, str) or not _ID_PATTERN.fullmatch(episode_id):
+        raise ValueError(f'episode id {episode_id!r} must match [A-Za-z0-9_.-]+ (at most 200 characters, '
+                         "not starting with '.')")
+    return episode_id
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+
+def write_episode(episode: Episode, root: str | os.PathLike, *, action_names: Sequence[str] | None = None,
+                  control_period: float = 0.05) -> Path:
+    """Write a finished episode to `root/<episode_id>` atomically; returns that directory.
+
+    action_names: joint names of the action chunks (default a0..a{D-1}); control_period: seconds
+    between a chunk's actions (its JointTrajectory time_from_start). Raises ValueError for an
+    unfinished or malformed episode, FileExistsError if the episode was written before.
+    """
+    layout = _check_episode(episode, action_names, control_period)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / episode.episode_id
+    if final.exists():
+        raise FileExistsError(f'{final}: episode {episode.episode_id!r} was already written (written once only)')
+    temp = root / f'{TEMP_PREFIX}{episode.episode_id}-{os.getpid()}-{uuid.uuid4().hex[:8]}'
+    # the bag directory inside the temp dir already has its final name: rosbags names the .mcap after it
+    bag = temp / episode.episode_id
+    try:
+        _write_bag(bag, episode, layout)
+        for file in bag.iterdir():
+            _fsync(file)
+        _fsync(bag)
+        try:
+            os.rename(bag, final)
+        except OSError as err:  # a concurrent writer won the race: never replace its episode
+            if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise FileExistsError(f'{final}: episode {episode.episode_id!r} was already written') from None
+            raise
+        _fsync(root)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return final
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What the writer derived from (and checked in) an episode."""
+
+    cameras: list[str]
+    action_names: list[str]
+    stamps: list[int]
+    synthetic: bool
+    control_period_ns: int
+
+
+def _check_episode(episode: Episode, action_names: Sequence[str] | None, control_period: float) -> _Layout:
+    check_episode_id(episode.episode_id)
+    name = f'episode {episode.episode_id!r}'
+    if not episode.finished:
+        raise ValueError(f'{name} has no outcome yet (success is None); only finished episodes are written')
+    _check_range(f'{name}: weights_version', episode.weights_version, 0, _UINT32_MAX)
+    _check_range(f'{name}: env_steps', episode.env_steps, 0, _UINT32_MAX)
+    if episode.seed is not None:
+        _check_range(f'{name}: seed', episode.seed, 0, 2**63 - 1)  # -1 encodes "no seed"
+    if not (np.isfinite(control_period) and control_period > 0):
+        raise ValueError(f'control_period must be a positive number of seconds, got {control_period}')
+
+    decisions = episode.decisions
+    cameras = list(decisions[0].observation.images) if decisions else []
+    bad = [c for c in cameras if not isinstance(c, str) or not _CAMERA_PATTERN.fullmatch(c)]
+    if bad:
+        raise ValueError(f'{name}: camera names {bad} are not valid ROS topic name tokens')
+    horizon, action_dim = _trace_shape(decisions[0], f'{name}, decision 0') if decisions else (0, 0)
+    for i, decision in enumerate(decisions):
+        where = f'{name}, decision {i}'
+        shape = _trace_shape(decision, where)
+        if shape != (horizon, action_dim):
+            raise ValueError(f'{where}: trace (H, D) is {shape}, decision 0 has {(horizon, action_dim)}')
+        _check_range(f'{where}: weights_version', episode.decision_version(decision), 0, _UINT32_MAX)
+        state = decision.observation.state
+        if state is not None and np.asarray(state).ndim != 1:
+            raise ValueError(f'{where}: state has shape {np.asarray(state).shape}, expected (S,)')
+        if list(decision.observation.images) != cameras:
+            raise ValueError(f'{where}: cameras {list(decision.observation.images)} differ from decision 0 {cameras}')
+        for camera, image in decision.observation.images.items():
+            image = np.asarray(image)
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(f'{where}: camera {camera!r} image is {image.dtype} {image.shape}, '
+                                 'expected (h, w, 3) uint8 RGB')
+
+    names = [f'a{j}' for j in range(action_dim)] if action_names is None else list(action_names)
+    if decisions and len(names) != action_dim:
+        raise ValueError(f'{name}: {len(names)} action names for action_dim {action_dim}')
+
+    given = [d.stamp_ns for d in decisions]
+    synthetic = all(s == 0 for s in given)
+    if synthetic:
+        stamps = [(i + 1) * _SYNTHETIC_STEP_NS for i in range(len(decisions))]
+    else:
+        stamps = given
+        for i, stamp in enumerate(stamps):
+            _check_range(f'{name}, decision {i}: stamp_ns', stamp, 1, _MAX_STAMP_NS)
+            if i and stamp <= stamps[i - 1]:
+                raise ValueError(f'{name}: decision stamps must increase strictly, decision {i} has {stamp} '
+                                 f'after {stamps[i - 1]}')
+    return _Layout(cameras, names, stamps, synthetic, round(control_period * _NS))
+
+
+def _trace_shape(decision: Decision, where: str) -> tuple[int, int]:
+    trace = decision.trace
+    x_k = trace.x_k
+    if x_k.ndim != 3 or x_k.shape[0] != 1:
+        raise ValueError(f'{where}: trace.x_k has shape {tuple(x_k.shape)}, expected (1, H, D)')
+    shape = tuple(x_k.shape)
+    for field in ('x_next', 'v_old', 'x_final'):
+        tensor = getattr(trace, field)
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f'{where}: trace.{field} has shape {tuple(tensor.shape)}, expected {shape}')
+    for field in ('k', 'a'):
+        if tuple(getattr(trace, field).shape) != (1,):
+            raise ValueError(f'{where}: trace.{field} has shape {tuple(getattr(trace, field).shape)}, expected (1,)')
+    bad = [f for f in ('x_k', 'x_next', 'v_old', 'x_final', 'a') if not torch.isfinite(getattr(trace, f)).all()]
+    if bad:
+        raise ValueError(f'{where}: trace has non-finite values in {bad}')
+    if np.shape(decision.chunk) != shape[1:]:
+        raise ValueError(f'{where}: chunk has shape {np.shape(decision.chunk)}, the trace says {shape[1:]}')
+    return shape[1], shape[2]
+
+
+def _check_range(what: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise ValueError(f'{what} must be an integer in [{low}, {high}], got {value!r}')
+
+
+def _write_bag(path: Path, episode: Episode, layout: _Layout) -> None:
+    ts = episode_typestore()
+    types = ts.types
+    writer = Writer(path, version=BAG_VERSION, storage_plugin=StoragePlugin.MCAP)
+    writer.set_custom_data(FORMAT_KEY, FORMAT_VERSION)
+    writer.set_custom_data(SYNTHETIC_STAMPS_KEY, 'true' if layout.synthetic else 'false')
+    with writer:
+        def connect(topic: str, msgtype: str):
+            return writer.add_connection(topic, msgtype, typestore=ts)
+
+        observation_conn = connect(OBSERVATION_TOPIC, OBSERVATION_TYPE)
+        image_conns = {camera: connect(IMAGE_TOPIC_PREFIX + camera, IMAGE_TYPE) for camera in layout.cameras}
+        action_conn = connect(ACTION_TOPIC, ACTION_TYPE)
+        trace_conn = connect(TRACE_TOPIC, TRACE_TYPE)
+        info_conn = connect(INFO_TOPIC, INFO_TYPE)
+
+        def write(conn, stamp: int, msg: Any) -> None:
+            writer.write(conn, stamp, ts.serialize_cdr(msg, msg.__msgtype__))
+
+        empty = np.empty(0, np.float64)
+        for decision, stamp in zip(episode.decisions, layout.stamps, strict=True):
+            obs = decision.observation
+            state = np.empty(0, np.float32) if obs.state is None else np.asarray(obs.state, np.float32)
+            write(observation_conn, stamp, types[OBSERVATION_TYPE](
+                header=_header(ts, stamp), state=state, instruction=obs.instruction))
+            for camera, image in obs.images.items():
+                image = np.ascontiguousarray(image)
+                height, width = image.shape[:2]
+                write(image_conns[camera], stamp, types[IMAGE_TYPE](
+                    header=_header(ts, stamp, frame_id=camera), height=height, width=width, encoding='rgb8',
+                    is_bigendian=0, step=width * 3, data=image.reshape(-1)))
+            points = [types['trajectory_msgs/msg/JointTrajectoryPoint'](
+                positions=np.asarray(action, np.float64), velocities=empty, accelerations=empty, effort=empty,
+                time_from_start=_duration(ts, (i + 1) * layout.control_period_ns))
+                for i, action in enumerate(np.asarray(decision.chunk))]
+            write(action_conn, stamp, types[ACTION_TYPE](
+                header=_header(ts, stamp), joint_names=layout.action_names, points=points))
+            trace = decision.trace
+            horizon, action_dim = trace.x_k.shape[1:]
+            flat = {f: getattr(trace, f).detach().cpu().numpy().astype(np.float32).reshape(-1)
+                    for f in ('x_k', 'x_next', 'v_old', 'x_final')}
+            write(trace_conn, stamp, types[TRACE_TYPE](
+                header=_header(ts, stamp), weights_version=episode.decision_version(decision),
+                valid=bool(decision.valid), k=int(trace.k[0]), a=float(trace.a[0]), horizon=horizon,
+                action_dim=action_dim, **flat))
+
+        info_stamp = (len(layout.stamps) + 1) * _SYNTHETIC_STEP_NS if layout.synthetic else layout.stamps[-1] + 1
+        write(info_conn, info_stamp, types[INFO_TYPE](
+            episode_id=episode.episode_id, robot=episode.robot, success=bool(episode.success),
+            env_steps=episode.env_steps, seed=-1 if episode.seed is None else episode.seed,
+            weights_version=episode.weights_version, num_decisions=len(episode.decisions),
+            camera_names=layout.cameras, action_names=layout.action_names))
+
+
+def _header(ts: Typestore, stamp_ns: int, frame_id: str = '') -> Any:
+    sec, nanosec = divmod(stamp_ns, _NS)
+    return ts.types['std_msgs/msg/Header'](stamp=ts.types['builtin_interfaces/msg/Time'](sec=sec, nanosec=nanosec),
+                                           frame_id=frame_id)
+
+
+def _duration(ts: Typestore, ns: int) -> Any:
+    sec, nanosec = divmod(ns, _NS)
+    return ts.types['builtin_interfaces/msg/Duration'](sec=sec, nanosec=nanosec)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+def read_episode(path: str | os.PathLike) -> Episode:
+    """The episode a bag directory holds, exactly as written; EpisodeFileError names any problem."""
+    path = Path(path)
+    if not path.is_dir():
+        raise EpisodeFileError(f'{path}: no episode bag there (not a directory)')
+    custom = _custom_data(path)
+    records = _read_records(path)
+    try:
+        return _decode(records, custom.get(SYNTHETIC_STAMPS_KEY) == 'true')
+    except _Problem as problem:
+        raise EpisodeFileError(f'{path}: {problem}') from None
+
+
+class _Problem(Exception):
+    """A decoding problem, before the path is known to the message."""
+
+
+def _custom_data(path: Path) -> dict[str, str]:
+    metadata = path / 'metadata.yaml'
+    try:
+        info = yaml.safe_load(metadata.read_text())['rosbag2_bagfile_information']
+    except FileNotFoundError:
+        raise EpisodeFileError(f'{path}: metadata.yaml is missing (not a rosbag2 directory)') from None
+    except (OSError, yaml.YAMLError, TypeError, KeyError) as err:
+        raise EpisodeFileError(f'{path}: metadata.yaml is unreadable ({type(err).__name__}: {err})') from None
+    custom = info.get('custom_data') if isinstance(info, dict) else None
+    return custom if isinstance(custom, dict) else {}
+
+
+_EXPECTED_TYPES = {OBSERVATION_TOPIC: OBSERVATION_TYPE, ACTION_TOPIC: ACTION_TYPE, TRACE_TOPIC: TRACE_TYPE,
+                   INFO_TOPIC: INFO_TYPE}
+
+
+def _read_records(path: Path) -> dict[str, list[Any]]:
+    """Deserialized messages per topic, in log order; topics we don't know are skipped."""
+    ts = episode_typestore()
+    by_topic: dict[str, list[Any]] = {}
+    try:
+        with Reader(path) as reader:
+            for conn in reader.connections:
+                expected = IMAGE_TYPE if conn.topic.startswith(IMAGE_TOPIC_PREFIX) else _EXPECTED_TYPES.get(conn.topic)
+                if expected is not None and conn.msgtype != expected:
+                    raise EpisodeFileError(f'{path}: topic {conn.topic} has type {conn.msgtype}, expected {expected}')
+            for conn, _, raw in reader.messages():
+                if conn.topic in _EXPECTED_TYPES or conn.topic.startswith(IMAGE_TOPIC_PREFIX):
+                    by_topic.setdefault(conn.topic, []).append(ts.deserialize_cdr(raw, conn.msgtype))
+    except EpisodeFileError:
+        raise
+    except Exception as err:  # rosbags/struct/zstd errors of torn or garbled files have no common base
+        raise EpisodeFileError(f'{path}: unreadable bag ({type(err).__name__}: {err})') from None
+    return by_topic
+
+
+def _decode(records: dict[str, list[Any]], synthetic_stamps: bool) -> Episode:
+    infos = records.get(INFO_TOPIC, [])
+    if len(infos) != 1:
+        raise _Problem(f'{len(infos)} {INFO_TOPIC} records, expected 1 (an unfinished or truncated episode?)')
+    info = infos[0]
+    cameras = list(info.camera_names)
+    parts = [OBSERVATION_TOPIC, ACTION_TOPIC, TRACE_TOPIC, *(IMAGE_TOPIC_PREFIX + c for c in cameras)]
+    by_stamp = {topic: _index_by_stamp(topic, records.get(topic, [])) for topic in parts}
+    stamps = sorted(set().union(*by_stamp.values()))
+    for stamp in stamps:
+        missing = [topic for topic in parts if stamp not in by_stamp[topic]]
+        if missing:
+            raise _Problem(f'decision at stamp {stamp} has no {", ".join(missing)} record')
+    if len(stamps) != info.num_decisions:
+        raise _Problem(f'{len(stamps)} decisions recorded, {INFO_TOPIC} says {info.num_decisions}')
+
+    decisions = []
+    for i, stamp in enumerate(stamps):
+        where = f'decision {i} (stamp {stamp})'
+        trace_msg = by_stamp[TRACE_TOPIC][stamp]
+        trace, (horizon, action_dim) = _decode_trace(trace_msg, where)
+        chunk = _decode_chunk(by_stamp[ACTION_TOPIC][stamp], horizon, action_dim, where)
+        obs_msg = by_stamp[OBSERVATION_TOPIC][stamp]
+        state = np.array(obs_msg.state, np.float32) if len(obs_msg.state) else None
+        images = {c: _decode_image(by_stamp[IMAGE_TOPIC_PREFIX + c][stamp], c, where) for c in cameras}
+        version = int(trace_msg.weights_version)
+        decisions.append(Decision(
+            observation=Observation(state=state, images=images, instruction=obs_msg.instruction),
+            chunk=chunk, trace=trace, valid=bool(trace_msg.valid), stamp_ns=0 if synthetic_stamps else stamp,
+            # the writer stores the effective version; None is how the schema says "the episode's"
+            weights_version=None if version == info.weights_version else version))
+    return Episode(episode_id=info.episode_id, weights_version=int(info.weights_version), decisions=decisions,
+                   success=bool(info.success), env_steps=int(info.env_steps),
+                   seed=None if info.seed == -1 else int(info.seed), robot=info.robot)
+
+
+def _index_by_stamp(topic: str, messages: list[Any]) -> dict[int, Any]:
+    indexed = {}
+    for msg in messages:
+        stamp = msg.header.stamp.sec * _NS + msg.header.stamp.nanosec
+        if stamp in indexed:
+            raise _Problem(f'two {topic} records at stamp {stamp}')
+        indexed[stamp] = msg
+    return indexed
+
+
+def _decode_trace(msg: Any, where: str) -> tuple[Trace, tuple[int, int]]:
+    horizon, action_dim = int(msg.horizon), int(msg.action_dim)
+    arrays = {}
+    for field in ('x_k', 'x_next', 'v_old', 'x_final'):
+        flat = np.array(getattr(msg, field), np.float32)  # a copy: the message may view the file's buffer
+        if flat.size != horizon * action_dim:
+            raise _Problem(f'{where}: trace {field} has {flat.size} values, expected {horizon}x{action_dim}')
+        if not np.isfinite(flat).all():
+            raise _Problem(f'{where}: trace {field} has non-finite values')
+        arrays[field] = torch.from_numpy(flat.reshape(1, horizon, action_dim))
+    if not np.isfinite(msg.a):
+        raise _Problem(f'{where}: trace noise level a is {msg.a}')
+    trace = Trace(k=torch.tensor([msg.k], dtype=torch.int64), a=torch.tensor([msg.a], dtype=torch.float32), **arrays)
+    return trace, (horizon, action_dim)
+
+
+def _decode_chunk(msg: Any, horizon: int, action_dim: int, where: str) -> np.ndarray:
+    if len(msg.points) != horizon or any(len(p.positions) != action_dim for p in msg.points):
+        sizes = [len(p.positions) for p in msg.points]
+        raise _Problem(f'{where}: action chunk has point sizes {sizes[:8]}, expected {horizon} x {action_dim}')
+    # chunks are float32 (what the policy samples); the float64 positions hold them exactly
+    return np.array([p.positions for p in msg.points], np.float32).reshape(horizon, action_dim)
+
+
+def _decode_image(msg: Any, camera: str, where: str) -> np.ndarray:
+    if msg.encoding != 'rgb8' or msg.step != msg.width * 3 or len(msg.data) != msg.height * msg.step:
+        raise _Problem(f'{where}: camera {camera!r} image is {msg.encoding} {msg.width}x{msg.height} step '
+                       f'{msg.step} with {len(msg.data)} bytes, expected rgb8 with width*3*height bytes')
+    return np.array(msg.data, np.uint8).reshape(msg.height, msg.width, 3)
+
+
+# ---------------------------------------------------------------------------------------------------- the store
+
+
+class EpisodeStore:
+    """A directory of episode bags, each written once; the learner polls it with `load_new`."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.removed_temp_dirs = _remove_stale_temp_dirs(self.root)
+
+    def path(self, episode_id: str) -> Path:
+        return self.root / check_episode_id(episode_id)
+
+    def write(self, episode: Episode, **kwargs: Any) -> Path:
+        """`write_episode` into this store (same keywords)."""
+        return write_episode(episode, self.root, **kwargs)
+
+    def episode_ids(self) -> list[str]:
+        """Sorted ids of the written episodes (temp dirs, hidden entries and plain files are not episodes)."""
+        return sorted(p.name for p in self.root.iterdir() if _ID_PATTERN.fullmatch(p.name) and p.is_dir())
+
+    def load(self, episode_id: str) -> Episode:
+        return read_episode(self.path(episode_id))
+
+    def load_new(self, seen: set[str],
+                 on_error: Callable[[str, EpisodeFileError], None] | None = None) -> list[Episode]:
+        """Episodes whose ids are not in `seen`, in id order; adds every id tried to `seen`.
+
+        An unreadable bag is reported once through `on_error` (default: a log warning) and skipped,
+        never deleted: it stays on disk for inspection.
+        """
+        episodes = []
+        for episode_id in self.episode_ids():
+            if episode_id in seen:
+                continue
+            seen.add(episode_id)
+            try:
+                episodes.append(read_episode(self.root / episode_id))
+            except EpisodeFileError as err:
+                if on_error is None:
+                    log.warning('skipping unreadable episode %s: %s', episode_id, err)
+                else:
+                    on_error(episode_id, err)
+        return episodes
+
+
+def _remove_stale_temp_dirs(root: Path) -> list[str]:
+    """Remove temp dirs whose writer process is gone (a crash mid-write); live writers' are kept."""
+    removed = []
+    for entry in root.iterdir():
+        if not entry.name.startswith(TEMP_PREFIX) or not entry.is_dir():
+            continue
+        parts = entry.name[len(TEMP_PREFIX):].rsplit('-', 2)
+        if len(parts) == 3 and parts[1].isdigit() and _process_alive(int(parts[1])):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry.name)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

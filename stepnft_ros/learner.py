@@ -1,0 +1,216 @@
+"""The learner's logic, ROS-free: episodes from the store -> π-StepNFT updates -> versioned checkpoints.
+
+Restart safety rests on one rule: a checkpoint directory is the only commit point. Each
+version's directory (weights, optimizer moments, and in its metadata the ids of every episode
+it consumed and the history so far) appears in one rename. On restart the learner loads the
+newest readable version and re-reads every stored episode that version has not consumed, so
+an episode is never lost and never counted twice.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import safetensors.torch
+
+from stepnft_ros.algo.stepnft import StepNFTConfig, StepNFTTrainer
+from stepnft_ros.atomic import atomic_publish_dir, atomic_write_bytes, atomic_write_text
+from stepnft_ros.episodes.schema import Episode, collate_episodes
+from stepnft_ros.episodes.store import EpisodeStore
+from stepnft_ros.policy import CheckpointError, load_checkpoint, save_checkpoint
+
+OFF_POLICY_RULES = ('drop', 'downweight')
+OPTIMIZER_FILE = 'optimizer.safetensors'
+_VERSION_DIR = re.compile(r'^v(\d{6,})$')
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    episodes_per_update: int = 16
+    """Finished episodes per π-StepNFT update."""
+    labels: str = 'terminal_binary'
+    """Episode labels: 'terminal_binary' or 'batch_mean' (see algo/labels.py)."""
+    max_version_lag: int = 1
+    """Episodes whose oldest acting weights are more than this many versions behind are off-policy."""
+    off_policy: str = 'drop'
+    """What happens to off-policy episodes: 'drop' (logged, counted, never trained on) or
+    'downweight' (trained on with weight stale_weight ** (lag - max_version_lag))."""
+    stale_weight: float = 0.5
+    max_updates: int = 0
+    """Stop after this many updates in total (0: never)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.episodes_per_update < 1 or self.max_version_lag < 0 or self.max_updates < 0:
+            raise ValueError(f'bad learner schedule: {self}')
+        if self.off_policy not in OFF_POLICY_RULES:
+            raise ValueError(f'off_policy must be one of {OFF_POLICY_RULES}, got {self.off_policy!r}')
+        if not 0.0 < self.stale_weight <= 1.0:
+            raise ValueError(f'stale_weight must be in (0, 1], got {self.stale_weight}')
+
+
+class Learner:
+    """Consumes finished episodes from an EpisodeStore and writes checkpoints work_dir/checkpoints/vNNNNNN."""
+
+    def __init__(self, work_dir: str | Path, initial_checkpoint: str | Path, store: EpisodeStore,
+                 cfg: LearnerConfig, algo: StepNFTConfig, device: str = 'cpu',
+                 log: Callable[[str], None] = print) -> None:
+        self.work_dir = Path(work_dir)
+        self.checkpoints = self.work_dir / 'checkpoints'
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.initial_checkpoint = Path(initial_checkpoint)
+        self.store, self.cfg, self.algo, self.log = store, cfg, algo, log
+        for stale in self.checkpoints.glob('.staging-*'):  # a crash mid-write left it; its version never existed
+            shutil.rmtree(stale, ignore_errors=True)
+        self.consumed: set[str] = set()
+        self.history: list[dict] = []
+        self.dropped = 0
+        self.version = 0
+        model, meta, opt = self._resume(device)
+        self.trainer = StepNFTTrainer(model, algo, seed=cfg.seed + self.version)
+        if opt is not None:
+            self.trainer.load_optimizer_tensors(opt)
+        self.seen: set[str] = set(self.consumed)
+        self.buffer: list[Episode] = []
+        self.started = time.monotonic()
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def checkpoint_path(self, version: int | None = None) -> Path:
+        version = self.version if version is None else version
+        return self.initial_checkpoint if version == 0 else self.checkpoints / f'v{version:06d}'
+
+    def _resume(self, device: str):
+        versions = sorted((int(m.group(1)) for p in self.checkpoints.iterdir()
+                           if (m := _VERSION_DIR.match(p.name))), reverse=True)
+        for version in versions:
+            path = self.checkpoints / f'v{version:06d}'
+            try:
+                model, meta = load_checkpoint(path, device=device)
+                opt = safetensors.torch.load_file(str(path / OPTIMIZER_FILE))
+                state = meta['learner']
+            except (CheckpointError, OSError, KeyError, ValueError, RuntimeError) as err:
+                self.log(f'checkpoint {path} unusable, trying an older one: {err}')
+                continue
+            self.version = version
+            self.consumed = set(state['consumed'])
+            self.history = list(state['history'])
+            self.dropped = int(state['dropped'])
+            self.log(f'resumed at weights version {version} ({len(self.consumed)} episodes consumed)')
+            return model, meta, opt
+        model, meta = load_checkpoint(self.initial_checkpoint, device=device)
+        self.log(f'starting from {self.initial_checkpoint} (weights version 0)')
+        return model, meta, None
+
+    def _save(self, record: dict) -> Path:
+        staging = self.checkpoints / f'.staging-v{self.version:06d}-{os.getpid()}'
+        shutil.rmtree(staging, ignore_errors=True)
+        meta = {'stage': 'stepnft', 'weights_version': self.version, 'initial': str(self.initial_checkpoint),
+                'algo': asdict(self.algo), 'learner_config': asdict(self.cfg), 'record': record,
+                'learner': {'consumed': sorted(self.consumed), 'history': self.history, 'dropped': self.dropped}}
+        save_checkpoint(staging, self.trainer.model, meta)
+        atomic_write_bytes(staging / OPTIMIZER_FILE, safetensors.torch.save(self.trainer.optimizer_tensors()))
+        path = atomic_publish_dir(staging, self.checkpoint_path())
+        atomic_write_text(self.work_dir / 'history.json', json.dumps(self.history, indent=1) + '\n')
+        return path
+
+    # ---- episodes --------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self.cfg.max_updates > 0 and self.version >= self.cfg.max_updates
+
+    def poll(self) -> list[dict]:
+        """Read newly stored episodes and run every update they complete; returns the new records."""
+        def unreadable(episode_id: str, err: Exception) -> None:
+            self.log(f'skipping unreadable episode {episode_id}: {err}')
+            self.consumed.add(episode_id)  # counted as handled once the next checkpoint lands
+        self.buffer += self.store.load_new(self.seen, on_error=unreadable)
+        records = []
+        while not self.done:
+            batch, scale = self._take_batch()
+            if batch is None:
+                break
+            records.append(self._update(batch, scale))
+        return records
+
+    def _take_batch(self) -> tuple[list[Episode] | None, list[float]]:
+        accepted, scale, keep = [], [], []
+        for episode in self.buffer:
+            if len(accepted) == self.cfg.episodes_per_update:
+                keep.append(episode)
+                continue
+            lag = self.version - episode.oldest_version
+            if lag <= self.cfg.max_version_lag:
+                accepted.append(episode)
+                scale.append(1.0)
+            elif self.cfg.off_policy == 'downweight':
+                accepted.append(episode)
+                scale.append(self.cfg.stale_weight ** (lag - self.cfg.max_version_lag))
+            else:
+                self.dropped += 1
+                self.consumed.add(episode.episode_id)
+                self.log(f'dropped off-policy episode {episode.episode_id}: weights version '
+                         f'{episode.oldest_version} is {lag} behind {self.version} (max_version_lag '
+                         f'{self.cfg.max_version_lag})')
+        if len(accepted) < self.cfg.episodes_per_update:
+            self.buffer = accepted + keep
+            return None, []
+        self.buffer = keep
+        return accepted, scale
+
+    def _update(self, episodes: list[Episode], scale: list[float]) -> dict:
+        start = time.perf_counter()
+        batch = collate_episodes(episodes, self.trainer.model.config, self.cfg.labels, episode_scale=scale)
+        metrics = self.trainer.update(batch)
+        self.version += 1
+        self.consumed.update(e.episode_id for e in episodes)
+        record = {
+            'weights_version': self.version,
+            'train_success': sum(bool(e.success) for e in episodes) / len(episodes),
+            'episodes': len(episodes),
+            'episodes_consumed': len(self.consumed),
+            'dropped_off_policy': self.dropped,
+            'downweighted': sum(s < 1.0 for s in scale),
+            'env_steps': sum(e.env_steps for e in episodes),
+            'update_s': round(time.perf_counter() - start, 3),
+            'wall_s': round(time.monotonic() - self.started, 1),
+            **{k: round(v, 6) for k, v in metrics.items()},
+        }
+        self.history.append(record)
+        self._save(record)
+        return record
+
+
+def plot_history(history: list[dict], path: str | Path, title: str = 'π-StepNFT online training') -> Path:
+    """Success rate of each update's episodes (and a running mean) over the updates, as a PNG."""
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    versions = [h['weights_version'] for h in history]
+    success = [h['train_success'] for h in history]
+    running = [sum(success[max(0, i - 4):i + 1]) / len(success[max(0, i - 4):i + 1]) for i in range(len(success))]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(versions, success, 'o', alpha=0.5, label='episodes of each update')
+    ax.plot(versions, running, '-', label='running mean (5 updates)')
+    ax.set_xlabel('update (weights version)')
+    ax.set_ylabel('success rate (Flow-SDE rollouts)')
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc='upper left')
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format='png')
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())

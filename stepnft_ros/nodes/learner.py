@@ -1,0 +1,88 @@
+"""learner: π-StepNFT updates from the episodes the policy server writes, new weights back to it.
+
+in   /episode_written (std_msgs/String: an episode id; a periodic scan of the store catches any
+     notification missed while the learner was down or busy)
+out  /policy_weights (std_msgs/String JSON {version, checkpoint}, latched),
+     /learner/metrics (std_msgs/String JSON per update), /learner/success_rate (std_msgs/Float32)
+files  <work_dir>/checkpoints/vNNNNNN, history.json, success.png
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from rclpy.node import Node
+from std_msgs.msg import Float32, String
+
+from stepnft_ros import ros_io
+from stepnft_ros.algo.stepnft import StepNFTConfig
+from stepnft_ros.episodes.store import EpisodeStore
+from stepnft_ros.learner import Learner, LearnerConfig, plot_history
+from stepnft_ros.nodes.common import ConfigError, Params, run_node
+from stepnft_ros.policy import CheckpointError
+
+
+class LearnerNode(Node):
+    def __init__(self) -> None:
+        super().__init__('learner')
+        p = Params(self)
+        checkpoint = p.required('checkpoint', str)
+        episode_dir = p.required('episode_dir', str)
+        self.work_dir = Path(p.required('work_dir', str))
+        scan_period_s = p.get('scan_period_s', 2.0)
+        device = p.get('device', 'cpu')
+        torch.set_num_threads(max(1, p.get('torch_threads', 1)))
+        try:
+            cfg = LearnerConfig(episodes_per_update=p.get('episodes_per_update', 16),
+                                labels=p.get('labels', 'terminal_binary'),
+                                max_version_lag=p.get('max_version_lag', 1), off_policy=p.get('off_policy', 'drop'),
+                                stale_weight=p.get('stale_weight', 0.5), max_updates=p.get('max_updates', 0),
+                                seed=p.get('seed', 0))
+            algo = StepNFTConfig(lr=p.get('lr', 1e-4), epochs=p.get('epochs', 2),
+                                 minibatch_size=p.get('minibatch_size', 4096), beta=p.get('beta', 1.0),
+                                 delta_max=p.get('delta_max', 0.5), loss_form=p.get('loss_form', 'ranking'),
+                                 target=p.get('target', 'next_step'), lambda_kl=p.get('lambda_kl', 1e-4))
+            self.learner = Learner(self.work_dir, checkpoint, EpisodeStore(episode_dir), cfg, algo, device=device,
+                                   log=self.get_logger().info)
+        except (ValueError, CheckpointError) as err:
+            raise ConfigError(str(err)) from None
+        self.weights_pub = self.create_publisher(String, ros_io.POLICY_WEIGHTS, ros_io.LATCHED_QOS)
+        self.metrics_pub = self.create_publisher(String, ros_io.LEARNER_METRICS, ros_io.RELIABLE_QOS)
+        self.success_pub = self.create_publisher(Float32, ros_io.LEARNER_SUCCESS_RATE, ros_io.RELIABLE_QOS)
+        self.create_subscription(String, ros_io.EPISODE_WRITTEN, lambda _: self._poll(), ros_io.EVENTS_QOS)
+        self.create_timer(scan_period_s, self._poll)
+        self.exit_code = 0
+        self._announce()
+        self.get_logger().info(f'learning from {episode_dir}: {cfg.episodes_per_update} episodes per update, '
+                               f'{algo.epochs} epochs, lr {algo.lr:g}; checkpoints in {self.learner.checkpoints}')
+        self._poll()
+
+    def _announce(self) -> None:
+        path = self.learner.checkpoint_path().resolve()
+        self.weights_pub.publish(ros_io.WeightsAnnouncement(self.learner.version, str(path)).to_msg())
+
+    def _poll(self) -> None:
+        for record in self.learner.poll():
+            self._announce()
+            self.metrics_pub.publish(String(data=json.dumps(record)))
+            self.success_pub.publish(Float32(data=float(record['train_success'])))
+            plot_history(self.learner.history, self.work_dir / 'success.png')
+            self.get_logger().info(
+                f"update {record['weights_version']}: success {record['train_success']:.2f} over "
+                f"{record['episodes']} episodes, loss {record['loss']:.4f}, pref. acc. "
+                f"{record['preference_accuracy']:.2f}, clip {record['clip_fraction']:.2f}, "
+                f"{record['episodes_consumed']} episodes consumed, {record['dropped_off_policy']} dropped")
+        if self.learner.done:
+            self.get_logger().info(f'reached max_updates={self.learner.cfg.max_updates}; plot at '
+                                   f'{self.work_dir / "success.png"}')
+            raise SystemExit(0)
+
+
+def main(args: list[str] | None = None) -> int:
+    return run_node(LearnerNode, args)
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

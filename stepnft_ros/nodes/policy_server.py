@@ -1,0 +1,265 @@
+"""policy_server: answers robots' observations with action chunks and records episodes.
+
+Per robot namespace <ns> (parameter `robots`):
+  in   <ns>/joint_states, <ns>/task_state (sensor_msgs/JointState), <ns>/camera/<cam>/image_raw
+       (sensor_msgs/Image, sensor-data QoS), <ns>/instruction (std_msgs/String, latched)
+  out  <ns>/action_chunk (trajectory_msgs/JointTrajectory, header.stamp = the observation's)
+  srv  <ns>/episode_outcome (std_srvs/SetBool, true = success): ends and writes the episode
+Graph-wide: /policy_weights (in, latched: hot swap), /emergency_stop (in, latched: stop
+answering), /episode_written (out: episode id, after its bag is on disk).
+
+Modes: `train` samples with Flow-SDE and records every decision with its trace; `eval` and
+`deploy` use the deterministic ODE sampler and record nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from rclpy.node import Node
+from std_msgs.msg import Bool, String
+from std_srvs.srv import SetBool
+
+from stepnft_ros import ros_io
+from stepnft_ros.episodes.schema import Decision, Episode
+from stepnft_ros.episodes.store import EpisodeStore
+from stepnft_ros.nodes.common import ConfigError, Params, run_node
+from stepnft_ros.policy import CheckpointError, FlowPolicy, load_checkpoint
+from stepnft_ros.policy.types import Observation, ObservationError, validate_observation
+
+MODES = {'train': 'sde', 'eval': 'ode', 'deploy': 'ode'}
+
+
+@dataclass
+class Robot:
+    """What the server keeps per robot namespace."""
+
+    namespace: str
+    assembler: ros_io.ObservationAssembler
+    publisher: object
+    pending: tuple[int, Observation] | None = None
+    last_answer: tuple[int, object] | None = None  # (stamp_ns, JointTrajectory) for re-requests
+    episode: Episode | None = None
+    episodes_done: int = 0
+    successes: int = 0
+    subscriptions: list = field(default_factory=list)
+
+
+class PolicyServer(Node):
+    def __init__(self) -> None:
+        super().__init__('policy_server')
+        p = Params(self)
+        self.mode = p.get('mode', 'train')
+        if self.mode not in MODES:
+            raise ConfigError(f"parameter 'mode' must be one of {sorted(MODES)}, got {self.mode!r}")
+        checkpoint = p.required('checkpoint', str)
+        robots = p.get('robots', ['env0'])
+        state_sources = p.get('state_sources', list(ros_io.STATE_SOURCES))
+        action_names = p.get('action_names', [])
+        self.control_period = p.get('control_period', 0.05)
+        self.actions_per_chunk = p.get('actions_per_chunk', 4)
+        episode_dir = p.get('episode_dir', '')
+        self.max_batch = p.get('max_batch', 16)
+        batch_window_s = p.get('batch_window_ms', 2.0) / 1000.0
+        noise_level = p.get('noise_level', -1.0)
+        seed = p.get('seed', 0)
+        device = p.get('device', 'cpu')
+        self.max_observation_age_s = p.get('max_observation_age_s', 0.0)
+        torch.set_num_threads(max(1, p.get('torch_threads', 1)))
+        if not robots or len(set(robots)) != len(robots):
+            raise ConfigError(f"parameter 'robots' must list distinct namespaces, got {robots}")
+        self.recording = self.mode == 'train'
+        if self.recording and not episode_dir:
+            raise ConfigError("missing parameter 'episode_dir' (string): train mode records episodes there")
+
+        try:
+            model, meta = load_checkpoint(checkpoint, device=device)
+        except CheckpointError as err:
+            raise ConfigError(f"parameter 'checkpoint': {err}") from None
+        self.version = int(meta.get('weights_version', 0))
+        cfg = model.config
+        self.policy = FlowPolicy(model, mode=MODES[self.mode], seed=seed, device=device,
+                                 noise_level=None if noise_level < 0 else noise_level)
+        self.action_names = action_names or [f'a{i}' for i in range(cfg.action_dim)]
+        if len(self.action_names) != cfg.action_dim:
+            raise ConfigError(f"parameter 'action_names' has {len(self.action_names)} names, "
+                              f'the policy outputs {cfg.action_dim} dims')
+        if not cfg.state_dim:
+            state_sources = []
+        self.store = EpisodeStore(episode_dir) if self.recording else None
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix='episode_writer')
+        self.writes_pending = 0
+        self.writes_lock = threading.Lock()
+
+        self.robots: dict[str, Robot] = {}
+        for ns in robots:
+            robot = Robot(ns, ros_io.ObservationAssembler(state_sources, cfg.camera_names, cfg.image_size,
+                                                          require_instruction=cfg.use_language),
+                          self.create_publisher(ros_io.JointTrajectory, f'{ns}/{ros_io.ACTION_CHUNK}',
+                                                ros_io.RELIABLE_QOS))
+            self._subscribe(robot, state_sources, cfg.camera_names)
+            self.create_service(SetBool, f'{ns}/{ros_io.EPISODE_OUTCOME}',
+                                lambda req, resp, r=robot: self._on_outcome(r, req, resp))
+            self.robots[ns] = robot
+        self.estopped = False
+        self.create_subscription(Bool, ros_io.EMERGENCY_STOP, self._on_estop, ros_io.LATCHED_QOS)
+        self.create_subscription(String, ros_io.POLICY_WEIGHTS, self._on_weights, ros_io.LATCHED_QOS)
+        self.written_pub = self.create_publisher(String, ros_io.EPISODE_WRITTEN, ros_io.EVENTS_QOS)
+        self.create_timer(max(batch_window_s, 1e-3), self._flush)
+        self.decisions = 0
+        self.get_logger().info(
+            f'serving {len(robots)} robot(s) {robots} in {self.mode} mode ({MODES[self.mode]} sampler, '
+            f'a={self.policy.a:g}), weights version {self.version} from {checkpoint}')
+
+    # ---- inputs ----------------------------------------------------------------------------
+
+    def _subscribe(self, robot: Robot, state_sources: list[str], cameras: tuple[str, ...]) -> None:
+        ns, asm = robot.namespace, robot.assembler
+        parts = []
+        if 'joint_position' in state_sources or 'joint_velocity' in state_sources:
+            parts.append((ros_io.JointState, ros_io.JOINT_STATES, asm.add_joint_state, ros_io.SENSOR_QOS))
+        if 'task_state' in state_sources:
+            parts.append((ros_io.JointState, ros_io.TASK_STATE, asm.add_task_state, ros_io.SENSOR_QOS))
+        for cam in cameras:
+            parts.append((ros_io.Image, ros_io.camera_topic(cam), lambda m, c=cam: asm.add_image(c, m),
+                          ros_io.SENSOR_QOS))
+        for i, (msg_type, topic, add, qos) in enumerate(parts):
+            robot.subscriptions.append(self.create_subscription(
+                msg_type, f'{ns}/{topic}', lambda m, add=add, t=topic, first=(i == 0): self._on_part(
+                    robot, t, add, m, resend=first), qos))
+        robot.subscriptions.append(self.create_subscription(
+            String, f'{ns}/{ros_io.INSTRUCTION}', lambda m: asm.set_instruction(m.data), ros_io.LATCHED_QOS))
+
+    def _on_part(self, robot: Robot, topic: str, add, msg, resend: bool) -> None:
+        stamp_ns = ros_io.stamp_to_ns(msg.header.stamp)
+        if robot.last_answer is not None and stamp_ns == robot.last_answer[0]:
+            if resend and not self.estopped:  # the robot re-requests: same chunk, no new sample or record
+                robot.publisher.publish(robot.last_answer[1])
+            return
+        try:
+            done = add(msg)
+            if done is None:
+                return
+            stamp_ns, obs = done
+            age = self.get_clock().now().nanoseconds - stamp_ns
+            if self.max_observation_age_s > 0 and age > self.max_observation_age_s * 1e9:
+                raise ObservationError(f'observation is {age / 1e9:.3f} s old (> max_observation_age_s '
+                                       f'{self.max_observation_age_s}): stale')
+            validate_observation(obs, self.policy.model.config)
+        except ObservationError as err:
+            self.get_logger().warning(f'{robot.namespace}/{topic}: dropped bad observation: {err}',
+                                      throttle_duration_sec=1.0)
+            return
+        robot.pending = (stamp_ns, obs)
+        if sum(r.pending is not None for r in self.robots.values()) >= min(len(self.robots), self.max_batch):
+            self._flush()
+
+    def _on_estop(self, msg: Bool) -> None:
+        if bool(msg.data) != self.estopped:
+            self.estopped = bool(msg.data)
+            log = self.get_logger().error if self.estopped else self.get_logger().warning
+            log(f'emergency stop {"ENGAGED: no actions will be published" if self.estopped else "cleared"}')
+
+    def _on_weights(self, msg: String) -> None:
+        try:
+            announced = ros_io.WeightsAnnouncement.from_msg(msg)
+            if announced.version <= self.version:
+                return
+            model, meta = load_checkpoint(announced.checkpoint, expected=self.policy.model.config,
+                                          device=self.policy.device)
+        except (ValueError, CheckpointError) as err:
+            self.get_logger().error(f'weights update ignored, keeping version {self.version}: {err}')
+            return
+        # Single-threaded executor: no batch is in flight, so no decision mixes two versions.
+        self.policy.model = model.eval()
+        self.version = announced.version
+        self.get_logger().info(f'hot-swapped to weights version {self.version} ({announced.checkpoint})')
+
+    # ---- inference -------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        ready = [r for r in self.robots.values() if r.pending is not None]
+        if not ready:
+            return
+        if self.estopped:
+            for r in ready:
+                r.pending = None
+            return
+        for start in range(0, len(ready), self.max_batch):
+            batch = ready[start:start + self.max_batch]
+            out = self.policy.infer_batch([r.pending[1] for r in batch])
+            for i, robot in enumerate(batch):
+                stamp_ns, obs = robot.pending
+                robot.pending = None
+                msg = ros_io.chunk_to_trajectory(out.chunks[i], self.action_names, stamp_ns, self.control_period)
+                robot.publisher.publish(msg)
+                robot.last_answer = (stamp_ns, msg)
+                self.decisions += 1
+                if self.recording:
+                    if robot.episode is None:
+                        robot.episode = Episode(episode_id=self._episode_id(robot, stamp_ns),
+                                                weights_version=self.version, robot=robot.namespace)
+                    robot.episode.decisions.append(Decision(
+                        observation=obs, chunk=out.chunks[i], trace=out.trace.index(torch.tensor([i])),
+                        stamp_ns=stamp_ns, weights_version=self.version))
+
+    @staticmethod
+    def _episode_id(robot: Robot, stamp_ns: int) -> str:
+        # Wall-clock first: ids sort by start time and stay unique across server restarts.
+        return f'{time.time_ns()}_{re.sub(r"[^A-Za-z0-9_.-]", "_", robot.namespace.strip("/"))}_{stamp_ns}'
+
+    # ---- outcomes --------------------------------------------------------------------------
+
+    def _on_outcome(self, robot: Robot, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
+        success = bool(request.data)
+        robot.episodes_done += 1
+        robot.successes += success
+        robot.last_answer = None
+        robot.pending = None
+        episode, robot.episode = robot.episode, None
+        summary = (f'{robot.namespace}: episode {"SUCCESS" if success else "failure"} '
+                   f'({robot.successes}/{robot.episodes_done} successful, weights version {self.version})')
+        if not self.recording:
+            self.get_logger().info(summary)
+            response.success, response.message = True, 'outcome noted (not recording in this mode)'
+            return response
+        if episode is None or not episode.decisions:
+            response.success, response.message = False, 'no decisions recorded since the last outcome'
+            self.get_logger().warning(f'{robot.namespace}: outcome without an episode to close, ignored')
+            return response
+        episode.success = success
+        # An upper bound: the robot may end the episode part-way through the last chunk.
+        episode.env_steps = len(episode.decisions) * self.actions_per_chunk
+        with self.writes_lock:
+            self.writes_pending += 1
+        self.writer.submit(self._write, episode)
+        self.get_logger().info(f'{summary}: {len(episode.decisions)} decisions -> {episode.episode_id}')
+        response.success, response.message = True, episode.episode_id
+        return response
+
+    def _write(self, episode: Episode) -> None:
+        try:
+            self.store.write(episode, action_names=self.action_names, control_period=self.control_period)
+            self.written_pub.publish(String(data=episode.episode_id))
+        except Exception as err:  # disk full, permissions: say so loudly, keep serving
+            self.get_logger().error(f'could not write episode {episode.episode_id}: {err!r}')
+        finally:
+            with self.writes_lock:
+                self.writes_pending -= 1
+
+    def close(self) -> None:
+        """Finish writing episodes that already have an outcome (called on shutdown)."""
+        self.writer.shutdown(wait=True)
+
+
+def main(args: list[str] | None = None) -> int:
+    return run_node(PolicyServer, args)
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

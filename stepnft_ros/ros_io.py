@@ -1,0 +1,258 @@
+"""The one place that converts ROS messages to and from numpy, and that names topics and QoS.
+
+Nodes call these helpers and never touch message fields themselves. Conversions raise
+ObservationError (a ValueError) with a message fit for a log line; nodes log it and carry on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from builtin_interfaces.msg import Time
+from rclpy.qos import (
+    DurabilityPolicy,
+    HistoryPolicy,
+    QoSProfile,
+    ReliabilityPolicy,
+    qos_profile_sensor_data,
+)
+from sensor_msgs.msg import Image, JointState
+from std_msgs.msg import String
+from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+from stepnft_ros.policy.types import Observation, ObservationError
+
+# Topic names relative to a robot's namespace (the robot-facing contract, ARCHITECTURE.md).
+JOINT_STATES = 'joint_states'
+TASK_STATE = 'task_state'
+INSTRUCTION = 'instruction'
+ACTION_CHUNK = 'action_chunk'
+EPISODE_OUTCOME = 'episode_outcome'  # std_srvs/SetBool, true = success
+RESET = 'reset'                      # std_srvs/Trigger
+# Graph-wide topics.
+EMERGENCY_STOP = '/emergency_stop'
+POLICY_WEIGHTS = '/policy_weights'
+EPISODE_WRITTEN = '/episode_written'
+LEARNER_METRICS = '/learner/metrics'
+LEARNER_SUCCESS_RATE = '/learner/success_rate'
+
+
+def camera_topic(camera: str) -> str:
+    return f'camera/{camera}/image_raw'
+
+
+SENSOR_QOS = qos_profile_sensor_data  # best effort, shallow: a late camera frame is worthless
+RELIABLE_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+# Latched: late joiners get the last instruction / weights version / e-stop state.
+LATCHED_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL, history=HistoryPolicy.KEEP_LAST)
+# Episode notifications must not be lost while the learner is busy updating.
+EVENTS_QOS = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
+
+STATE_SOURCES = ('joint_position', 'joint_velocity', 'task_state')
+"""Parts a policy's state vector can be assembled from, concatenated in the configured order."""
+
+
+# ---- time ---------------------------------------------------------------------------------
+
+def stamp_to_ns(stamp: Time) -> int:
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def ns_to_stamp(ns: int) -> Time:
+    return Time(sec=int(ns // 1_000_000_000), nanosec=int(ns % 1_000_000_000))
+
+
+# ---- images -------------------------------------------------------------------------------
+
+_CHANNEL_ORDER = {'rgb8': (0, 1, 2), 'bgr8': (2, 1, 0), 'rgba8': (0, 1, 2), 'bgra8': (2, 1, 0)}
+
+
+def image_to_numpy(msg: Image, expected_size: int) -> np.ndarray:
+    """sensor_msgs/Image (rgb8, bgr8, rgba8 or bgra8) -> (size, size, 3) uint8 RGB."""
+    order = _CHANNEL_ORDER.get(msg.encoding)
+    if order is None:
+        raise ObservationError(f'image encoding {msg.encoding!r} unsupported; send one of {sorted(_CHANNEL_ORDER)}')
+    if (msg.height, msg.width) != (expected_size, expected_size):
+        raise ObservationError(f'image is {msg.width}x{msg.height}, the policy expects {expected_size}x{expected_size}')
+    channels = 4 if msg.encoding.endswith('a8') else 3
+    row = msg.width * channels
+    if msg.step < row or len(msg.data) != msg.step * msg.height:
+        raise ObservationError(f'image data holds {len(msg.data)} bytes, step {msg.step}: '
+                               f'expected {msg.height} rows of at least {row} bytes')
+    pixels = np.frombuffer(bytes(msg.data), dtype=np.uint8).reshape(msg.height, msg.step)[:, :row]
+    return np.ascontiguousarray(pixels.reshape(msg.height, msg.width, channels)[:, :, order])
+
+
+def numpy_to_image(rgb: np.ndarray, stamp_ns: int, frame_id: str = '') -> Image:
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f'expected an (h, w, 3) RGB image, got shape {rgb.shape}')
+    msg = Image(height=rgb.shape[0], width=rgb.shape[1], encoding='rgb8', is_bigendian=0,
+                step=rgb.shape[1] * 3, data=rgb.tobytes())
+    msg.header.stamp = ns_to_stamp(stamp_ns)
+    msg.header.frame_id = frame_id
+    return msg
+
+
+# ---- joint states -------------------------------------------------------------------------
+
+def joint_state_to_arrays(msg: JointState) -> tuple[np.ndarray, np.ndarray]:
+    """JointState -> (position, velocity) float32; velocity is empty when not sent."""
+    position = np.asarray(msg.position, dtype=np.float32)
+    velocity = np.asarray(msg.velocity, dtype=np.float32)
+    if msg.name and len(msg.name) != position.size:
+        raise ObservationError(f'joint state names {len(msg.name)} joints but carries {position.size} positions')
+    if velocity.size not in (0, position.size):
+        raise ObservationError(f'joint state has {position.size} positions but {velocity.size} velocities')
+    for label, values in (('position', position), ('velocity', velocity)):
+        if not np.all(np.isfinite(values)):
+            bad = [msg.name[i] if i < len(msg.name) else str(i) for i in np.flatnonzero(~np.isfinite(values))]
+            raise ObservationError(f'joint state {label} is non-finite for {bad[:8]}')
+    return position, velocity
+
+
+def arrays_to_joint_state(names: Sequence[str], position: np.ndarray, velocity: np.ndarray | None,
+                          stamp_ns: int) -> JointState:
+    msg = JointState(name=list(names), position=np.asarray(position, dtype=np.float64).tolist(),
+                     velocity=[] if velocity is None else np.asarray(velocity, dtype=np.float64).tolist())
+    msg.header.stamp = ns_to_stamp(stamp_ns)
+    return msg
+
+
+# ---- action chunks ------------------------------------------------------------------------
+
+def chunk_to_trajectory(chunk: np.ndarray, action_names: Sequence[str], stamp_ns: int,
+                        control_period: float) -> JointTrajectory:
+    """(H, D) chunk -> JointTrajectory: one point per action, stamped with the answered observation."""
+    chunk = np.asarray(chunk, dtype=np.float64)
+    if chunk.ndim != 2 or chunk.shape[1] != len(action_names):
+        raise ValueError(f'chunk of shape {chunk.shape} does not match {len(action_names)} action names')
+    msg = JointTrajectory(joint_names=list(action_names))
+    msg.header.stamp = ns_to_stamp(stamp_ns)
+    for i, action in enumerate(chunk):
+        t = (i + 1) * control_period
+        point = JointTrajectoryPoint(positions=action.tolist())
+        point.time_from_start.sec = int(t)
+        point.time_from_start.nanosec = int(round((t - int(t)) * 1e9))
+        msg.points.append(point)
+    return msg
+
+
+def trajectory_to_chunk(msg: JointTrajectory, action_dim: int) -> tuple[int, np.ndarray]:
+    """JointTrajectory -> (stamp_ns, (H, D) float32 chunk); ObservationError if unusable."""
+    if not msg.points:
+        raise ObservationError('action chunk has no points')
+    rows = [np.asarray(p.positions, dtype=np.float32) for p in msg.points]
+    if any(r.shape != (action_dim,) for r in rows):
+        raise ObservationError(f'action chunk points must have {action_dim} positions, got '
+                               f'{sorted({r.size for r in rows})}')
+    chunk = np.stack(rows)
+    if not np.all(np.isfinite(chunk)):
+        raise ObservationError('action chunk contains non-finite values')
+    return stamp_to_ns(msg.header.stamp), chunk
+
+
+# ---- weights announcements ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WeightsAnnouncement:
+    """What the learner publishes (latched) after writing a checkpoint."""
+
+    version: int
+    checkpoint: str
+
+    def to_msg(self) -> String:
+        return String(data=json.dumps({'version': self.version, 'checkpoint': self.checkpoint}))
+
+    @staticmethod
+    def from_msg(msg: String) -> WeightsAnnouncement:
+        try:
+            body = json.loads(msg.data)
+            return WeightsAnnouncement(version=int(body['version']), checkpoint=str(body['checkpoint']))
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f'bad weights announcement {msg.data[:200]!r}: {err}') from None
+
+
+# ---- observation assembly -----------------------------------------------------------------
+
+@dataclass
+class _Partial:
+    state_parts: dict[str, np.ndarray] = field(default_factory=dict)
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class ObservationAssembler:
+    """Joins one robot's observation messages that share a header stamp into an Observation.
+
+    The state is the concatenation of `state_sources` (joint positions, joint velocities, task
+    state); images come from `camera_names`. The instruction is latched and applies to every
+    observation. A part with a bad payload raises ObservationError; partial observations older
+    than the newest completed one are discarded.
+    """
+
+    def __init__(self, state_sources: Sequence[str], camera_names: Sequence[str], image_size: int,
+                 require_instruction: bool = False, max_pending: int = 8) -> None:
+        unknown = [s for s in state_sources if s not in STATE_SOURCES]
+        if unknown:
+            raise ValueError(f'unknown state sources {unknown}; choose from {STATE_SOURCES}')
+        self.state_sources = tuple(state_sources)
+        self.camera_names = tuple(camera_names)
+        self.image_size = image_size
+        self.require_instruction = require_instruction
+        self.max_pending = max_pending
+        self.instruction: str | None = None
+        self._pending: dict[int, _Partial] = {}
+        self.newest_complete_ns = -1
+
+    def set_instruction(self, text: str) -> None:
+        self.instruction = text
+
+    def add_joint_state(self, msg: JointState) -> tuple[int, Observation] | None:
+        position, velocity = joint_state_to_arrays(msg)
+        parts = {}
+        if 'joint_position' in self.state_sources:
+            parts['joint_position'] = position
+        if 'joint_velocity' in self.state_sources:
+            if velocity.size == 0:
+                raise ObservationError('joint state has no velocities but the policy state uses them')
+            parts['joint_velocity'] = velocity
+        return self._add(stamp_to_ns(msg.header.stamp), parts, {})
+
+    def add_task_state(self, msg: JointState) -> tuple[int, Observation] | None:
+        values, _ = joint_state_to_arrays(msg)
+        return self._add(stamp_to_ns(msg.header.stamp), {'task_state': values}, {})
+
+    def add_image(self, camera: str, msg: Image) -> tuple[int, Observation] | None:
+        try:
+            rgb = image_to_numpy(msg, self.image_size)
+        except ObservationError as err:
+            raise ObservationError(f'camera {camera!r}: {err}') from None
+        return self._add(stamp_to_ns(msg.header.stamp), {}, {camera: rgb})
+
+    def _add(self, stamp_ns: int, state_parts: Mapping[str, np.ndarray],
+             images: Mapping[str, np.ndarray]) -> tuple[int, Observation] | None:
+        if stamp_ns <= self.newest_complete_ns:
+            raise ObservationError(f'observation part stamped {stamp_ns} ns is not newer than the last '
+                                   f'complete observation ({self.newest_complete_ns} ns): stale')
+        partial = self._pending.setdefault(stamp_ns, _Partial())
+        partial.state_parts.update(state_parts)
+        partial.images.update(images)
+        if len(self._pending) > self.max_pending:  # parts that never completed (e.g. a dropped frame)
+            del self._pending[min(self._pending)]
+        if (all(s in partial.state_parts for s in self.state_sources)
+                and all(c in partial.images for c in self.camera_names)):
+            if self.require_instruction and self.instruction is None:
+                raise ObservationError(f'no instruction received yet on {INSTRUCTION!r}: the policy needs one')
+            del self._pending[stamp_ns]
+            for older in [s for s in self._pending if s < stamp_ns]:
+                del self._pending[older]
+            self.newest_complete_ns = stamp_ns
+            state = (np.concatenate([partial.state_parts[s] for s in self.state_sources])
+                     if self.state_sources else None)
+            return stamp_ns, Observation(state=state, images=dict(partial.images),
+                                         instruction=self.instruction or '')
+        return None

@@ -98,7 +98,10 @@ class Learner:
                 opt = safetensors.torch.load_file(str(path / OPTIMIZER_FILE))
                 state = meta['learner']
             except (CheckpointError, OSError, KeyError, ValueError, RuntimeError) as err:
-                self.log(f'checkpoint {path} unusable, trying an older one: {err}')
+                # Set aside, not deleted: its version number is reissued by the next update.
+                aside = path.with_name(f'{path.name}.unusable-{time.strftime("%Y%m%dT%H%M%S")}')
+                path.rename(aside)
+                self.log(f'checkpoint {path} unusable (moved to {aside.name}), trying an older one: {err}')
                 continue
             self.version = version
             self.consumed = set(state['consumed'])
@@ -128,14 +131,14 @@ class Learner:
     def done(self) -> bool:
         return self.cfg.max_updates > 0 and self.version >= self.cfg.max_updates
 
-    def poll(self) -> list[dict]:
-        """Read newly stored episodes and run every update they complete; returns the new records."""
+    def poll(self, max_updates: int | None = None) -> list[dict]:
+        """Read newly stored episodes and run the updates they complete (at most `max_updates`)."""
         def unreadable(episode_id: str, err: Exception) -> None:
             self.log(f'skipping unreadable episode {episode_id}: {err}')
             self.consumed.add(episode_id)  # counted as handled once the next checkpoint lands
         self.buffer += self.store.load_new(self.seen, on_error=unreadable)
         records = []
-        while not self.done:
+        while not self.done and (max_updates is None or len(records) < max_updates):
             batch, scale = self._take_batch()
             if batch is None:
                 break

@@ -11,3 +11,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests import toy_env
 def _seeded():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def ros_domain(monkeypatch):
+    """A ROS_DOMAIN_ID no concurrent test holds, discovery on loopback only (inherited by node processes)."""
+    pytest.importorskip('rclpy', reason='ROS 2 is installed by scripts/setup.sh')
+    from domain_coordinator import domain_id
+
+    with domain_id() as did:
+        monkeypatch.setenv('ROS_DOMAIN_ID', str(did))
+        monkeypatch.setenv('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
+        yield did

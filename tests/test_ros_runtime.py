@@ -8,17 +8,6 @@ import pytest
 rclpy = pytest.importorskip('rclpy', reason='ROS 2 is installed by scripts/setup.sh')
 
 
-@pytest.fixture
-def ros_domain(monkeypatch):
-    """A ROS_DOMAIN_ID no concurrent test holds, discovery on loopback only."""
-    from domain_coordinator import domain_id
-
-    with domain_id() as did:
-        monkeypatch.setenv('ROS_DOMAIN_ID', str(did))
-        monkeypatch.setenv('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
-        yield did
-
-
 def test_action_chunk_round_trip_over_dds(ros_domain):
     from builtin_interfaces.msg import Time
     from rclpy.qos import QoSProfile, ReliabilityPolicy

@@ -64,7 +64,8 @@ class LearnerNode(Node):
         self.weights_pub.publish(ros_io.WeightsAnnouncement(self.learner.version, str(path)).to_msg())
 
     def _poll(self) -> None:
-        for record in self.learner.poll():
+        while records := self.learner.poll(max_updates=1):  # announce each version as soon as it exists
+            record = records[0]
             self._announce()
             self.metrics_pub.publish(String(data=json.dumps(record)))
             self.success_pub.publish(Float32(data=float(record['train_success'])))

@@ -1,0 +1,108 @@
+"""Helpers for tests that run real nodes as separate processes on a private loopback DDS domain."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import yaml
+
+from stepnft_ros.policy import PolicyConfig, save_checkpoint
+from stepnft_ros.policy.modeling import FlowVLA
+
+REPO = Path(__file__).resolve().parents[1]
+PICKCUBE_STATE_DIM, PICKCUBE_ACTION_DIM = 42, 7
+
+
+def tiny_checkpoint(path: Path, state_dim: int = PICKCUBE_STATE_DIM, action_dim: int = PICKCUBE_ACTION_DIM,
+                    camera_names: tuple[str, ...] = (), image_size: int = 32, seed: int = 0,
+                    weights_version: int = 0) -> Path:
+    """A small untrained policy (fast to load and run) saved as a checkpoint directory."""
+    torch.manual_seed(seed)
+    cfg = PolicyConfig(state_dim=state_dim, action_dim=action_dim, horizon=4, d_model=32, n_heads=2,
+                       prefix_layers=1, expert_layers=1, num_steps=3, noise_level=0.5,
+                       camera_names=camera_names, image_size=image_size, vision_patch=8)
+    save_checkpoint(path, FlowVLA(cfg), {'stage': 'test', 'weights_version': weights_version})
+    return path
+
+
+class NodeProcess:
+    """One node in its own process; its console output goes to a file the test can search."""
+
+    def __init__(self, module: str, name: str, params: dict, log_dir: Path, namespace: str = '',
+                 params_files: tuple[Path, ...] = ()) -> None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        tag = f'{namespace}_{name}'.strip('_')
+        params_file = log_dir / f'{tag}.params.yaml'
+        full_name = f'/{namespace}/{name}' if namespace else f'/{name}'
+        params_file.write_text(yaml.safe_dump({full_name: {'ros__parameters': params}}))
+        cmd = [sys.executable, '-m', module, '--ros-args', '-r', f'__node:={name}']
+        for extra in params_files:
+            cmd += ['--params-file', str(extra)]
+        cmd += ['--params-file', str(params_file)]
+        if namespace:
+            cmd += ['-r', f'__ns:=/{namespace}']
+        self.log_path = log_dir / f'{tag}.log'
+        self._log = open(self.log_path, 'w')
+        env = dict(os.environ, PYTHONUNBUFFERED='1', ROS_LOG_DIR=str(log_dir / 'ros_log'))
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        self.name = full_name
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors='replace')
+
+    def wait_for(self, pattern: str, timeout: float = 60.0, count: int = 1) -> list[str]:
+        """Wait until the output matches `pattern` `count` times; fail with the output on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            hits = re.findall(pattern, self.output())
+            if len(hits) >= count:
+                return hits
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                state = f'exited with {self.proc.returncode}' if self.proc.poll() is not None else 'timed out'
+                raise AssertionError(f'{self.name} {state} before printing {pattern!r} x{count}; '
+                                     f'output:\n{self.output()[-4000:]}')
+            time.sleep(0.1)
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+class Graph:
+    """Starts NodeProcesses and guarantees they are gone when the test ends."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.nodes: list[NodeProcess] = []
+
+    def start(self, module: str, name: str, params: dict, namespace: str = '') -> NodeProcess:
+        node = NodeProcess(module, name, params, self.log_dir, namespace)
+        self.nodes.append(node)
+        return node
+
+    def stop_all(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def spin_until(executor, condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f'timed out after {timeout} s waiting for {what}')
+        executor.spin_once(timeout_sec=0.05)

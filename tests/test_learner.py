@@ -1,0 +1,113 @@
+"""The learner's logic without ROS: updates from the store, restart safety, off-policy handling."""
+
+import json
+from dataclasses import replace
+
+import pytest
+from ros_harness import tiny_checkpoint
+from toy_env import PointReach
+
+from stepnft_ros.algo.stepnft import StepNFTConfig
+from stepnft_ros.episodes.store import EpisodeStore
+from stepnft_ros.learner import Learner, LearnerConfig, plot_history
+from stepnft_ros.policy import FlowPolicy, load_checkpoint
+from stepnft_ros.rollout import run_episode
+
+
+@pytest.fixture
+def setup(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / 'sft', state_dim=4, action_dim=2)
+    store = EpisodeStore(tmp_path / 'episodes')
+    model, _ = load_checkpoint(ckpt)
+    policy = FlowPolicy(model, mode='sde', seed=0)
+    env = PointReach()
+    counter = iter(range(10_000))
+
+    def add(n, version=0):
+        for _ in range(n):
+            i = next(counter)
+            store.write(run_episode(env, policy, seed=i, actions_per_chunk=2, weights_version=version,
+                                    episode_id=f'ep{i:04d}'))
+    return tmp_path, ckpt, store, add
+
+
+def make(tmp_path, ckpt, store, **cfg):
+    logs = []
+    learner = Learner(tmp_path / 'learner', ckpt, store, LearnerConfig(**{'episodes_per_update': 3, **cfg}),
+                      StepNFTConfig(lr=1e-3), log=logs.append)
+    return learner, logs
+
+
+def test_updates_consume_each_episode_once_and_survive_restarts(setup):
+    tmp_path, ckpt, store, add = setup
+    add(7)
+    learner, _ = make(tmp_path, ckpt, store, max_version_lag=10)
+    records = learner.poll()
+    assert [r['weights_version'] for r in records] == [1, 2] and len(learner.buffer) == 1
+    assert (tmp_path / 'learner/checkpoints/v000002/model.safetensors').exists()
+    weights_v2 = {k: v.clone() for k, v in learner.trainer.model.state_dict().items()}
+
+    # "Killed" here: the buffered 7th episode was read but not consumed; a fresh learner re-reads it.
+    add(2)
+    again, logs = make(tmp_path, ckpt, store, max_version_lag=10)
+    assert again.version == 2 and 'resumed at weights version 2' in logs[0]
+    for k, v in again.trainer.model.state_dict().items():
+        assert v.equal(weights_v2[k]), k
+    assert again.trainer.optimizer.state_dict()['state'], 'AdamW moments resume too'
+    records = again.poll()
+    assert [r['weights_version'] for r in records] == [3]
+    history = json.loads((tmp_path / 'learner/history.json').read_text())
+    assert sum(h['episodes'] for h in history) == 9 == len(again.consumed) == len(store.episode_ids())
+
+
+def test_a_torn_newest_checkpoint_falls_back_to_the_previous_one(setup):
+    tmp_path, ckpt, store, add = setup
+    add(6)
+    learner, _ = make(tmp_path, ckpt, store)
+    learner.poll()
+    (tmp_path / 'learner/checkpoints/v000002/model.safetensors').write_bytes(b'torn')
+    again, logs = make(tmp_path, ckpt, store)
+    assert again.version == 1 and any('v000002 unusable' in line for line in logs)
+    assert len(list((tmp_path / 'learner/checkpoints').glob('v000002.unusable-*'))) == 1  # kept for a post-mortem
+    # v1 never consumed the episodes of the torn v2: they make the new v2, each counted once
+    assert [r['weights_version'] for r in again.poll()] == [2]
+    assert len(again.consumed) == 6 and sum(h['episodes'] for h in again.history) == 6
+
+
+def test_off_policy_episodes_are_dropped_or_downweighted(setup):
+    tmp_path, ckpt, store, add = setup
+    add(3)
+    learner, _ = make(tmp_path, ckpt, store, max_version_lag=0)
+    learner.poll()
+    assert learner.version == 1
+    add(3, version=0)  # collected with weights one version behind: lag 1 > max_version_lag 0
+    add(3, version=1)
+    records = learner.poll()
+    assert learner.dropped == 3 and records[-1]['dropped_off_policy'] == 3 and learner.version == 2
+
+    tmp2 = tmp_path / 'down'
+    store2 = EpisodeStore(tmp2 / 'episodes')
+    for eid in store.episode_ids():
+        store2.write(replace(store.load(eid), episode_id=eid))
+    down, _ = make(tmp2, ckpt, store2, max_version_lag=0, off_policy='downweight', stale_weight=0.25)
+    down.version = 1  # as if one update had happened: the version-0 episodes now lag by one
+    records = down.poll()
+    assert down.dropped == 0 and sum(r['downweighted'] for r in records) >= 3
+
+
+def test_unreadable_episodes_are_reported_once_and_skipped(setup):
+    tmp_path, ckpt, store, add = setup
+    add(3)
+    bad = store.root / 'ep9999'
+    bad.mkdir()
+    (bad / 'metadata.yaml').write_text('garbage: [')
+    learner, logs = make(tmp_path, ckpt, store)
+    assert [r['weights_version'] for r in learner.poll()] == [1]
+    assert sum('skipping unreadable episode ep9999' in line for line in logs) == 1
+    learner.poll()
+    assert sum('skipping unreadable episode ep9999' in line for line in logs) == 1
+
+
+def test_plot_is_written(tmp_path):
+    path = plot_history([{'weights_version': i, 'train_success': i / 10} for i in range(1, 6)], tmp_path / 'p.png')
+    assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

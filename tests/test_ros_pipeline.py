@@ -1,0 +1,223 @@
+"""The node graph as real processes on a private loopback DDS domain: training, images, faults."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+rclpy = pytest.importorskip('rclpy', reason='ROS 2 is installed by scripts/setup.sh')
+
+from ros_harness import REPO, Graph, spin_until, tiny_checkpoint  # noqa: E402
+
+from stepnft_ros import ros_io  # noqa: E402
+from stepnft_ros.episodes.store import EpisodeStore  # noqa: E402
+from stepnft_ros.policy.checkpoint import read_header  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def graph(tmp_path, ros_domain):
+    g = Graph(tmp_path / 'logs')
+    yield g
+    g.stop_all()
+
+
+@pytest.fixture
+def probe(ros_domain):
+    """An in-test rclpy node on the test's domain: publishes like a robot, listens like one."""
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=ros_domain)
+    node = rclpy.create_node('test_probe', context=context)
+    executor = rclpy.executors.SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    yield node, executor
+    executor.shutdown()
+    node.destroy_node()
+    rclpy.shutdown(context=context)
+
+
+def test_train_sim_records_bags_updates_and_hot_swaps(tmp_path, ros_domain):
+    """`stepnft launch train_sim`: two bridges, one policy server, one learner, from the shared description."""
+    params = yaml.safe_load((REPO / 'config/train_sim.yaml').read_text())
+    params['learner']['ros__parameters'].update(episodes_per_update=2, max_updates=2, scan_period_s=0.5)
+    params['/**/maniskill_bridge']['ros__parameters'].update(max_episode_steps=12, reconfigure_on_reset=False)
+    params['policy_server']['ros__parameters'].update(noise_level=0.5)
+    params_file = tmp_path / 'params.yaml'
+    params_file.write_text(yaml.safe_dump(params))
+    ckpt = tiny_checkpoint(tmp_path / 'sft')
+    run = tmp_path / 'run'
+    proc = subprocess.run(
+        [sys.executable, '-m', 'stepnft_ros.cli', 'launch', 'train_sim', '--run-dir', str(run), '--num-envs', '2',
+         '--checkpoint', str(ckpt), '--params-file', str(params_file)],
+        capture_output=True, text=True, timeout=240, cwd=REPO)
+    out = proc.stdout + proc.stderr
+    (tmp_path / 'launch.log').write_text(out)
+    assert proc.returncode == 0, out[-4000:]
+    assert 'update 2:' in out and 'hot-swapped to weights version' in out, f'see {tmp_path / "launch.log"}'
+
+    store = EpisodeStore(run / 'episodes')
+    episodes = [store.load(e) for e in store.episode_ids()]
+    assert len(episodes) >= 4 and {e.robot for e in episodes} == {'env0', 'env1'}
+    versions = {d.weights_version if d.weights_version is not None else e.weights_version
+                for e in episodes for d in e.decisions}
+    assert 0 in versions and max(versions) >= 1, 'the policy server acted with the learner\'s new weights'
+    for e in episodes:  # each decision answers a distinct observation, in stamp order
+        stamps = [d.stamp_ns for d in e.decisions]
+        assert stamps == sorted(set(stamps)) and all(d.observation.state.shape == (42,) for d in e.decisions)
+    _, meta = read_header(run / 'learner/checkpoints/v000002')
+    assert meta['weights_version'] == 2 and len(meta['learner']['consumed']) == 4
+    assert (run / 'learner/success.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_camera_images_flow_through_bridge_and_policy_server(tmp_path, graph):
+    ckpt = tiny_checkpoint(tmp_path / 'vision', camera_names=('base_camera',), image_size=32)
+    episodes = tmp_path / 'episodes'
+    server = graph.start('stepnft_ros.nodes.policy_server', 'policy_server', {
+        'checkpoint': str(ckpt), 'episode_dir': str(episodes), 'robots': ['env0'], 'mode': 'train'})
+    bridge = graph.start('sim_bridge.maniskill_node', 'maniskill_bridge', {
+        'obs_mode': 'rgb', 'image_size': 32, 'max_episode_steps': 8, 'max_episodes': 2,
+        'reconfigure_on_reset': False}, namespace='env0')
+    bridge.wait_for(r'episode 2 \(seed', timeout=120)
+    server.wait_for(r'-> \S+_env0_', count=2)
+    store = EpisodeStore(episodes)
+    deadline = time.monotonic() + 10
+    while len(store.episode_ids()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    episode = store.load(store.episode_ids()[0])
+    image = episode.decisions[0].observation.images['base_camera']
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8 and image.std() > 0  # a rendered scene
+    assert len(episode.decisions) == 2 and episode.success is False  # 8 steps = 2 chunks of 4; random policy
+
+
+def publish_observation(node, pubs, stamp_ns, state):
+    pubs['task'].publish(ros_io.arrays_to_joint_state(['t0'], state[4:], None, stamp_ns))
+    pubs['joints'].publish(ros_io.arrays_to_joint_state(['j0', 'j1'], state[:2], state[2:4], stamp_ns))
+
+
+def test_bad_input_is_logged_and_the_nodes_keep_serving(tmp_path, graph, probe):
+    node, executor = probe
+    ckpt = tiny_checkpoint(tmp_path / 'ckpt', state_dim=5, action_dim=2, camera_names=('wrist',), image_size=16)
+    server = graph.start('stepnft_ros.nodes.policy_server', 'policy_server', {
+        'checkpoint': str(ckpt), 'episode_dir': str(tmp_path / 'episodes'), 'robots': ['arm'], 'mode': 'train'})
+    server.wait_for('serving 1 robot')
+    pubs = {'joints': node.create_publisher(ros_io.JointState, 'arm/joint_states', ros_io.SENSOR_QOS),
+            'task': node.create_publisher(ros_io.JointState, 'arm/task_state', ros_io.SENSOR_QOS),
+            'image': node.create_publisher(ros_io.Image, 'arm/camera/wrist/image_raw', ros_io.SENSOR_QOS),
+            'weights': node.create_publisher(ros_io.String, ros_io.POLICY_WEIGHTS, ros_io.LATCHED_QOS)}
+    chunks = []
+    node.create_subscription(ros_io.JointTrajectory, 'arm/action_chunk', chunks.append, ros_io.RELIABLE_QOS)
+    spin_until(executor, lambda: all(p.get_subscription_count() > 0 for k, p in pubs.items() if k != 'weights'),
+               20, 'the server to subscribe')
+    state = np.arange(5, dtype=np.float32)
+    good = np.full((16, 16, 3), 90, np.uint8)
+
+    def send(stamp_ns, image_msg, st=state):
+        pubs['image'].publish(image_msg)
+        publish_observation(node, pubs, stamp_ns, st)
+        executor.spin_once(timeout_sec=0.05)
+
+    def send_until_logged(stamp_ns, image_msg, expected, st=state):
+        # Sensor-data QoS is best effort: re-send until the server has seen (and logged) it.
+        deadline = time.monotonic() + 30
+        while expected not in server.output():
+            assert time.monotonic() < deadline, f'server never logged {expected!r}:\n{server.output()[-3000:]}'
+            send(stamp_ns, image_msg, st)
+            time.sleep(0.2)
+
+    mono = ros_io.Image(height=16, width=16, encoding='mono8', step=16, data=bytes(256))
+    mono.header.stamp = ros_io.ns_to_stamp(1_000)
+    send_until_logged(1_000, mono, "encoding 'mono8' unsupported")
+    send_until_logged(2_000, ros_io.numpy_to_image(np.zeros((8, 8, 3), np.uint8), 2_000),
+                      'is 8x8, the policy expects 16x16')
+    send_until_logged(3_000, ros_io.numpy_to_image(good, 3_000), 'position is non-finite',
+                      st=np.array([0, np.nan, 0, 0, 0], np.float32))
+    assert not chunks, 'nothing is answered for a bad observation'
+
+    def send_until_answered(stamp_ns):
+        # Re-sending a stamp is idempotent: the server answers it once (or repeats the same chunk).
+        deadline = time.monotonic() + 20
+        while not any(ros_io.stamp_to_ns(c.header.stamp) == stamp_ns for c in chunks):
+            assert time.monotonic() < deadline, f'no chunk for the observation stamped {stamp_ns}'
+            send(stamp_ns, ros_io.numpy_to_image(good, stamp_ns))
+            for _ in range(5):
+                executor.spin_once(timeout_sec=0.05)
+
+    send_until_answered(4_000)
+    assert ros_io.stamp_to_ns(chunks[0].header.stamp) == 4_000 and len(chunks[0].points) == 4
+    send_until_logged(3_500, ros_io.numpy_to_image(good, 3_500), 'stale')
+
+    torn = tmp_path / 'torn'
+    torn.mkdir()
+    (torn / 'model.safetensors').write_bytes(b'not a checkpoint')
+    pubs['weights'].publish(ros_io.WeightsAnnouncement(5, str(torn)).to_msg())
+    server.wait_for('weights update ignored, keeping version 0')
+    send_until_answered(5_000)
+    assert server.proc.poll() is None
+
+
+def test_bridge_ignores_chunks_for_stale_observations(tmp_path, graph, probe):
+    node, executor = probe
+    bridge = graph.start('sim_bridge.maniskill_node', 'maniskill_bridge', {
+        'max_episode_steps': 20, 'reconfigure_on_reset': False, 'request_timeout_s': 0.5}, namespace='env0')
+    states = []
+    node.create_subscription(ros_io.JointState, 'env0/joint_states', states.append, ros_io.SENSOR_QOS)
+    chunk_pub = node.create_publisher(ros_io.JointTrajectory, 'env0/action_chunk', ros_io.RELIABLE_QOS)
+    spin_until(executor, lambda: states, 60, 'the bridge\'s first observation (re-sent every 0.5 s)')
+    first = ros_io.stamp_to_ns(states[-1].header.stamp)
+    zero = np.zeros((4, 7), np.float32)
+    chunk_pub.publish(ros_io.chunk_to_trajectory(zero, [f'a{i}' for i in range(7)], first - 50_000_000, 0.05))
+    bridge.wait_for('ignored a chunk for a stale observation')
+    chunk_pub.publish(ros_io.chunk_to_trajectory(np.full((4, 3), np.nan), ['a', 'b', 'c'], first, 0.05))
+    bridge.wait_for('rejected action chunk, holding still')
+    chunk_pub.publish(ros_io.chunk_to_trajectory(zero, [f'a{i}' for i in range(7)], first, 0.05))
+    spin_until(executor, lambda: ros_io.stamp_to_ns(states[-1].header.stamp) > first, 20,
+               'a new observation after the matching chunk ran')
+    assert ros_io.stamp_to_ns(states[-1].header.stamp) - first == 4 * 50_000_000  # 4 actions at 20 Hz
+
+
+def test_a_missing_parameter_stops_only_that_node_with_a_clear_message(tmp_path, graph):
+    server = graph.start('stepnft_ros.nodes.policy_server', 'policy_server', {'mode': 'train'})
+    assert server.proc.wait(60) == 2
+    assert "missing parameter 'checkpoint'" in server.output()
+
+
+def test_learner_killed_mid_run_resumes_without_losing_or_repeating_episodes(tmp_path, graph):
+    from toy_env import PointReach
+
+    from stepnft_ros.policy import FlowPolicy, load_checkpoint
+    from stepnft_ros.rollout import run_episode
+
+    ckpt = tiny_checkpoint(tmp_path / 'sft', state_dim=4, action_dim=2)
+    store = EpisodeStore(tmp_path / 'episodes')
+    policy = FlowPolicy(load_checkpoint(ckpt)[0], mode='sde')
+    env = PointReach()
+
+    def add(first, n):
+        for i in range(first, first + n):
+            store.write(run_episode(env, policy, seed=i, actions_per_chunk=2, episode_id=f'ep{i:04d}'))
+
+    params = {'checkpoint': str(ckpt), 'episode_dir': str(store.root), 'work_dir': str(tmp_path / 'learner'),
+              'episodes_per_update': 3, 'max_version_lag': 100, 'scan_period_s': 0.2, 'max_updates': 6}
+    add(0, 8)
+    learner = graph.start('stepnft_ros.nodes.learner', 'learner', params)
+    learner.wait_for(r'update 2:')
+    learner.stop(signal.SIGKILL)  # no chance to clean up: 2 episodes read but not consumed
+    add(8, 4)
+    restarted = graph.start('stepnft_ros.nodes.learner', 'learner', params)
+    restarted.wait_for('resumed at weights version 2')
+    add(12, 6)
+    assert restarted.proc.wait(120) == 0, restarted.output()[-3000:]  # stops at max_updates = 6
+    _, meta = read_header(tmp_path / 'learner/checkpoints/v000006')
+    history = meta['learner']['history']
+    assert [h['weights_version'] for h in history] == [1, 2, 3, 4, 5, 6]
+    assert sum(h['episodes'] for h in history) == 18 == len(meta['learner']['consumed'])
+    assert sorted(meta['learner']['consumed']) == store.episode_ids()
+    assert json.loads((tmp_path / 'learner/history.json').read_text()) == history

@@ -54,28 +54,29 @@ class Params:
 
 
 def run_node(make_node: Callable[[], Node], args: list[str] | None = None) -> int:
-    """rclpy.init, build the node, spin until shutdown. Exit 2 on a configuration error.
+    """rclpy.init, build the node, spin until SIGINT/SIGTERM. Exit 2 on a configuration error.
 
-    SIGINT/SIGTERM raise in Python instead of rclpy's handler invalidating the context under
-    running callbacks: the node then shuts down in order (e.g. the policy server finishes
-    writing the episodes it has outcomes for).
+    The signal handlers only set a flag that the spin loop checks between callbacks, so a
+    callback is never cut short (rclpy's own handler would invalidate the context under it,
+    and an exception raised mid-callback can surface as an unrelated error from a C
+    extension). Shutdown is then orderly: e.g. the policy server finishes writing episodes.
     """
-    def terminate(signum, _frame):
-        raise KeyboardInterrupt(f'signal {signum}')
-
-    signal.signal(signal.SIGTERM, terminate)
+    stop: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: stop.append(signum))
     rclpy.init(args=sys.argv if args is None else args, signal_handler_options=SignalHandlerOptions.NO)
     node = None
     try:
         node = make_node()
         executor = SingleThreadedExecutor()
         executor.add_node(node)
-        executor.spin()
+        while not stop and rclpy.ok():
+            executor.spin_once(timeout_sec=0.1)
         return getattr(node, 'exit_code', 0)
     except ConfigError as err:
         rclpy.logging.get_logger('stepnft').fatal(str(err))
         return 2
-    except (KeyboardInterrupt, ExternalShutdownException):
+    except ExternalShutdownException:
         return getattr(node, 'exit_code', 0)
     finally:
         if node is not None:

@@ -28,6 +28,7 @@ setup(
             'policy_server = stepnft_ros.nodes.policy_server:main',
             'learner = stepnft_ros.nodes.learner:main',
             'maniskill_bridge = sim_bridge.maniskill_node:main',
+            'maniskill_evaluator = sim_bridge.maniskill_evaluator:main',
         ],
     },
 )

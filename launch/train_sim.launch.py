@@ -32,7 +32,7 @@ ARGS = ld.TrainSimArgs()
 def _nodes(context):
     get = lambda name: LaunchConfiguration(name).perform(context)  # noqa: E731
     graph = ld.TrainSimArgs(run_dir=get('run_dir'), num_envs=int(get('num_envs')), checkpoint=get('checkpoint'),
-                            obs_mode=get('obs_mode'))
+                            obs_mode=get('obs_mode'), evaluate=get('evaluate').lower() in ('true', '1'))
     checkpoint = graph.checkpoint or str(ensure_sft_checkpoint(
         Path(graph.run_dir) / 'sft_default', log=lambda msg: print(msg, file=sys.stderr)))
     params_file = get('params_file') or str(ld.config_dir() / 'train_sim.yaml')
@@ -41,9 +41,11 @@ def _nodes(context):
         node = Node(package=ld.PACKAGE, executable=spec.executable, name=spec.name, namespace=spec.namespace or None,
                     parameters=[params_file, spec.parameters], output='screen')
         actions.append(node)
-        if spec.required:
-            actions.append(RegisterEventHandler(OnProcessExit(target_action=node, on_exit=[
-                EmitEvent(event=Shutdown(reason=f'{spec.full_name} exited'))])))
+        if spec.ends_graph != 'never':
+            actions.append(RegisterEventHandler(OnProcessExit(
+                target_action=node, on_exit=lambda event, _ctx, s=spec: [EmitEvent(event=Shutdown(
+                    reason=f'{s.full_name} exited with {event.returncode}'))]
+                if s.ends_graph == 'exit' or event.returncode != 0 else [])))
     return actions
 
 
@@ -55,6 +57,8 @@ def generate_launch_description():
                               description="'' builds the embedded default SFT policy on first use"),
         DeclareLaunchArgument('obs_mode', default_value=ARGS.obs_mode),
         DeclareLaunchArgument('params_file', default_value=''),
+        DeclareLaunchArgument('evaluate', default_value=str(ARGS.evaluate).lower(),
+                              description='score new versions on held-out seeds; the graph ends after the final one'),
         SetEnvironmentVariable('ROS_AUTOMATIC_DISCOVERY_RANGE',
                                os.environ.get('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')),
         OpaqueFunction(function=_nodes),

@@ -79,7 +79,7 @@ def _launch(args: argparse.Namespace) -> int:
     from stepnft_ros.pipeline import ensure_sft_checkpoint
 
     graph = ld.TrainSimArgs(run_dir=args.run_dir, num_envs=args.num_envs, checkpoint=args.checkpoint,
-                            obs_mode=args.obs_mode)
+                            obs_mode=args.obs_mode, evaluate=not args.no_eval)
     checkpoint = graph.checkpoint or str(ensure_sft_checkpoint(
         Path(graph.run_dir) / 'sft_default', log=lambda msg: print(f'[launch] {msg}', file=sys.stderr, flush=True)))
     read_header(checkpoint)  # fail here, clearly, rather than in every node
@@ -87,7 +87,7 @@ def _launch(args: argparse.Namespace) -> int:
     if not params.is_file():
         raise FileNotFoundError(f'no parameter file {params}')
     code = launch(ld.train_sim(graph, str(Path(checkpoint).resolve())), params, Path(graph.run_dir))
-    plot = Path(graph.run_dir) / 'learner' / 'success.png'
+    plot = Path(graph.run_dir) / ('success.png' if graph.evaluate else 'learner/success.png')
     if plot.exists():
         print(f'[launch] success plot: {plot}', flush=True)
     return code
@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     'built on first use)')
     p.add_argument('--obs-mode', default='state', choices=('state', 'rgb'))
     p.add_argument('--params-file', help='node parameters (default: config/<graph>.yaml)')
+    p.add_argument('--no-eval', action='store_true', help='no held-out evaluation node (the learner ends the run)')
     p.set_defaults(func=_launch)
 
     p = sub.add_parser('info', help="print a checkpoint's config and metadata")

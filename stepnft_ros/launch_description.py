@@ -24,8 +24,12 @@ class NodeSpec:
     """Python module with main() (what the pip-only launcher starts with `python -m`)."""
     namespace: str = ''
     parameters: dict[str, Any] = field(default_factory=dict)
-    required: bool = False
-    """The whole graph stops when a required node exits."""
+    ends_graph: str = 'never'
+    """When this node's exit stops the whole graph: 'exit' (any exit), 'failure' (non-zero exit) or 'never'."""
+
+    def __post_init__(self) -> None:
+        if self.ends_graph not in ('exit', 'failure', 'never'):
+            raise ValueError(f'ends_graph must be exit, failure or never, got {self.ends_graph!r}')
 
     @property
     def full_name(self) -> str:
@@ -45,6 +49,8 @@ class TrainSimArgs:
     first_seed: int = 1_000_000
     """env<i> resets with seeds first_seed + i·seed_stride, first_seed + i·seed_stride + 1, ..."""
     seed_stride: int = 100_000
+    evaluate: bool = True
+    """Run the evaluator (held-out ODE success of new versions); the graph ends after it scores the final one."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_envs <= 64:
@@ -62,16 +68,20 @@ def config_dir() -> Path:
 
 
 def train_sim(args: TrainSimArgs, checkpoint: str) -> list[NodeSpec]:
-    """Bridges env0..env{N-1}, one policy server serving them all, one learner."""
+    """Bridges env0..env{N-1}, one policy server serving them all, one learner, optionally the evaluator."""
     run = Path(args.run_dir).resolve()
     robots = [f'env{i}' for i in range(args.num_envs)]
     episodes = str(run / 'episodes')
     specs = [
-        NodeSpec('learner', 'learner', 'stepnft_ros.nodes.learner', required=True,
+        NodeSpec('learner', 'learner', 'stepnft_ros.nodes.learner', ends_graph='failure' if args.evaluate else 'exit',
                  parameters={'checkpoint': checkpoint, 'episode_dir': episodes, 'work_dir': str(run / 'learner')}),
-        NodeSpec('policy_server', 'policy_server', 'stepnft_ros.nodes.policy_server', required=True,
+        NodeSpec('policy_server', 'policy_server', 'stepnft_ros.nodes.policy_server', ends_graph='exit',
                  parameters={'checkpoint': checkpoint, 'episode_dir': episodes, 'robots': robots, 'mode': 'train'}),
     ]
+    if args.evaluate:
+        specs.append(NodeSpec('maniskill_evaluator', 'maniskill_evaluator', 'sim_bridge.maniskill_evaluator',
+                              ends_graph='exit', parameters={'out_dir': str(run),
+                                                             'learner_history': str(run / 'learner/history.json')}))
     for i, ns in enumerate(robots):
         specs.append(NodeSpec('maniskill_bridge', 'maniskill_bridge', 'sim_bridge.maniskill_node', namespace=ns,
                               parameters={'first_seed': args.first_seed + i * args.seed_stride,

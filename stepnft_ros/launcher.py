@@ -2,7 +2,7 @@
 
 Each NodeSpec becomes a `python -m <module> --ros-args ...` process. Parameters come from the
 graph's config YAML plus a generated YAML of the per-instance values, so nothing is escaped on
-a command line. Ctrl-C (or a required node exiting) stops every process.
+a command line. Ctrl-C (or a node whose exit ends the graph) stops every process.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def ros_environment(log_dir: Path) -> dict[str, str]:
 
 
 def launch(specs: Sequence[NodeSpec], params_file: Path, run_dir: Path, stop_timeout_s: float = 15.0) -> int:
-    """Run until a required node exits (its exit code is returned) or SIGINT/SIGTERM arrives."""
+    """Run until a node whose exit ends the graph exits (its code is returned) or SIGINT/SIGTERM arrives."""
     run_dir.mkdir(parents=True, exist_ok=True)
     generated = atomic_write_text(run_dir / 'launch_params.yaml', instance_params_yaml(specs))
     env = ros_environment(run_dir / 'ros_log')
@@ -61,9 +61,9 @@ def launch(specs: Sequence[NodeSpec], params_file: Path, run_dir: Path, stop_tim
             for name, spec, rc in exited:
                 del procs[name]
                 print(f'[launch] {name} exited with code {rc}', flush=True)
-                if spec.required:
-                    code = rc
-                    stop['signal'] = 'required'
+                if spec.ends_graph == 'exit' or (spec.ends_graph == 'failure' and rc != 0):
+                    code = code or rc
+                    stop['signal'] = 'ended'
             if not procs:
                 break
             time.sleep(0.2)

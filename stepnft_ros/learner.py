@@ -193,21 +193,27 @@ class Learner:
         return record
 
 
-def plot_history(history: list[dict], path: str | Path, title: str = 'π-StepNFT online training') -> Path:
-    """Success rate of each update's episodes (and a running mean) over the updates, as a PNG."""
+def plot_history(history: list[dict], path: str | Path, title: str = 'π-StepNFT online training',
+                 eval_history: list[dict] | None = None) -> Path:
+    """Success over weights versions as a PNG: each update's training episodes (Flow-SDE) with a
+    running mean, and, when given, held-out ODE evaluations."""
     import matplotlib
 
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
+    history = list(history)
     versions = [h['weights_version'] for h in history]
     success = [h['train_success'] for h in history]
     running = [sum(success[max(0, i - 4):i + 1]) / len(success[max(0, i - 4):i + 1]) for i in range(len(success))]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot(versions, success, 'o', alpha=0.5, label='episodes of each update')
+    ax.plot(versions, success, 'o', alpha=0.5, label='training episodes of each update (Flow-SDE)')
     ax.plot(versions, running, '-', label='running mean (5 updates)')
-    ax.set_xlabel('update (weights version)')
-    ax.set_ylabel('success rate (Flow-SDE rollouts)')
+    if eval_history:
+        ax.plot([h['weights_version'] for h in eval_history], [h['eval_success'] for h in eval_history], 's-',
+                color='black', label='held-out evaluation (ODE)')
+    ax.set_xlabel('weights version (updates)')
+    ax.set_ylabel('success rate')
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)
     ax.grid(alpha=0.3)

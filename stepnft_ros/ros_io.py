@@ -164,15 +164,18 @@ class WeightsAnnouncement:
 
     version: int
     checkpoint: str
+    final: bool = False
+    """The learner stops after this version (max_updates reached)."""
 
     def to_msg(self) -> String:
-        return String(data=json.dumps({'version': self.version, 'checkpoint': self.checkpoint}))
+        return String(data=json.dumps({'version': self.version, 'checkpoint': self.checkpoint, 'final': self.final}))
 
     @staticmethod
     def from_msg(msg: String) -> WeightsAnnouncement:
         try:
             body = json.loads(msg.data)
-            return WeightsAnnouncement(version=int(body['version']), checkpoint=str(body['checkpoint']))
+            return WeightsAnnouncement(version=int(body['version']), checkpoint=str(body['checkpoint']),
+                                       final=bool(body.get('final', False)))
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f'bad weights announcement {msg.data[:200]!r}: {err}') from None
 

@@ -45,10 +45,12 @@ def probe(ros_domain):
 
 
 def test_train_sim_records_bags_updates_and_hot_swaps(tmp_path, ros_domain):
-    """`stepnft launch train_sim`: two bridges, one policy server, one learner, from the shared description."""
+    """`stepnft launch train_sim`: two bridges, a policy server, a learner and the evaluator, as launched by users."""
     params = yaml.safe_load((REPO / 'config/train_sim.yaml').read_text())
     params['learner']['ros__parameters'].update(episodes_per_update=2, max_updates=2, scan_period_s=0.5)
-    params['/**/maniskill_bridge']['ros__parameters'].update(max_episode_steps=12, reconfigure_on_reset=False)
+    params['/**']['ros__parameters'].update(max_episode_steps=12)
+    params['/**/maniskill_bridge']['ros__parameters'].update(reconfigure_on_reset=False)
+    params['maniskill_evaluator']['ros__parameters'].update(eval_episodes=2)
     params['policy_server']['ros__parameters'].update(noise_level=0.5)
     params_file = tmp_path / 'params.yaml'
     params_file.write_text(yaml.safe_dump(params))
@@ -75,6 +77,10 @@ def test_train_sim_records_bags_updates_and_hot_swaps(tmp_path, ros_domain):
     _, meta = read_header(run / 'learner/checkpoints/v000002')
     assert meta['weights_version'] == 2 and len(meta['learner']['consumed']) == 4
     assert (run / 'learner/success.png').read_bytes()[:4] == b'\x89PNG'
+    evaluated = json.loads((run / 'eval_history.json').read_text())
+    assert {0, 2} <= {h['weights_version'] for h in evaluated}, 'the SFT start and the final version are scored'
+    assert all(h['episodes'] == 2 and 0 <= h['eval_success'] <= 1 for h in evaluated)
+    assert (run / 'success.png').read_bytes()[:4] == b'\x89PNG' and 'final version 2 evaluated' in out
 
 
 def test_camera_images_flow_through_bridge_and_policy_server(tmp_path, graph):

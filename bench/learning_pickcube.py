@@ -30,13 +30,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
 from sim_bridge.maniskill_env import ManiSkillEnv, ManiSkillEnvConfig  # noqa: E402
-from stepnft_ros.algo.sft import SFTConfig  # noqa: E402
 from stepnft_ros.algo.stepnft import StepNFTConfig  # noqa: E402
 from stepnft_ros.atomic import atomic_write_text  # noqa: E402
-from stepnft_ros.episodes.demos import DemoSet  # noqa: E402
 from stepnft_ros.online import OnlineConfig, run_online  # noqa: E402
-from stepnft_ros.pipeline import sft_from_demos  # noqa: E402
-from stepnft_ros.policy import FlowPolicy, PolicyConfig, load_checkpoint, save_checkpoint  # noqa: E402
+from stepnft_ros.pipeline import DefaultSFT, ensure_sft_checkpoint  # noqa: E402
+from stepnft_ros.policy import FlowPolicy, load_checkpoint, save_checkpoint  # noqa: E402
 from stepnft_ros.rollout import evaluate  # noqa: E402
 
 VARIANTS = {
@@ -63,44 +61,26 @@ def eval_seeds(args: argparse.Namespace) -> tuple[int, ...]:
 
 
 def prepare_sft(args: argparse.Namespace, out: Path) -> dict:
-    """Demos -> SFT checkpoint -> its ODE success on the held-out seeds (all cached in `out`)."""
-    demo_path = out / 'demos.npz'
-    if not demo_path.exists():
-        from sim_bridge.maniskill_demos import generate_demos
-
-        start = time.perf_counter()
-        generate_demos('PickCube-v1', n=args.num_demos, out_path=str(demo_path),
-                       control_mode='pd_ee_delta_pose', max_steps=args.max_episode_steps)
-        log(f'demos: {args.num_demos} in {time.perf_counter() - start:.0f}s -> {demo_path}')
-    ckpt = out / 'sft'
-    summary_path = out / 'sft_summary.json'
-    sft_args = {k: getattr(args, k) for k in ('num_demos', 'sft_steps', 'sft_batch', 'd_model', 'horizon',
-                                               'noise_level', 'actions_per_chunk', 'eval_episodes', 'seed')}
-    if summary_path.exists() and (ckpt / 'model.safetensors').exists():
-        cached = json.loads(summary_path.read_text())
-        if cached.get('args') != sft_args:
-            raise SystemExit(f'{out} holds an SFT stage made with {cached.get("args")}, not {sft_args}: '
-                             'pass another --out')
-        return cached
-    demos = DemoSet.load(demo_path, max_episodes=args.num_demos)
-    if demos.num_episodes < args.num_demos:
-        raise SystemExit(f'{demo_path} has {demos.num_episodes} demos, fewer than --num-demos {args.num_demos}')
-    policy_cfg = PolicyConfig(state_dim=1, action_dim=1, horizon=args.horizon, d_model=args.d_model, n_heads=4,
-                              prefix_layers=1, expert_layers=2, num_steps=4, noise_level=args.noise_level)
-    sft_cfg = SFTConfig(steps=args.sft_steps, batch_size=args.sft_batch, lr=1e-3, seed=args.seed)
+    """Demos -> SFT checkpoint (pipeline.ensure_sft_checkpoint) -> its ODE success on the held-out seeds."""
+    spec = DefaultSFT(max_episode_steps=args.max_episode_steps, num_demos=args.num_demos, sft_steps=args.sft_steps,
+                      sft_batch=args.sft_batch, d_model=args.d_model, horizon=args.horizon,
+                      noise_level=args.noise_level, seed=args.seed)
     start = time.perf_counter()
-    model, losses = sft_from_demos(
-        demos, policy_cfg, sft_cfg,
-        log=lambda step, loss: log(f'sft step {step} loss {loss:.4f}') if step % 500 == 0 else None)
-    sft_s = time.perf_counter() - start
-    save_checkpoint(ckpt, model, {'stage': 'sft', 'demos': demos.num_episodes, 'weights_version': 0})
+    ckpt = ensure_sft_checkpoint(out, spec, log=log)
+    summary_path = out / 'sft_summary.json'
+    wanted = {'spec': asdict(spec), 'eval_episodes': args.eval_episodes, 'actions_per_chunk': args.actions_per_chunk}
+    if summary_path.exists():
+        cached = json.loads(summary_path.read_text())
+        if cached.get('args') == wanted:
+            return cached
+    model, meta = load_checkpoint(ckpt)
     with ManiSkillEnv(env_config(args)) as env:
-        success, episodes = evaluate(env, FlowPolicy(model, mode='ode'), list(eval_seeds(args)), args.actions_per_chunk)
-    summary = {'args': sft_args, 'num_demos': demos.num_episodes, 'demo_steps': int(demos.episode_lengths.sum()),
-               'sft_steps': sft_cfg.steps, 'sft_wall_s': round(sft_s, 1), 'sft_final_loss': losses[-1],
-               'sft_eval_success': success, 'policy_config': asdict(model.config)}
+        success, _ = evaluate(env, FlowPolicy(model, mode='ode'), list(eval_seeds(args)), args.actions_per_chunk)
+    summary = {'args': wanted, 'num_demos': meta.get('demos'), 'sft_final_loss': meta.get('final_loss'),
+               'prepare_wall_s': round(time.perf_counter() - start, 1), 'sft_eval_success': success,
+               'policy_config': asdict(model.config)}
     atomic_write_text(summary_path, json.dumps(summary, indent=2))
-    log(f'SFT: {demos.num_episodes} demos, ODE success {success:.3f} on {args.eval_episodes} held-out seeds')
+    log(f'SFT: {spec.num_demos} demos, ODE success {success:.3f} on {args.eval_episodes} held-out seeds')
     return summary
 
 

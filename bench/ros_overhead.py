@@ -71,6 +71,25 @@ def summarize(samples_s: list[float]) -> dict:
             'mean_ms': round(float(ms.mean()), 3)}
 
 
+def machine_busy_s() -> float:
+    """CPU seconds all processes of the machine have used (Linux /proc/stat): others' share is noise."""
+    fields = [int(x) for x in Path('/proc/stat').read_text().split('\n', 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf('SC_CLK_TCK')  # minus idle and iowait
+
+
+def wait_quiet(max_wait_s: float, threshold: float = 0.3) -> float:
+    """Wait (up to max_wait_s) until other work uses under `threshold` cores: the machine is shared."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        b0, t0 = machine_busy_s(), time.perf_counter()
+        time.sleep(1.0)
+        load = (machine_busy_s() - b0) / (time.perf_counter() - t0)
+        if load < threshold or time.monotonic() > deadline:
+            if load >= threshold:
+                log(f'machine still busy ({load:.2f} cores used by others); measuring anyway')
+            return round(load, 3)
+
+
 # ---- child processes ----------------------------------------------------------------------
 
 class NodeProc:
@@ -225,6 +244,7 @@ def measure_overhead(n_envs: int, args, checkpoint: Path, model: FlowVLA, work: 
             for r in range(total):
                 if r == args.warmup:
                     cpu0, t_measure = server.cpu_s(), time.perf_counter()
+                    own0, busy0 = time.process_time(), machine_busy_s()
                 stamp_ns = max(stamp_ns + 1, time.time_ns())
                 states = (rng.standard_normal((n_envs, STATE_DIM)) * 0.5).astype(np.float32)
                 sent: dict[str, float] = {}
@@ -267,6 +287,7 @@ def measure_overhead(n_envs: int, args, checkpoint: Path, model: FlowVLA, work: 
                                'episode outcomes')
             measure_s = time.perf_counter() - t_measure
             server_cpu = server.cpu_s() - cpu0
+            others = machine_busy_s() - busy0 - server_cpu - (time.process_time() - own0)
         finally:
             executor.shutdown()
             node.destroy_node()
@@ -278,9 +299,11 @@ def measure_overhead(n_envs: int, args, checkpoint: Path, model: FlowVLA, work: 
         'ros_latency_not_writing': summarize(by_writing[False]) if by_writing[False] else None,
         'overhead_p50_ms': round(lat['p50_ms'] - rawst['p50_ms'], 3),
         'overhead_mean_ms': round(lat['mean_ms'] - rawst['mean_ms'], 3),
+        # over the measured rounds, including the server's idle time while this process times the raw policy
         'server_cpu_ms_per_decision': round(1e3 * server_cpu / max(1, len(rounds) * n_envs), 3),
         'server_cpu_share_measuring': round(server_cpu / measure_s, 3),
         'server_cpu_share_idle': round(idle_cpu, 3),
+        'others_cpu_share': round(others / measure_s, 3),
     }
 
 
@@ -363,14 +386,15 @@ def throughput_raw(seconds: float, model: FlowVLA) -> dict:
     with ManiSkillEnv(env_config()) as raw_env:
         env = Timed(raw_env, ('reset', 'step'))
         start = time.perf_counter()
-        cpu0 = time.process_time()
+        cpu0, busy0 = time.process_time(), machine_busy_s()
         while time.perf_counter() - start < seconds:
             ep = run_episode(env, policy, FIRST_SEED + episodes, params['maniskill_bridge']['actions_per_chunk'])
             steps, episodes, successes = steps + ep.env_steps, episodes + 1, successes + ep.success
         wall = time.perf_counter() - start
-        cpu = time.process_time() - cpu0
+        cpu, busy = time.process_time() - cpu0, machine_busy_s() - busy0
     return {'env_steps': steps, 'episodes': episodes, 'successes': successes, 'window_s': round(wall, 2),
             'env_steps_per_s': round(steps / wall, 2), 'cpu_share': round(cpu / wall, 3),
+            'others_cpu_share': round((busy - cpu) / wall, 3),
             'policy_infer': summarize(policy.times['infer']), 'env_step': summarize(env.times['step']),
             'env_reset': summarize(env.times['reset'])}
 
@@ -428,14 +452,17 @@ def throughput_ros(n_envs: int, seconds: float, checkpoint: Path, work: Path) ->
             # The first summary of every bridge opens the window: start-up and discovery stay outside it.
             spin_until(executor, graph, lambda: all(summaries.values()), 300.0, 'the first episode of every bridge')
             procs = [server, *bridges]
-            cpu0 = [p.cpu_s() for p in procs]
+            cpu0, own0, busy0 = [p.cpu_s() for p in procs], time.process_time(), machine_busy_s()
             t0 = time.perf_counter()
             spin_until(executor, graph, lambda: time.perf_counter() - t0 >= seconds, seconds + 10, 'the window')
             # ... and each bridge's window closes at its first summary after `seconds`.
             spin_until(executor, graph, lambda: all(s[-1][0] >= t0 + seconds for s in summaries.values()),
                        120.0, 'the last episode of every bridge')
             wall = time.perf_counter() - t0
-            cpu = {p.name: round((p.cpu_s() - c) / wall, 3) for p, c in zip(procs, cpu0, strict=True)}
+            used = {p.name: p.cpu_s() - c for p, c in zip(procs, cpu0, strict=True)}
+            used['bench'] = time.process_time() - own0
+            others = machine_busy_s() - busy0 - sum(used.values())
+            cpu = {k: round(v / wall, 3) for k, v in used.items()}
         finally:
             executor.shutdown()
             node.destroy_node()
@@ -446,7 +473,8 @@ def throughput_ros(n_envs: int, seconds: float, checkpoint: Path, work: Path) ->
         per_env[ns] = {'env_steps': sum(b['env_steps'] for b in window), 'episodes': len(window),
                        'successes': sum(b['success'] for b in window), 'window_s': round(last - first, 2),
                        'timeline': decompose([e for e in events[ns] if first <= e[1] <= last])}
-    return {'envs': n_envs, 'per_env': per_env, 'episodes_written': len(written), 'cpu_share': cpu}
+    return {'envs': n_envs, 'per_env': per_env, 'episodes_written': len(written), 'cpu_share': cpu,
+            'others_cpu_share': round(others / wall, 3)}
 
 
 def env_rate(runs: list[dict]) -> float:
@@ -459,9 +487,11 @@ def measure_throughput(args, checkpoint: Path, model: FlowVLA, work: Path) -> di
     seconds = args.seconds / args.repeats
     rounds = []
     for i in range(args.repeats):
+        wait_quiet(args.quiet_wait)
         log(f'throughput round {i + 1}/{args.repeats}: raw loop, {seconds:g} s')
         entry = {'raw': throughput_raw(seconds, model)}
         for n in (1, 2):
+            wait_quiet(args.quiet_wait)
             log(f'throughput round {i + 1}/{args.repeats}: ROS graph with {n} bridge(s), {seconds:g} s')
             entry[f'ros_{n}env'] = throughput_ros(n, seconds, checkpoint, work)
         rounds.append(entry)
@@ -478,6 +508,13 @@ def measure_throughput(args, checkpoint: Path, model: FlowVLA, work: Path) -> di
 
 
 # ---- main ---------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    for line in Path('/proc/cpuinfo').read_text().splitlines():
+        if line.startswith('model name'):
+            return line.split(':', 1)[1].strip()
+    return 'unknown'
+
 
 def make_checkpoint(given: str, work: Path) -> tuple[Path, str]:
     if given:
@@ -504,8 +541,10 @@ def run(args, work: Path) -> dict:
     parts = {p.strip() for p in args.parts.split(',') if p.strip()}
     report = {
         'benchmark': 'ros_overhead',
-        'machine': {'cpus': os.cpu_count(), 'torch': torch.__version__, 'torch_threads': torch.get_num_threads(),
+        'machine': {'cpus': os.cpu_count(), 'cpu_model': cpu_model(), 'torch': torch.__version__,
+                    'torch_threads': torch.get_num_threads(),
                     'rmw': os.environ.get('RMW_IMPLEMENTATION', 'default (rmw_fastrtps_cpp)')},
+        'args': vars(args),
         'checkpoint': {'path': origin, 'config': {k: getattr(cfg, k) for k in DEFAULT_POLICY}},
         'settings': {'server': graph_params()['policy_server'], 'bridge': graph_params()['maniskill_bridge']},
     }
@@ -518,6 +557,7 @@ def run(args, work: Path) -> dict:
                 report['message_costs_us'] = message_costs()
                 report['overhead'] = []
                 for n in [int(x) for x in args.envs.split(',')]:
+                    wait_quiet(args.quiet_wait)
                     log(f'overhead: {n} env(s), {args.decisions} decisions after {args.warmup} warm-up')
                     report['overhead'].append(measure_overhead(n, args, checkpoint, model, work))
                     log(json.dumps(report['overhead'][-1]))
@@ -525,6 +565,13 @@ def run(args, work: Path) -> dict:
                 report['throughput'] = measure_throughput(args, checkpoint, model, work)
         finally:
             rclpy.shutdown()
+    summary = {f'overhead_{o["envs"]}env_ms': {'p50': o['overhead_p50_ms'], 'mean': o['overhead_mean_ms'],
+                                               'ros_p50': o['ros_latency']['p50_ms'],
+                                               'raw_p50': o['raw_policy_batch']['p50_ms']}
+               for o in report.get('overhead', [])}
+    if 'throughput' in report:
+        summary.update({k: v for k, v in report['throughput'].items() if k != 'rounds'})
+    report = {'summary': summary, **report}
     report['notes'] = [
         'ros_latency: per robot, from building its task_state + joint_states messages (one stamp) to its '
         'action_chunk with that stamp decoded by trajectory_to_chunk, all robots requesting at once per round; '
@@ -536,7 +583,11 @@ def run(args, work: Path) -> dict:
         'throughput: raw = rollout.run_episode on ManiSkillEnv in this process; ROS = policy_server (train, '
         'recording) + maniskill_bridge processes, steps of episodes that ended after each bridge\'s first '
         'episode_summary, over the time up to its last one. The learner is not part of this measurement.',
-        'cpu_share: CPU seconds per wall second of each process over the window (2 cores = 2.0 total).',
+        'cpu_share: CPU seconds per wall second of each process over the window (2 cores = 2.0 total); '
+        'others_cpu_share: the same for everything else on the machine (noise: other jobs share it).',
+        'timeline (ROS): per robot as this process saw it: obs_to_chunk = joint_states -> action_chunk of that '
+        'stamp (server side), chunk_to_next_obs = the bridge executing actions_per_chunk steps, '
+        'summary_to_next_obs = outcome service + reset; raw: policy_infer, env_step, env_reset of run_episode.',
     ]
     return report
 
@@ -554,6 +605,8 @@ def main(argv: list[str] | None = None) -> int:
                    help='measured seconds of each throughput configuration (raw, ROS 1 env, ROS 2 envs)')
     p.add_argument('--repeats', type=int, default=2,
                    help='alternated raw/ROS rounds the seconds are split into')
+    p.add_argument('--quiet-wait', type=float, default=120.0,
+                   help='max s to wait before each measurement for other work on the machine to calm down')
     p.add_argument('--checkpoint', default='',
                    help='policy checkpoint (e.g. runs/learning_pickcube/sft); default: an untrained one of the '
                         'default size')
@@ -563,6 +616,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = {x.strip() for x in args.parts.split(',')} - {'overhead', 'throughput', ''}
     if unknown:
         p.error(f'unknown parts {sorted(unknown)}')
+    if args.decisions < 1 or args.warmup < 0 or args.repeats < 1 or args.seconds <= 0:
+        p.error('--decisions, --repeats and --seconds must be positive, --warmup >= 0')
     torch.set_num_threads(1)  # as the policy server (torch_threads: 1): the raw numbers compare like for like
 
     def terminate(signum, _frame):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -21,11 +22,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_path(path.parent)
     return path
 
 
@@ -33,22 +30,33 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode('utf-8'))
 
 
-def atomic_publish_dir(staging: str | os.PathLike, final: str | os.PathLike) -> Path:
-    """Make a fully written directory visible under `final` in one rename (files fsynced first).
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a directory (a directory's fsync makes renames inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    Readers see either no `final` or all of it. Refuses to replace an existing `final`.
+
+def atomic_publish_dir(staging: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Make a fully written directory visible under `final` in one rename (its files fsynced first).
+
+    Readers see either no `final` or all of it. Never replaces an existing `final`
+    (FileExistsError), also when a concurrent writer wins the race.
     """
     staging, final = Path(staging), Path(final)
     for file in staging.rglob('*'):
         if file.is_file():
-            with open(file, 'rb') as f:
-                os.fsync(f.fileno())
+            fsync_path(file)
+    fsync_path(staging)
     if final.exists():
         raise FileExistsError(f'{final} already exists')
-    os.rename(staging, final)
-    dir_fd = os.open(final.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        os.rename(staging, final)
+    except OSError as err:  # rename onto a non-empty directory: someone else published it first
+        if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise FileExistsError(f'{final} already exists') from None
+        raise
+    fsync_path(final.parent)
     return final

@@ -214,7 +214,8 @@ def plot_history(history: list[dict], path: str | Path, title: str = 'π-StepNFT
                 color='black', label='held-out evaluation (ODE)')
     ax.set_xlabel('weights version (updates)')
     ax.set_ylabel('success rate')
-    ax.set_ylim(-0.02, 1.02)
+    highest = max([*success, *(h['eval_success'] for h in eval_history or [])], default=0.0)
+    ax.set_ylim(-0.02, min(1.02, max(0.25, 1.3 * highest)))  # low rates stay readable
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc='upper left')

@@ -14,10 +14,10 @@ from mcap_ros2.decoder import DecoderFactory
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from toy_env import PointReach
 
+import stepnft_ros.atomic
 from stepnft_ros.algo.stepnft import StepNFTConfig
 from stepnft_ros.cli import main
 from stepnft_ros.episodes import Decision, Episode
-from stepnft_ros.episodes import store as store_module
 from stepnft_ros.episodes.store import (
     BAG_VERSION,
     EpisodeFileError,
@@ -140,7 +140,7 @@ def test_writes_are_atomic_and_once_only(tmp_path, monkeypatch):
 
     def crash(path):
         raise OSError('disk full')
-    monkeypatch.setattr(store_module, '_fsync', crash)
+    monkeypatch.setattr(stepnft_ros.atomic, 'fsync_path', crash)
     with pytest.raises(OSError, match='disk full'):
         store.write(state_episode('b'))
     assert os.listdir(store.root) == ['a']

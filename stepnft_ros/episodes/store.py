@@ -18,7 +18,6 @@ reader never sees a partial episode. `EpisodeStore` is the directory of them the
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import os
@@ -37,6 +36,7 @@ from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 from rosbags.typesys.store import Typestore
 
+from stepnft_ros.atomic import atomic_publish_dir
 from stepnft_ros.episodes.schema import Decision, Episode
 from stepnft_ros.policy.types import Observation, Trace
 
@@ -115,16 +115,7 @@ def write_episode(episode: Episode, root: str | os.PathLike, *, action_names: Se
     bag = temp / episode.episode_id
     try:
         _write_bag(bag, episode, layout)
-        for file in bag.iterdir():
-            _fsync(file)
-        _fsync(bag)
-        try:
-            os.rename(bag, final)
-        except OSError as err:  # a concurrent writer won the race: never replace its episode
-            if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                raise FileExistsError(f'{final}: episode {episode.episode_id!r} was already written') from None
-            raise
-        _fsync(root)
+        atomic_publish_dir(bag, final)  # FileExistsError if a concurrent writer won the race
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return final
@@ -283,14 +274,6 @@ def _header(ts: Typestore, stamp_ns: int, frame_id: str = '') -> Any:
 def _duration(ts: Typestore, ns: int) -> Any:
     sec, nanosec = divmod(ns, _NS)
     return ts.types['builtin_interfaces/msg/Duration'](sec=sec, nanosec=nanosec)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------------- reading

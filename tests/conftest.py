@@ -23,3 +23,19 @@ def ros_domain(monkeypatch):
         monkeypatch.setenv('ROS_DOMAIN_ID', str(did))
         monkeypatch.setenv('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
         yield did
+
+
+@pytest.fixture
+def probe(ros_domain):
+    """An in-test rclpy node on the test's domain (own context): publishes like a robot, listens like one."""
+    import rclpy
+
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=ros_domain)
+    node = rclpy.create_node('test_probe', context=context)
+    executor = rclpy.executors.SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    yield node, executor
+    executor.shutdown()
+    node.destroy_node()
+    rclpy.shutdown(context=context)

@@ -30,20 +30,6 @@ def graph(tmp_path, ros_domain):
     g.stop_all()
 
 
-@pytest.fixture
-def probe(ros_domain):
-    """An in-test rclpy node on the test's domain: publishes like a robot, listens like one."""
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=ros_domain)
-    node = rclpy.create_node('test_probe', context=context)
-    executor = rclpy.executors.SingleThreadedExecutor(context=context)
-    executor.add_node(node)
-    yield node, executor
-    executor.shutdown()
-    node.destroy_node()
-    rclpy.shutdown(context=context)
-
-
 def test_train_sim_records_bags_updates_and_hot_swaps(tmp_path, ros_domain):
     """`stepnft launch train_sim`: two bridges, a policy server, a learner and the evaluator, as launched by users."""
     params = yaml.safe_load((REPO / 'config/train_sim.yaml').read_text())

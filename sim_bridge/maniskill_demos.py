@@ -185,6 +185,27 @@ def generate_demos(env_id: str = 'PickCube-v1', n: int = 10, out_path: str = 'de
     return out_path
 
 
+def merge_demos(parts: list[str], out_path: str) -> str:
+    """Concatenate demo files of one task and control mode (e.g. written by parallel workers)."""
+    loaded = []
+    for part in parts:
+        with np.load(part, allow_pickle=False) as data:
+            loaded.append({k: data[k] for k in data.files})
+    for key in ('env_id', 'control_mode', 'instruction', 'max_episode_steps'):
+        values = {str(d[key]) for d in loaded}
+        if len(values) != 1:
+            raise ValueError(f'cannot merge demos with different {key}: {sorted(values)}')
+    lengths = np.concatenate([d['episode_lengths'] for d in loaded])
+    merged = {key: np.concatenate([d[key] for d in loaded])
+              for key in ('obs', 'actions', 'final_obs', 'episode_lengths', 'seeds', 'success')}
+    merged['episode_starts'] = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    merged.update({key: loaded[0][key] for key in ('env_id', 'control_mode', 'instruction', 'max_episode_steps')})
+    tmp_path = out_path[:-len('.npz')] + f'.tmp{os.getpid()}.npz'
+    np.savez_compressed(tmp_path, **merged)
+    os.replace(tmp_path, out_path)
+    return out_path
+
+
 def verify_demos(path: str, reconfigure_on_reset: bool = True) -> dict:
     """Replay a demo file open-loop in a new ManiSkillEnv; compare states and success.
 

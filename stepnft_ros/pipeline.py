@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -44,6 +46,30 @@ class DefaultSFT:
     horizon: int = 8
     noise_level: float = 0.7
     seed: int = 0
+    demo_seeds: tuple[int, ...] = (0, 5000)
+    """One demo-generating process per entry, each trying seeds upward from it (kept apart from the
+    held-out evaluation seeds at 10000 and the training seeds at 1000000)."""
+
+
+def generate_demos_in_parallel(spec: DefaultSFT, demo_path: Path) -> Path:
+    """spec.num_demos demos split over len(spec.demo_seeds) processes, merged into `demo_path`."""
+    from sim_bridge.maniskill_demos import merge_demos
+
+    counts = [spec.num_demos // len(spec.demo_seeds) + (i < spec.num_demos % len(spec.demo_seeds))
+              for i in range(len(spec.demo_seeds))]
+    parts = [demo_path.with_name(f'{demo_path.stem}.part{i}.npz') for i in range(len(counts))]
+    procs = [subprocess.Popen([sys.executable, '-m', 'sim_bridge.maniskill_demos', '-e', spec.env_id,
+                               '-n', str(n), '--seed', str(seed), '-c', spec.control_mode,
+                               '--max-steps', str(spec.max_episode_steps), '-o', str(part)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for n, seed, part in zip(counts, spec.demo_seeds, parts, strict=True)]
+    failures = [(p.args, err[-2000:]) for p in procs if (err := p.communicate()[1]) is not None and p.returncode]
+    if failures:
+        raise RuntimeError(f'demo generation failed: {failures}')
+    merge_demos([str(p) for p in parts], str(demo_path))
+    for part in parts:
+        part.unlink()
+    return demo_path
 
 
 def ensure_sft_checkpoint(out: str | Path, spec: DefaultSFT = DefaultSFT(),
@@ -60,12 +86,10 @@ def ensure_sft_checkpoint(out: str | Path, spec: DefaultSFT = DefaultSFT(),
         return ckpt
     demo_path = out / 'demos.npz'
     if not demo_path.exists():
-        from sim_bridge.maniskill_demos import generate_demos
-
         start = time.perf_counter()
-        log(f'generating {spec.num_demos} motion-planner demos of {spec.env_id} (first use only)')
-        generate_demos(spec.env_id, n=spec.num_demos, out_path=str(demo_path), control_mode=spec.control_mode,
-                       max_steps=spec.max_episode_steps)
+        log(f'generating {spec.num_demos} motion-planner demos of {spec.env_id} in {len(spec.demo_seeds)} '
+            f'processes (first use only)')
+        generate_demos_in_parallel(spec, demo_path)
         log(f'demos: {spec.num_demos} in {time.perf_counter() - start:.0f} s -> {demo_path}')
     demos = DemoSet.load(demo_path, max_episodes=spec.num_demos)
     if demos.num_episodes < spec.num_demos:

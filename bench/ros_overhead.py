@@ -605,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
                    help='measured seconds of each throughput configuration (raw, ROS 1 env, ROS 2 envs)')
     p.add_argument('--repeats', type=int, default=2,
                    help='alternated raw/ROS rounds the seconds are split into')
-    p.add_argument('--quiet-wait', type=float, default=120.0,
+    p.add_argument('--quiet-wait', type=float, default=30.0,
                    help='max s to wait before each measurement for other work on the machine to calm down')
     p.add_argument('--checkpoint', default='',
                    help='policy checkpoint (e.g. runs/learning_pickcube/sft); default: an untrained one of the '

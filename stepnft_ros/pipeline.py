@@ -39,14 +39,14 @@ class DefaultSFT:
     env_id: str = 'PickCube-v1'
     control_mode: str = 'pd_ee_delta_pose'
     max_episode_steps: int = 100
-    num_demos: int = 100
-    sft_steps: int = 3000
+    num_demos: int = 300
+    sft_steps: int = 8000
     sft_batch: int = 128
     d_model: int = 64
     horizon: int = 8
     noise_level: float = 0.7
     seed: int = 0
-    demo_seeds: tuple[int, ...] = (0, 5000)
+    demo_seeds: tuple[int, ...] = (200, 3000)
     """One demo-generating process per entry, each trying seeds upward from it (kept apart from the
     held-out evaluation seeds at 10000 and the training seeds at 1000000)."""
 

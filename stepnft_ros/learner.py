@@ -218,7 +218,7 @@ def plot_history(history: list[dict], path: str | Path, title: str = 'π-StepNFT
     ax.set_ylim(-0.02, min(1.02, max(0.25, 1.3 * highest)))  # low rates stay readable
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc='upper left')
+    ax.legend(loc='best', fontsize=7, framealpha=0.8)
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format='png')

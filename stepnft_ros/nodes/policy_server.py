@@ -110,7 +110,10 @@ class PolicyServer(Node):
         self.create_subscription(Bool, ros_io.EMERGENCY_STOP, self._on_estop, ros_io.LATCHED_QOS)
         self.create_subscription(String, ros_io.POLICY_WEIGHTS, self._on_weights, ros_io.LATCHED_QOS)
         self.written_pub = self.create_publisher(String, ros_io.EPISODE_WRITTEN, ros_io.EVENTS_QOS)
-        self.create_timer(max(batch_window_s, 1e-3), self._flush)
+        # One-shot batching window, armed by the first waiting observation (an idle periodic
+        # timer would cost 10-20 % of a core that the bridges need).
+        self.flush_timer = self.create_timer(max(batch_window_s, 1e-3), self._on_flush_timer)
+        self.flush_timer.cancel()
         self.decisions = 0
         self.get_logger().info(
             f'serving {len(robots)} robot(s) {robots} in {self.mode} mode ({MODES[self.mode]} sampler, '
@@ -158,6 +161,12 @@ class PolicyServer(Node):
         robot.pending = (stamp_ns, obs)
         if sum(r.pending is not None for r in self.robots.values()) >= min(len(self.robots), self.max_batch):
             self._flush()
+        elif self.flush_timer.is_canceled():
+            self.flush_timer.reset()
+
+    def _on_flush_timer(self) -> None:
+        self.flush_timer.cancel()
+        self._flush()
 
     def _on_estop(self, msg: Bool) -> None:
         if bool(msg.data) != self.estopped:

@@ -15,7 +15,6 @@ Modes: `train` samples with Flow-SDE and records every decision with its trace; 
 from __future__ import annotations
 
 import re
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -93,8 +92,6 @@ class PolicyServer(Node):
             state_sources = []
         self.store = EpisodeStore(episode_dir) if self.recording else None
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix='episode_writer')
-        self.writes_pending = 0
-        self.writes_lock = threading.Lock()
 
         self.robots: dict[str, Robot] = {}
         for ns in robots:
@@ -244,8 +241,6 @@ class PolicyServer(Node):
         episode.success = success
         # An upper bound: the robot may end the episode part-way through the last chunk.
         episode.env_steps = len(episode.decisions) * self.actions_per_chunk
-        with self.writes_lock:
-            self.writes_pending += 1
         self.writer.submit(self._write, episode)
         self.get_logger().info(f'{summary}: {len(episode.decisions)} decisions -> {episode.episode_id}')
         response.success, response.message = True, episode.episode_id
@@ -257,9 +252,6 @@ class PolicyServer(Node):
             self.written_pub.publish(String(data=episode.episode_id))
         except Exception as err:  # disk full, permissions: say so loudly, keep serving
             self.get_logger().error(f'could not write episode {episode.episode_id}: {err!r}')
-        finally:
-            with self.writes_lock:
-                self.writes_pending -= 1
 
     def close(self) -> None:
         """Finish writing episodes that already have an outcome (called on shutdown)."""

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from stepnft_ros import ros_io  # noqa: E402
 from stepnft_ros.atomic import atomic_write_text  # noqa: E402
 from stepnft_ros.launch_description import config_dir  # noqa: E402
+from stepnft_ros.launcher import node_command, stop_processes  # noqa: E402
 from stepnft_ros.policy import FlowPolicy, FlowVLA, Observation, PolicyConfig  # noqa: E402
 from stepnft_ros.policy.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
@@ -101,10 +102,7 @@ class NodeProc:
         params_file = work / f'{tag}.params.yaml'
         # Per-instance values only; the static ones come from the same config file the launcher passes.
         params_file.write_text(yaml.safe_dump({self.name: {'ros__parameters': params}}))
-        cmd = [sys.executable, '-m', module, '--ros-args', '-r', f'__node:={name}',
-               '--params-file', str(config_dir() / 'train_sim.yaml'), '--params-file', str(params_file)]
-        if namespace:
-            cmd += ['-r', f'__ns:=/{namespace}']
+        cmd = node_command(module, name, namespace, [config_dir() / 'train_sim.yaml', params_file])
         self.log_path = work / f'{tag}.log'
         self._log = open(self.log_path, 'w')
         env = dict(os.environ, PYTHONUNBUFFERED='1')
@@ -127,14 +125,8 @@ class NodeProc:
         return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGINT (the policy server finishes writing episodes), then SIGKILL."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        """SIGINT (the policy server finishes writing episodes), escalating if it hangs."""
+        stop_processes([self.proc], timeout_s)
         self._log.close()
 
 

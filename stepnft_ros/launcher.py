@@ -26,6 +26,16 @@ def instance_params_yaml(specs: Sequence[NodeSpec]) -> str:
                           sort_keys=True)
 
 
+def node_command(module: str, name: str, namespace: str, params_files: Sequence[Path]) -> list[str]:
+    """`python -m <module> --ros-args ...`: one node process with its name, namespace and parameter files."""
+    cmd = [sys.executable, '-m', module, '--ros-args', '-r', f'__node:={name}']
+    for params_file in params_files:
+        cmd += ['--params-file', str(params_file)]
+    if namespace:
+        cmd += ['-r', f'__ns:=/{namespace}']
+    return cmd
+
+
 def ros_environment(log_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')  # open it up explicitly for multi-host graphs
@@ -41,10 +51,7 @@ def launch(specs: Sequence[NodeSpec], params_file: Path, run_dir: Path, stop_tim
     env = ros_environment(run_dir / 'ros_log')
     procs: dict[str, tuple[NodeSpec, subprocess.Popen]] = {}
     for spec in specs:
-        cmd = [sys.executable, '-m', spec.module, '--ros-args', '-r', f'__node:={spec.name}',
-               '--params-file', str(params_file), '--params-file', str(generated)]
-        if spec.namespace:
-            cmd += ['-r', f'__ns:=/{spec.namespace}']
+        cmd = node_command(spec.module, spec.name, spec.namespace, [params_file, generated])
         procs[spec.full_name] = (spec, subprocess.Popen(cmd, env=env))
         print(f'[launch] started {spec.full_name} (pid {procs[spec.full_name][1].pid})', flush=True)
 
@@ -70,11 +77,11 @@ def launch(specs: Sequence[NodeSpec], params_file: Path, run_dir: Path, stop_tim
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        _stop_all([p for _, p in procs.values()], stop_timeout_s)
+        stop_processes([p for _, p in procs.values()], stop_timeout_s)
     return code
 
 
-def _stop_all(procs: list[subprocess.Popen], timeout_s: float) -> None:
+def stop_processes(procs: Sequence[subprocess.Popen], timeout_s: float) -> None:
     """SIGINT (nodes finish writing episodes), then SIGTERM, then SIGKILL."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
         alive = [p for p in procs if p.poll() is None]

@@ -74,7 +74,7 @@ class Learner:
         self.history: list[dict] = []
         self.dropped = 0
         self.version = 0
-        model, meta, opt = self._resume(device)
+        model, opt = self._resume(device)
         self.trainer = StepNFTTrainer(model, algo, seed=cfg.seed + self.version)
         if opt is not None:
             self.trainer.load_optimizer_tensors(opt)
@@ -108,10 +108,10 @@ class Learner:
             self.history = list(state['history'])
             self.dropped = int(state['dropped'])
             self.log(f'resumed at weights version {version} ({len(self.consumed)} episodes consumed)')
-            return model, meta, opt
-        model, meta = load_checkpoint(self.initial_checkpoint, device=device)
+            return model, opt
+        model, _ = load_checkpoint(self.initial_checkpoint, device=device)
         self.log(f'starting from {self.initial_checkpoint} (weights version 0)')
-        return model, meta, None
+        return model, None
 
     def _save(self, record: dict) -> Path:
         staging = self.checkpoints / f'.staging-v{self.version:06d}-{os.getpid()}'

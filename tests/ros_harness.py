@@ -6,7 +6,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from stepnft_ros.launcher import node_command, stop_processes
 from stepnft_ros.policy import PolicyConfig, save_checkpoint
 from stepnft_ros.policy.modeling import FlowVLA
 
@@ -43,12 +43,7 @@ class NodeProcess:
         params_file = log_dir / f'{tag}.params.yaml'
         full_name = f'/{namespace}/{name}' if namespace else f'/{name}'
         params_file.write_text(yaml.safe_dump({full_name: {'ros__parameters': params}}))
-        cmd = [sys.executable, '-m', module, '--ros-args', '-r', f'__node:={name}']
-        for extra in params_files:
-            cmd += ['--params-file', str(extra)]
-        cmd += ['--params-file', str(params_file)]
-        if namespace:
-            cmd += ['-r', f'__ns:=/{namespace}']
+        cmd = node_command(module, name, namespace, [*params_files, params_file])
         self.log_path = log_dir / f'{tag}.log'
         self._log = open(self.log_path, 'w')
         env = dict(os.environ, PYTHONUNBUFFERED='1', ROS_LOG_DIR=str(log_dir / 'ros_log'))
@@ -72,13 +67,12 @@ class NodeProcess:
             time.sleep(0.1)
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        """SIGINT for an orderly stop (escalating if it hangs); SIGKILL to simulate a crash."""
+        if sig == signal.SIGKILL:
+            self.proc.kill()
+            self.proc.wait()
+        else:
+            stop_processes([self.proc], timeout)
         self._log.close()
         return self.proc.returncode
 

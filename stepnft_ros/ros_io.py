@@ -32,6 +32,8 @@ INSTRUCTION = 'instruction'
 ACTION_CHUNK = 'action_chunk'
 EPISODE_OUTCOME = 'episode_outcome'  # std_srvs/SetBool, true = success
 RESET = 'reset'                      # std_srvs/Trigger
+EPISODE_DISCARD = 'episode_discard'  # std_srvs/Trigger: drop the running episode's record (operator)
+EPISODE_ACTIVE = 'episode_active'    # std_msgs/Bool, latched: the operator lets the arm act (real arms)
 # Graph-wide topics.
 EMERGENCY_STOP = '/emergency_stop'
 POLICY_WEIGHTS = '/policy_weights'

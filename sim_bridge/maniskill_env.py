@@ -2,7 +2,9 @@
 
 The rest of the project only sees plain numpy: a flat float32 state vector, uint8 camera
 images and a language instruction. Episodes end at the first success (terminal-binary RL
-labels) or when ``max_episode_steps`` is reached.
+labels) or when ``max_episode_steps`` is reached. ``split`` selects an evaluation split
+(sim_bridge/maniskill_ood.py: unseen looks, phrasings or poses); ``render_size`` adds a
+side-view camera for videos.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from sim_bridge.env_base import SimEnv
+from sim_bridge.maniskill_ood import OODHooks, check_split
 
 # ManiSkill asks on stdin before downloading assets; a node or test must never block on that.
 os.environ.setdefault('MS_SKIP_ASSET_DOWNLOAD_PROMPT', '1')
@@ -60,6 +65,11 @@ class ManiSkillEnvConfig:
     """Rebuild the PhysX scene at every reset (~0.2 s each). PhysX CPU keeps hidden state
     across plain resets (stale contacts: is_grasped can read 1 at t=0; ~1 cm drift after a
     grasp), so only rebuilt scenes make seed -> trajectory bit-exact (demo generation)."""
+    split: str = 'id'
+    """Evaluation split (sim_bridge/maniskill_ood.py): 'id' (training distribution), 'vision',
+    'semantic' or 'execution'."""
+    render_size: int = 0
+    """> 0: also render a side-view camera of this square size for videos (render_frame())."""
 
     def __post_init__(self):
         if not isinstance(self.env_id, str) or not self.env_id:
@@ -80,6 +90,10 @@ class ManiSkillEnvConfig:
             # ValueError (not TypeError) so callers catch one exception type for any bad field.
             raise ValueError(
                 f'reconfigure_on_reset must be a bool, got {self.reconfigure_on_reset!r}')
+        if (not isinstance(self.render_size, int) or isinstance(self.render_size, bool)
+                or not (self.render_size == 0 or 16 <= self.render_size <= 1024)):
+            raise ValueError(f'render_size must be 0 or an int in [16, 1024], got {self.render_size!r}')
+        check_split(self.split, self.env_id)
         if self.instruction is None:
             # frozen dataclass: resolve the default once so cfg.instruction is always a str.
             object.__setattr__(self, 'instruction',
@@ -105,7 +119,7 @@ def _to_numpy(x) -> np.ndarray:
     return x[0] if x.ndim > 0 and x.shape[0] == 1 else x
 
 
-class ManiSkillEnv:
+class ManiSkillEnv(SimEnv):
     """One ManiSkill environment behind a numpy reset/step API.
 
     ``reset(seed)`` always gives the same initial state for a seed. Whole trajectories are
@@ -128,13 +142,15 @@ class ManiSkillEnv:
             kwargs['sensor_configs'] = {'width': cfg.image_size, 'height': cfg.image_size}
         else:
             ms_obs_mode = 'state'
+        if cfg.render_size:
+            kwargs['human_render_camera_configs'] = {'width': cfg.render_size, 'height': cfg.render_size}
         self._env = gym.make(
             cfg.env_id,
             num_envs=1,
             obs_mode=ms_obs_mode,
             control_mode=cfg.control_mode,
             sim_backend=cfg.sim_backend,
-            render_mode=None,
+            render_mode='rgb_array' if cfg.render_size else None,
             reward_mode='none',  # success comes from info["success"]; skip reward math
             max_episode_steps=cfg.max_episode_steps,
             **kwargs,
@@ -154,6 +170,8 @@ class ManiSkillEnv:
         self.task_state_names = self._task_state_names(base)
         self.control_period = float(base.control_timestep)
         self.instruction = cfg.instruction
+        self._ood = OODHooks(cfg.split, cfg.env_id, cfg.max_episode_steps)
+        self._steps = 0
         self.last_info: dict = {}  # ManiSkill's info of the last reset/step, e.g. is_grasped
         self._done = True
         self.state_dim = int(self.reset(seed=0)['state'].shape[0])
@@ -188,38 +206,58 @@ class ManiSkillEnv:
         }
 
     def reset(self, seed: int) -> dict:
-        """Start an episode; the seed fixes robot init noise, object pose and goal."""
+        """Start an episode; the seed fixes robot init noise, object pose, goal and the split's changes."""
         options = {'reconfigure': True} if self.cfg.reconfigure_on_reset else None
         raw, info = self._env.reset(seed=int(seed), options=options)
+        self.instruction = self._ood.instruction(int(seed), self.cfg.instruction)
+        base = self._env.unwrapped
+        if self._ood.on_reset(base, int(seed)):
+            info = base.get_info()
+            raw = base.get_obs(info)
         self.last_info = _info_to_python(info)
         self._done = False
+        self._steps = 0
         return self._convert_obs(raw)
 
     def step(self, action: np.ndarray) -> tuple[dict, bool, bool]:
         """Apply one action (clipped to bounds); returns (obs, success, done)."""
-        if self._done:
-            raise RuntimeError('episode is over: call reset() before step()')
-        a = np.asarray(action, dtype=np.float32).reshape(-1)
-        if a.shape != (self.action_dim,):
-            raise ValueError(f'action must have shape ({self.action_dim},), got {np.shape(action)}')
-        if not np.all(np.isfinite(a)):
-            raise ValueError(f'action contains non-finite values: {a}')
+        a = self._checked_action(action)
         a = np.clip(a, self.action_low, self.action_high)
         # ManiSkill wants a batch dim even for one env.
         raw, _, terminated, truncated, info = self._env.step(a[None])
         self.last_info = _info_to_python(info)
+        self._steps += 1
         success = bool(self.last_info['success'])
         # terminated = success (or a task's fail flag); truncated = max_episode_steps reached.
         self._done = bool(_to_numpy(terminated)) or bool(_to_numpy(truncated)) or success
+        if not self._done and self._ood.after_step(self._env.unwrapped, self._steps):
+            # A disturbance moved something: the policy must see the scene as it is now.
+            raw = self._env.unwrapped.get_obs()
         return self._convert_obs(raw), success, self._done
 
-    def close(self):
-        if self._env is not None:
-            self._env.close()
-            self._env = None
+    def render_frame(self) -> np.ndarray:
+        """(render_size, render_size, 3) uint8 RGB of the side-view camera (needs render_size > 0)."""
+        if not self.cfg.render_size:
+            raise RuntimeError('render_frame() needs ManiSkillEnvConfig(render_size=...) > 0')
+        return np.ascontiguousarray(_to_numpy(self._env.render()), dtype=np.uint8)
 
-    def __enter__(self):
-        return self
+    def tcp_pose(self) -> tuple[np.ndarray, np.ndarray]:
+        """The tool centre point in the robot's base frame: position (3,) in m, quaternion (x, y, z, w)."""
+        base = self._env.unwrapped
+        pose = base.agent.robot.pose.inv() * base.agent.tcp.pose
+        q = _to_numpy(pose.q).astype(np.float64)  # SAPIEN orders quaternions (w, x, y, z)
+        return _to_numpy(pose.p).astype(np.float64), np.array([q[1], q[2], q[3], q[0]])
 
-    def __exit__(self, *exc):
-        self.close()
+    def action_joints(self) -> list[tuple[str, float | None, float | None]]:
+        """Per action dim of a joint-position control mode: (the joint it drives, and the joint range
+        mapped onto [-1, 1] if the controller normalizes its action, else None, None). A mimic
+        controller (the gripper's fingers) is one dim, named after its first joint."""
+        out = []
+        for controller in self._env.unwrapped.agent.controller.controllers.values():
+            cfg, dims = controller.config, int(controller.single_action_space.shape[0])
+            normalized = bool(getattr(cfg, 'normalize_action', False))
+            for name in list(cfg.joint_names)[:dims]:
+                out.append((name, float(cfg.lower), float(cfg.upper)) if normalized else (name, None, None))
+        if len(out) != self.action_dim:
+            raise ValueError(f'{self.cfg.control_mode}: {len(out)} controller joints for {self.action_dim} action dims')
+        return out

@@ -1,10 +1,17 @@
-"""`stepnft`: expert demos, SFT and evaluation from the command line (ROS-free parts of the pipeline).
+"""`stepnft`: demos, SFT, evaluation, export, launching graphs and the operator from the command line.
 
     stepnft demos -n 20 -o runs/demos.npz
     stepnft sft --demos runs/demos.npz --out runs/sft
-    stepnft eval --checkpoint runs/sft --episodes 50
+    stepnft sft --format libero-hdf5 --demos libero_spatial/*_demo.hdf5 --out runs/sft_libero
+    stepnft record --out demos --config config/demo_topics.yaml
+    stepnft sft --bags demos --config config/demo_topics.yaml --out runs/sft_teleop
+    stepnft eval --checkpoint runs/sft --splits id,vision,semantic,execution --episodes 50 --out eval.json
+    stepnft eval --checkpoint runs/vla --suite libero_spatial --tasks 0,3 --episodes-per-task 50 --out eval.json
     stepnft info runs/sft
+    stepnft export-onnx --checkpoint runs/sft --out runs/sft_onnx
     stepnft train --bags runs/episodes --checkpoint runs/sft --out runs/offline
+    stepnft operator --robot arm0
+    stepnft launch train_sim | eval_sim | deploy_real ...
 """
 
 from __future__ import annotations
@@ -21,43 +28,108 @@ from stepnft_ros.algo.sft import SFTConfig
 from stepnft_ros.algo.stepnft import StepNFTConfig
 from stepnft_ros.episodes.demos import DemoSet
 from stepnft_ros.pipeline import sft_from_demos
-from stepnft_ros.policy import CheckpointError, FlowPolicy, PolicyConfig, load_checkpoint, save_checkpoint
+from stepnft_ros.policy import CheckpointError, PolicyConfig, load_checkpoint, save_checkpoint
 from stepnft_ros.policy.checkpoint import read_header
 
 
+def _load_demos(args: argparse.Namespace) -> tuple[DemoSet, dict]:
+    """The demos `stepnft sft` trains on, and what to record about them in the checkpoint."""
+    from stepnft_ros.episodes import demo_formats as df
+
+    if args.bags:
+        if not args.config:
+            raise ValueError('--bags needs --config (the demo topics YAML, e.g. config/demo_topics.yaml)')
+        topics = df.DemoTopics.load(args.config)
+        demos, reports = df.read_demo_bags(args.bags, topics, on_bag=lambda r: print(
+            f'{r.bag}: {r.samples} samples from {r.commands} commands'
+            + (f', skipped {r.skipped}' if r.skipped else ''), file=sys.stderr))
+        if args.num_demos is not None:
+            demos = _first_episodes(demos, args.num_demos)
+        return demos, {'demos': str(args.bags), 'format': 'rosbag', 'action_names': df.demo_action_names(topics, demos),
+                       'joint_names': list(topics.joint_names), 'state_sources': list(topics.state_sources)}
+    if not args.demos:
+        raise ValueError('give --demos FILE(s) or --bags DIR --config YAML')
+    if args.format == 'npz':
+        if len(args.demos) != 1:
+            raise ValueError('--format npz takes one --demos file')
+        demos = DemoSet.load(args.demos[0], max_episodes=args.num_demos)
+    elif args.format == 'libero-hdf5':
+        demos = df.read_libero_hdf5(args.demos, df.LiberoReadConfig(
+            image_size=args.image_size, max_episodes=args.num_demos,
+            state=tuple(args.libero_state.split(',')) if ',' in args.libero_state else args.libero_state,
+            cameras=df.LIBERO_CAMERAS if not args.no_images else {}))
+    else:
+        demos = df.read_maniskill_h5(args.demos, df.ManiSkillReadConfig(
+            image_size=args.image_size, max_episodes=args.num_demos, success_only=args.success_only,
+            cameras=() if args.no_images else None))
+    return demos, {'demos': [str(d) for d in args.demos], 'format': args.format}
+
+
+def _first_episodes(demos: DemoSet, n: int) -> DemoSet:
+    t = int(demos.episode_lengths[:n].sum())
+    return DemoSet(demos.states[:t], demos.actions[:t], demos.episode_lengths[:n],
+                   images={c: f[:t] for c, f in demos.images.items()}, instructions=demos.instructions[:n])
+
+
 def _sft(args: argparse.Namespace) -> int:
-    demos = DemoSet.load(args.demos, max_episodes=args.num_demos)
+    demos, source = _load_demos(args)
     policy = PolicyConfig(state_dim=1, action_dim=1, horizon=args.horizon, d_model=args.d_model,
-                          n_heads=args.n_heads, num_steps=args.num_steps, noise_level=args.noise_level)
+                          n_heads=args.n_heads, num_steps=args.num_steps, noise_level=args.noise_level,
+                          vision_patch=args.vision_patch)
     sft = SFTConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    language = {'auto': None, 'on': True, 'off': False}[args.language]
     start = time.perf_counter()
     model, losses = sft_from_demos(demos, policy, sft, log=lambda step, loss: print(
-        f'step {step} loss {loss:.4f}', file=sys.stderr) if step % 500 == 0 else None)
-    path = save_checkpoint(args.out, model, {'stage': 'sft', 'demos': str(args.demos),
-                                             'num_demos': demos.num_episodes, 'weights_version': 0})
+        f'step {step} loss {loss:.4f}', file=sys.stderr) if step % 500 == 0 else None, language=language)
+    instructions = sorted(set(demos.instructions))
+    path = save_checkpoint(args.out, model, {'stage': 'sft', **source, 'num_demos': demos.num_episodes,
+                                             'instructions': instructions[:100], 'weights_version': 0})
     print(json.dumps({'checkpoint': str(path), 'final_loss': losses[-1],
                       'wall_s': round(time.perf_counter() - start, 1), 'demos': demos.num_episodes,
-                      'policy_config': asdict(model.config)}, indent=2))
+                      'samples': int(demos.actions.shape[0]), 'policy_config': asdict(model.config)}, indent=2))
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
-    from sim_bridge.maniskill_env import ManiSkillEnv, ManiSkillEnvConfig
-    from stepnft_ros.rollout import evaluate
+def _record(args: argparse.Namespace) -> int:
+    from stepnft_ros.episodes.demo_formats import DemoTopics
+    from stepnft_ros.nodes.demo_recorder import record
 
+    topics = DemoTopics.load(args.config)  # a bad file stops here, before ROS starts
+    return record(topics, args.out, duration_s=args.duration, instruction=args.instruction,
+                  keyboard=not args.no_keyboard, ros_args=args.ros_args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from sim_bridge import evaluation
+
+    torch.set_num_threads(max(1, args.torch_threads))  # small policies: more threads only contend
     model, meta = load_checkpoint(args.checkpoint)
-    env_cfg = ManiSkillEnvConfig(env_id=args.env_id, control_mode=args.control_mode,
-                                 max_episode_steps=args.max_episode_steps, reconfigure_on_reset=True)
-    seeds = list(range(args.first_seed, args.first_seed + args.episodes))
-    with ManiSkillEnv(env_cfg) as env:
-        if env.state_dim != model.config.state_dim or env.action_dim != model.config.action_dim:
-            raise CheckpointError(f'{args.checkpoint}: policy expects state {model.config.state_dim} / action '
-                                  f'{model.config.action_dim}, {args.env_id} gives {env.state_dim} / {env.action_dim}')
-        success, episodes = evaluate(env, FlowPolicy(model, mode=args.mode), seeds, args.actions_per_chunk)
-    print(json.dumps({'checkpoint': args.checkpoint, 'env_id': args.env_id, 'mode': args.mode,
-                      'episodes': len(seeds), 'success_rate': success,
-                      'mean_env_steps': sum(e.env_steps for e in episodes) / len(episodes),
-                      'metadata': meta}, indent=2))
+    if args.suite and args.splits != 'id':
+        raise ValueError('LIBERO suites are evaluated on their own initial states only (--splits id)')
+    if not args.suite and args.tasks:
+        raise ValueError('--tasks selects LIBERO tasks: give --suite too')
+    if args.suite:
+        tasks = [int(t) for t in args.tasks.split(',') if t.strip()] if args.tasks else None
+        jobs = evaluation.libero_jobs(model.config, args.suite, tasks, args.episodes_per_task,
+                                      first_seed=args.first_seed if args.first_seed is not None else 0,
+                                      max_episode_steps=args.max_episode_steps)
+    else:
+        jobs = evaluation.maniskill_jobs(
+            model.config, args.env_id, [s.strip() for s in args.splits.split(',') if s.strip()], args.episodes,
+            first_seed=args.first_seed if args.first_seed is not None else 10_000, control_mode=args.control_mode,
+            max_episode_steps=args.max_episode_steps, render_size=args.video_size if args.video_dir else 0)
+    report = evaluation.run_evaluation(jobs, model, checkpoint=str(args.checkpoint),
+                                       actions_per_chunk=args.actions_per_chunk, video_dir=args.video_dir,
+                                       sampler=args.mode,
+                                       log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    report['checkpoint_metadata'] = meta
+    if args.out:
+        evaluation.write_report(args.out, report)
+    print(evaluation.format_table(report))
+    if args.out:
+        print(f'results: {args.out}')
     return 0
 
 
@@ -73,11 +145,57 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch_eval_sim(args: argparse.Namespace) -> int:
+    from stepnft_ros import launch_description as ld
+    from stepnft_ros.launcher import launch
+
+    if not args.checkpoint:
+        raise ValueError('eval_sim needs --checkpoint')
+    checkpoint = str(Path(args.checkpoint).resolve())
+    policy, _ = read_header(checkpoint)  # fail here, clearly, rather than in every node
+    csv = lambda text: tuple(t.strip() for t in (text or '').split(',') if t.strip())  # noqa: E731
+    graph = ld.EvalSimArgs(
+        checkpoint=checkpoint, run_dir=args.run_dir or 'runs/eval_sim', out=args.out or '', suite=args.suite or '',
+        task_ids=tuple(int(t) for t in csv(args.tasks)), episodes_per_task=args.episodes_per_task,
+        env_id=args.env_id, splits=csv(args.splits), episodes=args.episodes, first_seed=args.first_seed,
+        envs_per_split=args.envs_per_split, obs_mode='rgb' if policy.camera_names else 'state',
+        image_size=policy.image_size)
+    params = Path(args.params_file) if args.params_file else ld.config_dir() / 'eval_sim.yaml'
+    if not params.is_file():
+        raise FileNotFoundError(f'no parameter file {params}')
+    code = launch(ld.eval_sim(graph), params, Path(graph.run_dir))
+    if code == 0 and Path(graph.results_path).exists():
+        print(f'[launch] results: {graph.results_path}', flush=True)
+    return code
+
+
+def _launch_deploy_real(args: argparse.Namespace) -> int:
+    from stepnft_ros import launch_description as ld
+    from stepnft_ros.launcher import launch
+
+    if not args.checkpoint:
+        raise ValueError('deploy_real needs --checkpoint')
+    checkpoint = str(Path(args.checkpoint).resolve())
+    policy, _ = read_header(checkpoint)  # fail here, clearly, rather than in every node
+    graph = ld.DeployRealArgs(checkpoint=checkpoint, run_dir=args.run_dir or 'runs/deploy_real', robot=args.robot,
+                              mode=args.mode, learn=args.learn, standin=args.standin,
+                              image_size=policy.image_size if policy.camera_names else 0)
+    params = Path(args.params_file) if args.params_file else ld.config_dir() / 'deploy_real.yaml'
+    if not params.is_file():
+        raise FileNotFoundError(f'no parameter file {params}')
+    return launch(ld.deploy_real(graph), params, Path(graph.run_dir))
+
+
 def _launch(args: argparse.Namespace) -> int:
     from stepnft_ros import launch_description as ld
     from stepnft_ros.launcher import launch
     from stepnft_ros.pipeline import ensure_sft_checkpoint
 
+    if args.graph == 'eval_sim':
+        return _launch_eval_sim(args)
+    if args.graph == 'deploy_real':
+        return _launch_deploy_real(args)
+    args.run_dir = args.run_dir or 'runs/train_sim'
     graph = ld.TrainSimArgs(run_dir=args.run_dir, num_envs=args.num_envs, checkpoint=args.checkpoint,
                             obs_mode=args.obs_mode, evaluate=not args.no_eval)
     checkpoint = graph.checkpoint or str(ensure_sft_checkpoint(
@@ -105,15 +223,47 @@ def _demos(args: argparse.Namespace) -> int:
     return demos_main(args.rest) or 0
 
 
+def _export_onnx(args: argparse.Namespace) -> int:
+    from stepnft_ros.policy.onnx_backend import export_onnx, verify_export
+
+    out = args.out or f'{args.checkpoint.rstrip("/")}_onnx'
+    start = time.perf_counter()
+    export_onnx(args.checkpoint, out)
+    report = {'export': str(out), 'wall_s': round(time.perf_counter() - start, 1),
+              **verify_export(out, args.checkpoint)}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _operator(args: argparse.Namespace) -> int:
+    from stepnft_ros.operator_tool import run
+
+    return run(args.robot, args.keys, args.timeout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='stepnft', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True)
 
-    p = sub.add_parser('sft', help='behaviour-clone a flow policy from a demo .npz')
-    p.add_argument('--demos', required=True, help='.npz with obs, actions, episode_lengths')
+    p = sub.add_parser('sft', help='behaviour-clone a flow policy from demos (.npz, LIBERO, ManiSkill, rosbags)')
+    p.add_argument('--demos', nargs='+', help='demo file(s) in --format')
+    p.add_argument('--format', choices=('npz', 'libero-hdf5', 'maniskill-h5'), default='npz',
+                   help='npz: obs, actions, episode_lengths (+ image_<cam>, instructions); libero-hdf5: LIBERO '
+                        'demo files (one per task); maniskill-h5: ManiSkill3 trajectories with their .json')
+    p.add_argument('--bags', help='demo rosbags (from `stepnft record` or `ros2 bag record`): a bag or a '
+                                  'directory of them, one demo each')
+    p.add_argument('--config', help='demo topics YAML for --bags (see config/demo_topics.yaml)')
+    p.add_argument('--image-size', type=int, default=64, help='images are resized to this (LIBERO, ManiSkill)')
+    p.add_argument('--no-images', action='store_true', help='LIBERO/ManiSkill: a state-only policy')
+    p.add_argument('--libero-state', default='bridge',
+                   help='LIBERO state: a layout (bridge, eef) or comma-separated parts')
+    p.add_argument('--success-only', action='store_true', help='ManiSkill: skip unsuccessful trajectories')
+    p.add_argument('--language', choices=('auto', 'on', 'off'), default='auto',
+                   help='condition on the instruction (auto: when the demos have more than one)')
+    p.add_argument('--vision-patch', type=int, default=8, help='patch size of the vision encoder')
     p.add_argument('--out', required=True, help='checkpoint directory to write')
-    p.add_argument('--num-demos', type=int, help='use only the first N demos')
+    p.add_argument('--num-demos', type=int, help='use only the first N demos (per file for LIBERO/ManiSkill)')
     p.add_argument('--steps', type=int, default=3000)
     p.add_argument('--batch-size', type=int, default=128)
     p.add_argument('--lr', type=float, default=1e-3)
@@ -125,15 +275,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--seed', type=int, default=0)
     p.set_defaults(func=_sft)
 
-    p = sub.add_parser('eval', help='success rate of a checkpoint on a ManiSkill task (ODE sampler by default)')
+    p = sub.add_parser('eval', help='success rates of a checkpoint (ODE sampler): a LIBERO suite, or a ManiSkill '
+                                    'task in-distribution and under OOD splits')
     p.add_argument('--checkpoint', required=True)
-    p.add_argument('--env-id', default='PickCube-v1')
+    p.add_argument('--suite', help='LIBERO suite (libero_spatial, libero_object, libero_goal, libero_10); '
+                                   'omit for ManiSkill')
+    p.add_argument('--tasks', help='LIBERO task ids, e.g. 0,3 (default: every task of the suite)')
+    p.add_argument('--episodes-per-task', type=int, default=50, help='LIBERO: initial states 0..N-1 of each task')
+    p.add_argument('--env-id', default='PickCube-v1', help='ManiSkill task')
+    p.add_argument('--splits', default='id', help='ManiSkill: comma list of id, vision, semantic, execution')
+    p.add_argument('--episodes', type=int, default=50, help='ManiSkill: seeds per split')
     p.add_argument('--control-mode', default='pd_ee_delta_pose')
-    p.add_argument('--episodes', type=int, default=50)
-    p.add_argument('--first-seed', type=int, default=10_000)
+    p.add_argument('--first-seed', type=int, help='first seed / initial state (default: ManiSkill 10000, LIBERO 0)')
     p.add_argument('--actions-per-chunk', type=int, default=4)
-    p.add_argument('--max-episode-steps', type=int, default=100)
-    p.add_argument('--mode', choices=('ode', 'sde'), default='ode')
+    p.add_argument('--max-episode-steps', type=int, help="step cap (default: ManiSkill 100, LIBERO the suite's)")
+    p.add_argument('--video-dir', help='one mp4 per episode, named task_split_seedN_outcome.mp4')
+    p.add_argument('--video-size', type=int, default=128, help='ManiSkill: side of the rendered video frames')
+    p.add_argument('--out', help='results JSON (written atomically)')
+    p.add_argument('--mode', choices=('ode', 'sde'), default='ode', help='sampler (the protocol: ode)')
+    p.add_argument('--torch-threads', type=int, default=1)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser('train', help='one offline pi-StepNFT update from recorded episode bags')
@@ -148,15 +308,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser('launch', help='start a node graph without ros2 launch (same graph as launch/*.launch.py)')
-    p.add_argument('graph', choices=('train_sim',))
-    p.add_argument('--run-dir', default='runs/train_sim', help='episodes, checkpoints, plot and logs')
+    p.add_argument('graph', choices=('train_sim', 'eval_sim', 'deploy_real'))
+    p.add_argument('--run-dir', help='episodes, checkpoints, plot and logs (default: runs/<graph>)')
     p.add_argument('--num-envs', type=int, default=2, help='simulated robots (namespaces env0, env1, ...)')
     p.add_argument('--checkpoint', default='', help='start from this checkpoint (default: the embedded SFT policy, '
                                                     'built on first use)')
     p.add_argument('--obs-mode', default='state', choices=('state', 'rgb'))
     p.add_argument('--params-file', help='node parameters (default: config/<graph>.yaml)')
     p.add_argument('--no-eval', action='store_true', help='no held-out evaluation node (the learner ends the run)')
+    g = p.add_argument_group('eval_sim', 'what to evaluate (see `stepnft eval`); obs mode and image size come '
+                                         'from the checkpoint')
+    g.add_argument('--out', help='results JSON (default: <run-dir>/results.json)')
+    g.add_argument('--suite', help='LIBERO suite (default: a ManiSkill task)')
+    g.add_argument('--tasks', help='LIBERO task ids, e.g. 0,3 (default: all)')
+    g.add_argument('--episodes-per-task', type=int, default=50)
+    g.add_argument('--env-id', default='PickCube-v1')
+    g.add_argument('--splits', default='id', help='ManiSkill: comma list of id, vision, semantic, execution')
+    g.add_argument('--episodes', type=int, default=50, help='ManiSkill: seeds per split')
+    g.add_argument('--first-seed', type=int, help='default: 10000 (ManiSkill) or initial state 0 (LIBERO)')
+    g.add_argument('--envs-per-split', type=int, default=1, help='ManiSkill bridges sharing each split')
+    g = p.add_argument_group('deploy_real', 'a real arm behind the safety layer (config/deploy_real.yaml maps it)')
+    g.add_argument('--robot', default='arm', help="the arm's namespace")
+    g.add_argument('--mode', default='deploy', choices=('deploy', 'train'),
+                   help='deploy: ODE, nothing recorded; train: Flow-SDE, labelled episodes recorded')
+    g.add_argument('--learn', action='store_true', help='also run the learner (online fine-tuning; needs --mode train)')
+    g.add_argument('--standin', action='store_true', help='dry run: the ManiSkill stand-in arm plays the arm')
     p.set_defaults(func=_launch)
+
+    p = sub.add_parser('record', help='record teleoperated demos as rosbag2 MCAP bags, one per demo')
+    p.add_argument('--out', required=True, help='directory of demo bags (demo_0000, demo_0001, ...)')
+    p.add_argument('--config', required=True, help='demo topics YAML (see config/demo_topics.yaml)')
+    p.add_argument('--duration', type=float, help='record one demo of this many seconds, starting now, then exit')
+    p.add_argument('--instruction', default='', help='task instruction stored with each bag')
+    p.add_argument('--no-keyboard', action='store_true', help='ignore stdin; start/stop only by the services')
+    p.add_argument('--ros-args', nargs=argparse.REMAINDER, default=[], help='passed to ROS (e.g. -r __ns:=/arm)')
+    p.set_defaults(func=_record)
 
     p = sub.add_parser('info', help="print a checkpoint's config and metadata")
     p.add_argument('checkpoint')
@@ -165,6 +351,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('demos', help='expert demos from the ManiSkill motion planner (see sim_bridge.maniskill_demos)')
     p.add_argument('rest', nargs=argparse.REMAINDER)
     p.set_defaults(func=_demos)
+
+    p = sub.add_parser('export-onnx', help='export a checkpoint to ONNX (prefix + velocity graphs) and check it '
+                                           'against torch')
+    p.add_argument('--checkpoint', required=True)
+    p.add_argument('--out', help='export directory to create (default: <checkpoint>_onnx)')
+    p.set_defaults(func=_export_onnx)
+
+    p = sub.add_parser('operator', help="start, stop and label a real arm's episodes with single keys "
+                                        '(s x y n d q; talks to the episode_operator node)')
+    p.add_argument('--robot', default='env0', help="the robot's namespace (one of episode_operator's robots)")
+    p.add_argument('--keys', help='act on these keys, then quit (e.g. sxy); default: keys from stdin')
+    p.add_argument('--timeout', type=float, default=10.0, help='seconds to wait for the operator services')
+    p.set_defaults(func=_operator)
     return parser
 
 

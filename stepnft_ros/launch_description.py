@@ -1,8 +1,8 @@
 """The node graphs, described once and started two ways.
 
-`launch/train_sim.launch.py` turns these NodeSpecs into launch_ros Nodes where ROS 2 is
-installed; `stepnft launch train_sim` starts the same specs as processes where only the pip
-wheels are (no `ros2 launch` there). Static parameters live in config/<graph>.yaml; the specs
+`launch/<graph>.launch.py` (train_sim, eval_sim) turns these NodeSpecs into launch_ros Nodes
+where ROS 2 is installed; `stepnft launch <graph>` starts the same specs as processes where only
+the pip wheels are (no `ros2 launch` there). Static parameters live in config/<graph>.yaml; the specs
 add only what depends on the launch arguments (namespaces, directories, seeds).
 """
 
@@ -86,4 +86,156 @@ def train_sim(args: TrainSimArgs, checkpoint: str) -> list[NodeSpec]:
         specs.append(NodeSpec('maniskill_bridge', 'maniskill_bridge', 'sim_bridge.maniskill_node', namespace=ns,
                               parameters={'first_seed': args.first_seed + i * args.seed_stride,
                                           'publish_clock': i == 0, 'obs_mode': args.obs_mode}))
+    return specs
+
+
+@dataclass(frozen=True)
+class EvalSimArgs:
+    """The eval_sim graph: bridges running fixed seeds / initial states, an ODE policy server, a recorder."""
+
+    checkpoint: str
+    run_dir: str = 'runs/eval_sim'
+    """Logs and, unless `out` is set, results.json go here."""
+    out: str = ''
+    """Results JSON ('' = <run_dir>/results.json)."""
+    suite: str = ''
+    """A LIBERO suite (libero_spatial, ...): evaluate it instead of a ManiSkill task."""
+    task_ids: tuple[int, ...] = ()
+    """LIBERO tasks (empty: every task of the suite)."""
+    episodes_per_task: int = 50
+    """LIBERO: initial states first_seed .. first_seed + n - 1 of each task."""
+    env_id: str = 'PickCube-v1'
+    splits: tuple[str, ...] = ('id',)
+    """ManiSkill: one group of bridges per split (sim_bridge/maniskill_ood.py)."""
+    episodes: int = 50
+    """ManiSkill: seeds per split."""
+    first_seed: int | None = None
+    """None: 10000 (ManiSkill, held out from training seeds) or 0 (LIBERO's first initial state)."""
+    envs_per_split: int = 1
+    """ManiSkill: bridges sharing each split's seeds (parallel episodes)."""
+    obs_mode: str = 'state'
+    image_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise ValueError('eval_sim needs a checkpoint')
+        if not self.splits or len(set(self.splits)) != len(self.splits):
+            raise ValueError(f'splits must be distinct and not empty, got {self.splits}')
+        for name in ('episodes_per_task', 'episodes', 'envs_per_split'):
+            if getattr(self, name) < 1:
+                raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
+        if self.suite and self.splits != ('id',):
+            raise ValueError(f'LIBERO suites have the id split only, got {self.splits}')
+        if not self.suite:
+            from sim_bridge.maniskill_ood import check_split
+
+            for split in self.splits:
+                check_split(split, self.env_id)  # here, not as a bridge failing at start-up
+
+    @property
+    def results_path(self) -> str:
+        return str(Path(self.out).resolve() if self.out else Path(self.run_dir).resolve() / 'results.json')
+
+
+def eval_sim(args: EvalSimArgs) -> list[NodeSpec]:
+    """Bridges (one LIBERO bridge running the task list, or `envs_per_split` ManiSkill bridges per split),
+    a policy server in eval mode (ODE sampler, nothing recorded) and the eval_recorder, which ends the graph."""
+    bridges: list[NodeSpec] = []
+    if args.suite:
+        from sim_bridge.libero_env import suite_tasks
+
+        task_ids = list(args.task_ids) or [t[0] for t in suite_tasks(args.suite)]
+        bridges.append(NodeSpec('libero_bridge', 'libero_bridge', 'sim_bridge.libero_node', namespace='libero0',
+                                ends_graph='failure', parameters={
+                                    'suite': args.suite, 'task_ids': task_ids,
+                                    'episodes_per_task': args.episodes_per_task,
+                                    'max_episodes': len(task_ids) * args.episodes_per_task,
+                                    'first_seed': 0 if args.first_seed is None else args.first_seed,
+                                    'obs_mode': args.obs_mode, 'image_size': args.image_size,
+                                    'publish_clock': True}))
+        expected = len(task_ids) * args.episodes_per_task
+    else:
+        first = 10_000 if args.first_seed is None else args.first_seed
+        for split in args.splits:
+            # Contiguous seed ranges, one per bridge: every split runs the same seeds.
+            per, extra = divmod(args.episodes, args.envs_per_split)
+            offset = 0
+            for j in range(args.envs_per_split):
+                count = per + (j < extra)
+                if count:
+                    bridges.append(NodeSpec('maniskill_bridge', 'maniskill_bridge', 'sim_bridge.maniskill_node',
+                                            namespace=f'{split}{j}', ends_graph='failure', parameters={
+                                                'env_id': args.env_id, 'split': split, 'first_seed': first + offset,
+                                                'max_episodes': count, 'obs_mode': args.obs_mode,
+                                                'image_size': args.image_size, 'publish_clock': not bridges}))
+                offset += count
+        expected = len(args.splits) * args.episodes
+    robots = [b.namespace for b in bridges]
+    return [
+        NodeSpec('eval_recorder', 'eval_recorder', 'sim_bridge.eval_recorder', ends_graph='exit',
+                 parameters={'out': args.results_path, 'expected_episodes': expected, 'robots': list(robots),
+                             'checkpoint': args.checkpoint}),  # own list: the launcher's YAML allows no aliases
+        NodeSpec('policy_server', 'policy_server', 'stepnft_ros.nodes.policy_server', ends_graph='failure',
+                 parameters={'checkpoint': args.checkpoint, 'robots': robots, 'mode': 'eval'}),
+        *bridges,
+    ]
+
+
+DEPLOY_MODES = ('deploy', 'train')
+
+
+@dataclass(frozen=True)
+class DeployRealArgs:
+    """The deploy_real graph: one real arm (or the stand-in) behind a safety layer, served by a policy server."""
+
+    checkpoint: str
+    run_dir: str = 'runs/deploy_real'
+    """Episodes (train mode), learner checkpoints and logs go here."""
+    robot: str = 'arm'
+    """The arm's namespace: policy topics, the operator's services and safety/* inputs live under it."""
+    mode: str = 'deploy'
+    """'deploy': ODE sampler, nothing recorded; 'train': Flow-SDE and every operator-labelled episode recorded."""
+    learn: bool = False
+    """Also run the learner: online π-StepNFT from the operator's labels (needs mode 'train')."""
+    standin: bool = False
+    """Dry run: the ManiSkill stand-in arm (sim_bridge/standin_arm.py) plays the arm's drivers."""
+    image_size: int = 0
+    """The policy's image size (from its checkpoint): the bridge resizes camera frames to it (0: params file)."""
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise ValueError('deploy_real needs a checkpoint')
+        if self.mode not in DEPLOY_MODES:
+            raise ValueError(f'mode must be one of {DEPLOY_MODES}, got {self.mode!r}')
+        if self.learn and self.mode != 'train':
+            raise ValueError("the learner needs recorded episodes: use mode 'train' with learn")
+        if not self.robot or not self.robot.replace('_', '').isalnum():
+            raise ValueError(f'robot must be a plain namespace name (letters, digits, _), got {self.robot!r}')
+
+
+def deploy_real(args: DeployRealArgs) -> list[NodeSpec]:
+    """safety_layer + arm_bridge (namespace `robot`), policy_server, episode_operator, optionally learner and stand-in.
+
+    The safety layer's exit ends the graph: the arm must never be commanded without it."""
+    run = Path(args.run_dir).resolve()
+    episodes = str(run / 'episodes')
+    server = {'checkpoint': args.checkpoint, 'robots': [args.robot], 'mode': args.mode}
+    if args.mode == 'train':
+        server['episode_dir'] = episodes
+    specs = [
+        NodeSpec('safety_layer', 'safety_layer', 'stepnft_ros.nodes.safety_layer', namespace=args.robot,
+                 ends_graph='exit'),
+        NodeSpec('policy_server', 'policy_server', 'stepnft_ros.nodes.policy_server', ends_graph='failure',
+                 parameters=server),
+        NodeSpec('arm_bridge', 'arm_bridge', 'stepnft_ros.nodes.arm_bridge', namespace=args.robot,
+                 ends_graph='failure', parameters={'image_size': args.image_size} if args.image_size else {}),
+        NodeSpec('episode_operator', 'episode_operator', 'stepnft_ros.nodes.episode_operator', ends_graph='failure',
+                 parameters={'robots': [args.robot]}),
+    ]
+    if args.learn:
+        specs.append(NodeSpec('learner', 'learner', 'stepnft_ros.nodes.learner', ends_graph='failure',
+                              parameters={'checkpoint': args.checkpoint, 'episode_dir': episodes,
+                                          'work_dir': str(run / 'learner')}))
+    if args.standin:
+        specs.append(NodeSpec('standin_arm', 'standin_arm', 'sim_bridge.standin_arm', ends_graph='failure'))
     return specs

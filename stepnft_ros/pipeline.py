@@ -21,9 +21,18 @@ from stepnft_ros.policy.modeling import FlowVLA
 
 
 def sft_from_demos(demos: DemoSet, policy: PolicyConfig, sft: SFTConfig,
-                   log: Callable[[int, float], None] | None = None) -> tuple[FlowVLA, list[float]]:
-    """A state-based policy cloned from `demos`; state/action sizes come from the demos."""
-    cfg = replace(policy, state_dim=demos.states.shape[1], action_dim=demos.actions.shape[1])
+                   log: Callable[[int, float], None] | None = None,
+                   language: bool | None = None) -> tuple[FlowVLA, list[float]]:
+    """A policy cloned from `demos`. The demos set its inputs: state/action sizes, cameras and
+    image size; language is used if `language` says so, or (None) when the demos carry more than
+    one distinct instruction (a single one tells the episodes nothing apart)."""
+    if language is None:
+        language = len(set(demos.instructions)) > 1
+    if language and not any(demos.instructions):
+        raise ValueError('a language-conditioned policy needs demos with instructions')
+    cfg = replace(policy, state_dim=demos.states.shape[1], action_dim=demos.actions.shape[1],
+                  camera_names=demos.camera_names, image_size=demos.image_size or policy.image_size,
+                  use_language=language)
     torch.manual_seed(sft.seed)
     model = FlowVLA(cfg)
     model.normalizer.fit(demos.states, demos.actions)

@@ -6,7 +6,7 @@ against, and what benchmarks and the CLI use directly.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -34,14 +34,19 @@ def to_observation(raw: Mapping[str, Any]) -> Observation:
 
 
 def run_episode(env: Env, policy: FlowPolicy, seed: int, actions_per_chunk: int,
-                weights_version: int = 0, episode_id: str | None = None) -> Episode:
+                weights_version: int = 0, episode_id: str | None = None,
+                on_step: Callable[[Mapping[str, Any]], None] | None = None) -> Episode:
     """Reset with `seed`, act chunk by chunk until the env reports done; outcome = success.
 
     Executes the first `actions_per_chunk` actions of each chunk, clipped to the env's bounds
-    (the trace keeps the unclipped sample, ALGORITHM.md §2).
+    (the trace keeps the unclipped sample, ALGORITHM.md §2). `on_step` sees the env's raw
+    observation after the reset and after every step (e.g. to record a video).
     """
     episode = Episode(episode_id=episode_id or f'seed{seed}', weights_version=weights_version, seed=seed)
-    obs = to_observation(env.reset(seed))
+    raw = env.reset(seed)
+    if on_step is not None:
+        on_step(raw)
+    obs = to_observation(raw)
     success = done = False
     while not done:
         out = policy.infer(obs)
@@ -49,6 +54,8 @@ def run_episode(env: Env, policy: FlowPolicy, seed: int, actions_per_chunk: int,
         for action in out.chunks[0][:actions_per_chunk]:
             raw, success, done = env.step(np.clip(action, env.action_low, env.action_high))
             episode.env_steps += 1
+            if on_step is not None:
+                on_step(raw)
             if done:
                 break
         obs = to_observation(raw)

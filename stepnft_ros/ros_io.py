@@ -34,12 +34,22 @@ EPISODE_OUTCOME = 'episode_outcome'  # std_srvs/SetBool, true = success
 RESET = 'reset'                      # std_srvs/Trigger
 EPISODE_DISCARD = 'episode_discard'  # std_srvs/Trigger: drop the running episode's record (operator)
 EPISODE_ACTIVE = 'episode_active'    # std_msgs/Bool, latched: the operator lets the arm act (real arms)
+# The operator's controls and status (nodes/episode_operator.py), per robot namespace.
+OPERATOR_START = 'operator/start'      # std_srvs/Trigger
+OPERATOR_STOP = 'operator/stop'        # std_srvs/Trigger: the episode then awaits its label
+OPERATOR_LABEL = 'operator/label'      # std_srvs/SetBool, true = success
+OPERATOR_DISCARD = 'operator/discard'  # std_srvs/Trigger
+OPERATOR_STATUS = 'operator/status'    # std_msgs/String JSON, latched: counts and success rate
+# Real arms (nodes/arm_bridge.py -> nodes/safety_layer.py): proposed commands, checked before the arm.
+SAFETY_JOINT_TRAJECTORY_IN = 'safety/joint_trajectory_in'  # trajectory_msgs/JointTrajectory
+SAFETY_TWIST_IN = 'safety/twist_in'                        # geometry_msgs/TwistStamped
 # Graph-wide topics.
 EMERGENCY_STOP = '/emergency_stop'
 POLICY_WEIGHTS = '/policy_weights'
 EPISODE_WRITTEN = '/episode_written'
 LEARNER_METRICS = '/learner/metrics'
 LEARNER_SUCCESS_RATE = '/learner/success_rate'
+DIAGNOSTICS = '/diagnostics'  # diagnostic_msgs/DiagnosticArray: the safety layer's interventions
 
 
 def camera_topic(camera: str) -> str:
@@ -53,6 +63,9 @@ LATCHED_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                          durability=DurabilityPolicy.TRANSIENT_LOCAL, history=HistoryPolicy.KEEP_LAST)
 # Episode notifications must not be lost while the learner is busy updating.
 EVENTS_QOS = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
+# The demo recorder: best effort matches reliable and best-effort publishers alike; deep, so a
+# burst of camera frames waits rather than being dropped while a bag write is in progress.
+RECORD_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.BEST_EFFORT)
 
 STATE_SOURCES = ('joint_position', 'joint_velocity', 'task_state')
 """Parts a policy's state vector can be assembled from, concatenated in the configured order."""
@@ -73,12 +86,14 @@ def ns_to_stamp(ns: int) -> Time:
 _CHANNEL_ORDER = {'rgb8': (0, 1, 2), 'bgr8': (2, 1, 0), 'rgba8': (0, 1, 2), 'bgra8': (2, 1, 0)}
 
 
-def image_to_numpy(msg: Image, expected_size: int) -> np.ndarray:
-    """sensor_msgs/Image (rgb8, bgr8, rgba8 or bgra8) -> (size, size, 3) uint8 RGB."""
+def image_to_numpy(msg: Image, expected_size: int | None) -> np.ndarray:
+    """sensor_msgs/Image (rgb8, bgr8, rgba8 or bgra8) -> (size, size, 3) uint8 RGB (any size if None)."""
     order = _CHANNEL_ORDER.get(msg.encoding)
     if order is None:
         raise ObservationError(f'image encoding {msg.encoding!r} unsupported; send one of {sorted(_CHANNEL_ORDER)}')
-    if (msg.height, msg.width) != (expected_size, expected_size):
+    if msg.height == 0 or msg.width == 0:
+        raise ObservationError('image is empty (0 pixels)')
+    if expected_size is not None and (msg.height, msg.width) != (expected_size, expected_size):
         raise ObservationError(f'image is {msg.width}x{msg.height}, the policy expects {expected_size}x{expected_size}')
     channels = 4 if msg.encoding.endswith('a8') else 3
     row = msg.width * channels

@@ -5,6 +5,7 @@ Per robot namespace <ns> (parameter `robots`):
        (sensor_msgs/Image, sensor-data QoS), <ns>/instruction (std_msgs/String, latched)
   out  <ns>/action_chunk (trajectory_msgs/JointTrajectory, header.stamp = the observation's)
   srv  <ns>/episode_outcome (std_srvs/SetBool, true = success): ends and writes the episode
+       <ns>/episode_discard (std_srvs/Trigger): drops the running episode unwritten (operator)
 Graph-wide: /policy_weights (in, latched: hot swap), /emergency_stop (in, latched: stop
 answering), /episode_written (out: episode id, after its bag is on disk).
 
@@ -22,13 +23,14 @@ from dataclasses import dataclass, field
 import torch
 from rclpy.node import Node
 from std_msgs.msg import Bool, String
-from std_srvs.srv import SetBool
+from std_srvs.srv import SetBool, Trigger
 
 from stepnft_ros import ros_io
 from stepnft_ros.episodes.schema import Decision, Episode
 from stepnft_ros.episodes.store import EpisodeStore
 from stepnft_ros.nodes.common import ConfigError, Params, run_node
-from stepnft_ros.policy import CheckpointError, FlowPolicy, load_checkpoint
+from stepnft_ros.policy import CheckpointError, load_checkpoint, make_policy
+from stepnft_ros.policy.onnx_backend import describe_backend
 from stepnft_ros.policy.types import Observation, ObservationError, validate_observation
 
 MODES = {'train': 'sde', 'eval': 'ode', 'deploy': 'ode'}
@@ -68,6 +70,7 @@ class PolicyServer(Node):
         noise_level = p.get('noise_level', -1.0)
         seed = p.get('seed', 0)
         device = p.get('device', 'cpu')
+        backend = p.get('backend', 'torch')  # or 'onnxruntime' (device: cpu / cuda / auto = its provider)
         self.max_observation_age_s = p.get('max_observation_age_s', 0.0)
         torch.set_num_threads(max(1, p.get('torch_threads', 1)))
         if not robots or len(set(robots)) != len(robots):
@@ -77,13 +80,17 @@ class PolicyServer(Node):
             raise ConfigError("missing parameter 'episode_dir' (string): train mode records episodes there")
 
         try:
-            model, meta = load_checkpoint(checkpoint, device=device)
+            model, meta = load_checkpoint(checkpoint, device=device if backend == 'torch' else 'cpu')
         except CheckpointError as err:
             raise ConfigError(f"parameter 'checkpoint': {err}") from None
         self.version = int(meta.get('weights_version', 0))
         cfg = model.config
-        self.policy = FlowPolicy(model, mode=MODES[self.mode], seed=seed, device=device,
-                                 noise_level=None if noise_level < 0 else noise_level)
+        try:
+            self.policy = make_policy(model, backend=backend, mode=MODES[self.mode], seed=seed, device=device,
+                                      noise_level=None if noise_level < 0 else noise_level,
+                                      threads=torch.get_num_threads())
+        except (ValueError, CheckpointError) as err:
+            raise ConfigError(f"parameters 'backend' / 'device': {err}") from None
         self.action_names = action_names or [f'a{i}' for i in range(cfg.action_dim)]
         if len(self.action_names) != cfg.action_dim:
             raise ConfigError(f"parameter 'action_names' has {len(self.action_names)} names, "
@@ -102,6 +109,8 @@ class PolicyServer(Node):
             self._subscribe(robot, state_sources, cfg.camera_names)
             self.create_service(SetBool, f'{ns}/{ros_io.EPISODE_OUTCOME}',
                                 lambda req, resp, r=robot: self._on_outcome(r, req, resp))
+            self.create_service(Trigger, f'{ns}/{ros_io.EPISODE_DISCARD}',
+                                lambda req, resp, r=robot: self._on_discard(r, req, resp))
             self.robots[ns] = robot
         self.estopped = False
         self.create_subscription(Bool, ros_io.EMERGENCY_STOP, self._on_estop, ros_io.LATCHED_QOS)
@@ -114,7 +123,7 @@ class PolicyServer(Node):
         self.decisions = 0
         self.get_logger().info(
             f'serving {len(robots)} robot(s) {robots} in {self.mode} mode ({MODES[self.mode]} sampler, '
-            f'a={self.policy.a:g}), weights version {self.version} from {checkpoint}')
+            f'a={self.policy.a:g}, {describe_backend(self.policy)}), weights version {self.version} from {checkpoint}')
 
     # ---- inputs ----------------------------------------------------------------------------
 
@@ -168,8 +177,11 @@ class PolicyServer(Node):
     def _on_estop(self, msg: Bool) -> None:
         if bool(msg.data) != self.estopped:
             self.estopped = bool(msg.data)
-            log = self.get_logger().error if self.estopped else self.get_logger().warning
-            log(f'emergency stop {"ENGAGED: no actions will be published" if self.estopped else "cleared"}')
+            # One call site per severity: rclpy refuses to change a call site's severity.
+            if self.estopped:
+                self.get_logger().error('emergency stop ENGAGED: no actions will be published')
+            else:
+                self.get_logger().warning('emergency stop cleared')
 
     def _on_weights(self, msg: String) -> None:
         try:
@@ -178,11 +190,12 @@ class PolicyServer(Node):
                 return
             model, meta = load_checkpoint(announced.checkpoint, expected=self.policy.model.config,
                                           device=self.policy.device)
+            # Single-threaded executor: no batch is in flight, so no decision mixes two versions.
+            # (onnxruntime backend: the assignment rebuilds the graphs; on failure the old ones stay.)
+            self.policy.model = model.eval()
         except (ValueError, CheckpointError) as err:
             self.get_logger().error(f'weights update ignored, keeping version {self.version}: {err}')
             return
-        # Single-threaded executor: no batch is in flight, so no decision mixes two versions.
-        self.policy.model = model.eval()
         self.version = announced.version
         self.get_logger().info(f'hot-swapped to weights version {self.version} ({announced.checkpoint})')
 
@@ -244,6 +257,18 @@ class PolicyServer(Node):
         self.writer.submit(self._write, episode)
         self.get_logger().info(f'{summary}: {len(episode.decisions)} decisions -> {episode.episode_id}')
         response.success, response.message = True, episode.episode_id
+        return response
+
+    def _on_discard(self, robot: Robot, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        # The operator threw the episode away (a person stepped in, a bad reset): no outcome, no bag.
+        episode, robot.episode = robot.episode, None
+        robot.last_answer = None
+        robot.pending = None
+        dropped = len(episode.decisions) if episode is not None else 0
+        if dropped:
+            self.get_logger().info(f'{robot.namespace}: discarded episode {episode.episode_id} '
+                                   f'({dropped} decisions, not written)')
+        response.success, response.message = True, f'dropped {dropped} decisions'
         return response
 
     def _write(self, episode: Episode) -> None:

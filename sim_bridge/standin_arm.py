@@ -1,0 +1,154 @@
+"""standin_arm: a ManiSkill arm that speaks exactly a real arm's topics, for dry runs of deploy_real.
+
+It knows nothing about policies. Like a ros2_control arm with cameras it
+  publishes  `joint_states_topic` (sensor_msgs/JointState, every joint incl. the fingers, at
+             `joint_state_rate_hz`, wall-clock stamps), `ee_pose_topic` (geometry_msgs/PoseStamped
+             of the tool centre point in `ee_frame_id`, the robot base), and camera images
+             (sensor_msgs/Image rgb8, at `camera_rate_hz`) on `camera_topics` ('sim_camera=topic')
+  accepts    trajectory_msgs/JointTrajectory on `command_topic` (absolute joint targets; any
+             subset of `command_joint_names`) and holds the last target between commands, like a
+             joint_trajectory_controller; the point due next is the current target.
+The simulation steps on its own timer at `sim_rate_hz` whether or not commands arrive
+(ManiSkill control mode pd_joint_pos). When the task's episode ends (success or
+`max_scene_steps`) the scene resets: a real cell would be tidied by a person instead.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from geometry_msgs.msg import PoseStamped
+from rclpy.node import Node
+
+from sim_bridge.maniskill_env import ManiSkillEnv, ManiSkillEnvConfig
+from stepnft_ros import ros_io, ros_io_arm
+from stepnft_ros.nodes.common import ConfigError, Params, run_node
+from stepnft_ros.policy.types import ObservationError
+
+
+class StandinArm(Node):
+    def __init__(self) -> None:
+        super().__init__('standin_arm')
+        p = Params(self)
+        obs_mode = p.get('obs_mode', 'rgb')
+        try:
+            self.env = ManiSkillEnv(ManiSkillEnvConfig(
+                env_id=p.get('env_id', 'PickCube-v1'), control_mode='pd_joint_pos', obs_mode=obs_mode,
+                image_size=p.get('image_size', 64), max_episode_steps=p.get('max_scene_steps', 100_000)))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        sim_names = list(self.env.joint_names)
+        self.joint_names = p.get('joint_names', []) or sim_names
+        if len(self.joint_names) != len(sim_names):
+            raise ConfigError(f"parameter 'joint_names' renames the sim's {len(sim_names)} joints {sim_names}; "
+                              f'got {len(self.joint_names)} names')
+        rename = dict(zip(sim_names, self.joint_names, strict=True))
+        self.action_joints = self.env.action_joints()
+        self.command_joint_names = [rename[name] for name, _, _ in self.action_joints]
+        cameras = list(self.env.camera_names)
+        # 'sim_camera=topic' pairs; one sim camera may feed several topics (a dry run of an arm with
+        # a wrist and a scene camera on a task that only renders a scene view).
+        pairs = p.get('camera_topics', []) or [f'{c}=/camera/{c}/image_raw' for c in cameras]
+        camera_topics = [tuple(pair.split('=', 1)) for pair in pairs]
+        bad = [pair for pair, split in zip(pairs, camera_topics, strict=True)
+               if len(split) != 2 or split[0] not in cameras or not split[1]]
+        if bad:
+            raise ConfigError(f"parameter 'camera_topics': entries must be 'sim_camera=topic' with a sim camera "
+                              f'of {cameras}; bad: {bad}')
+        self.ee_frame_id = p.get('ee_frame_id', 'base')
+        self.seed = p.get('seed', 0)
+        sim_rate_hz = p.get('sim_rate_hz', 1.0 / self.env.control_period)
+        joint_state_rate_hz = p.get('joint_state_rate_hz', 50.0)
+        camera_rate_hz = p.get('camera_rate_hz', 10.0)
+        if min(sim_rate_hz, joint_state_rate_hz, camera_rate_hz) <= 0:
+            raise ConfigError('sim_rate_hz, joint_state_rate_hz and camera_rate_hz must be > 0')
+
+        self.joint_pub = self.create_publisher(ros_io.JointState, p.get('joint_states_topic', '/joint_states'),
+                                               ros_io.RELIABLE_QOS)
+        self.pose_pub = self.create_publisher(PoseStamped, p.get('ee_pose_topic', '/ee_pose'), ros_io.RELIABLE_QOS)
+        self.image_pubs = [(c, self.create_publisher(ros_io.Image, t, ros_io.SENSOR_QOS)) for c, t in camera_topics]
+        command_topic = p.get('command_topic', '/joint_trajectory_controller/joint_trajectory')
+        self.create_subscription(ros_io.JointTrajectory, command_topic, self._on_command, ros_io.RELIABLE_QOS)
+
+        self._reset_scene()
+        self.steps = self.commands = 0
+        self.create_timer(1.0 / sim_rate_hz, self._on_sim_step)
+        self.create_timer(1.0 / joint_state_rate_hz, self._publish_state)
+        self.create_timer(1.0 / camera_rate_hz, self._publish_images)
+        self.get_logger().info(
+            f'stand-in arm {self.env.cfg.env_id}: joints {self.joint_names}, commands on {command_topic} for '
+            f'{self.command_joint_names}, cameras {pairs}, '
+            f'sim at {sim_rate_hz:g} Hz')
+
+    # ---- simulation ------------------------------------------------------------------------
+
+    def _reset_scene(self) -> None:
+        self.obs = self.env.reset(self.seed)
+        self.frame_ns = time.time_ns()
+        self.seed += 1
+        n = len(self.joint_names)
+        qpos = dict(zip(self.joint_names, self.obs['state'][:n], strict=True))
+        self.target = np.array([qpos[name] for name in self.command_joint_names], dtype=np.float64)
+        self.trajectory: tuple[float, ros_io_arm.JointCommand] | None = None
+
+    def _on_command(self, msg: ros_io.JointTrajectory) -> None:
+        try:
+            cmd = ros_io_arm.joint_trajectory_to_command(msg)
+            unknown = [name for name in cmd.names if name not in self.command_joint_names]
+            if unknown:
+                raise ObservationError(f'unknown joints {unknown}; this arm takes {self.command_joint_names}')
+            if not np.all(np.isfinite(cmd.positions)):
+                raise ObservationError('non-finite joint targets')
+        except ObservationError as err:
+            self.get_logger().error(f'rejected joint trajectory, holding the last target: {err}',
+                                    throttle_duration_sec=1.0)
+            return
+        self.trajectory = (time.monotonic(), cmd)
+        self.commands += 1
+
+    def _current_target(self) -> np.ndarray:
+        if self.trajectory is not None:
+            received, cmd = self.trajectory
+            due = np.flatnonzero(cmd.times >= time.monotonic() - received)
+            point = cmd.positions[due[0] if due.size else -1]
+            for name, value in zip(cmd.names, point, strict=True):
+                self.target[self.command_joint_names.index(name)] = value
+        return self.target
+
+    def _on_sim_step(self) -> None:
+        action = self._current_target().copy()
+        for i, (_, lower, upper) in enumerate(self.action_joints):
+            if lower is not None:  # e.g. the gripper: a finger position mapped onto [-1, 1]
+                action[i] = np.clip(2.0 * (action[i] - lower) / (upper - lower) - 1.0, -1.0, 1.0)
+        self.obs, success, done = self.env.step(action)
+        self.frame_ns = time.time_ns()
+        self.steps += 1
+        if done:
+            self.get_logger().info(f'scene {"solved" if success else "timed out"} after {self.steps} steps: resetting')
+            self._reset_scene()
+
+    # ---- sensors ---------------------------------------------------------------------------
+
+    def _publish_state(self) -> None:
+        stamp = time.time_ns()
+        n = len(self.joint_names)
+        state = self.obs['state']
+        self.joint_pub.publish(ros_io.arrays_to_joint_state(self.joint_names, state[:n], state[n:2 * n], stamp))
+        position, quaternion = self.env.tcp_pose()
+        self.pose_pub.publish(ros_io_arm.position_to_pose(position, quaternion, self.ee_frame_id, stamp))
+
+    def _publish_images(self) -> None:
+        for cam, pub in self.image_pubs:
+            pub.publish(ros_io.numpy_to_image(self.obs['images'][cam], self.frame_ns, frame_id=cam))
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def main(args: list[str] | None = None) -> int:
+    return run_node(StandinArm, args)
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

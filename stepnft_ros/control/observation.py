@@ -1,0 +1,112 @@
+"""Joins an arm's latest joint state and latest camera frames into one policy observation.
+
+Drivers publish joint states and camera frames on their own clocks and rates (a gripper may
+even publish its joints separately). The joiner keeps the newest value of every joint and the
+newest frame of every camera, and at each control tick makes one observation from them, or
+refuses (ObservationError) when a part is missing, older than `max_age_s`, or not finite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from stepnft_ros.policy.types import ObservationError
+
+
+def fit_image(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Centre-crop an (h, w, 3) uint8 image to a square and resize it to (size, size, 3)."""
+    h, w = rgb.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = rgb[top:top + side, left:left + side]
+    if side == size:
+        return np.ascontiguousarray(square)
+    # INTER_AREA averages when shrinking (no aliasing from a 640x480 camera down to 224 px).
+    interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+    return cv2.resize(np.ascontiguousarray(square), (size, size), interpolation=interp)
+
+
+@dataclass(frozen=True)
+class JoinedObservation:
+    position: np.ndarray            # (J,) float32, in `joint_names` order
+    velocity: np.ndarray            # (J,) float32 (zeros when the driver sends none)
+    images: Mapping[str, np.ndarray]  # camera -> (size, size, 3) uint8
+    oldest_stamp_ns: int            # stamp of the oldest part used
+
+
+class ObservationJoiner:
+    def __init__(self, joint_names: Sequence[str], camera_names: Sequence[str], image_size: int,
+                 max_age_s: float, require_velocity: bool = False) -> None:
+        if not joint_names:
+            raise ValueError('joint_names must list the joints the policy observes')
+        if len(set(joint_names)) != len(joint_names):
+            raise ValueError(f'joint_names has duplicates: {list(joint_names)}')
+        self.joint_names = tuple(joint_names)
+        self.camera_names = tuple(camera_names)
+        self.image_size = int(image_size)
+        self.max_age_ns = int(max_age_s * 1e9)
+        self.require_velocity = require_velocity
+        self._joints: dict[str, tuple[float, float | None, int]] = {}  # name -> (position, velocity, stamp)
+        self._images: dict[str, tuple[np.ndarray, int]] = {}
+
+    def update_joints(self, names: Sequence[str], position: np.ndarray, velocity: np.ndarray,
+                      stamp_ns: int) -> None:
+        """Record a joint state (any subset of joints; unrelated joints are ignored)."""
+        if len(names) != len(position):
+            raise ObservationError(f'joint state names {len(names)} joints but carries {len(position)} positions')
+        has_velocity = len(velocity) == len(position)
+        for i, name in enumerate(names):
+            if name in self.joint_names:
+                self._joints[name] = (float(position[i]), float(velocity[i]) if has_velocity else None, stamp_ns)
+
+    def update_image(self, camera: str, rgb: np.ndarray, stamp_ns: int) -> None:
+        if camera not in self.camera_names:
+            raise ObservationError(f'unknown camera {camera!r}; configured: {list(self.camera_names)}')
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise ObservationError(f'camera {camera!r}: expected an (h, w, 3) uint8 image, got {rgb.shape} {rgb.dtype}')
+        self._images[camera] = (fit_image(rgb, self.image_size), stamp_ns)
+
+    def latest_positions(self, names: Sequence[str]) -> np.ndarray:
+        """The newest measured positions of `names` (observed joints only), e.g. for delta targets."""
+        missing = [n for n in names if n not in self._joints]
+        if missing:
+            raise ObservationError(f'no joint state yet for {missing[:8]}')
+        return np.array([self._joints[n][0] for n in names], dtype=np.float64)
+
+    def clear(self) -> None:
+        self._joints.clear()
+        self._images.clear()
+
+    def join(self, now_ns: int) -> JoinedObservation:
+        """The observation at `now_ns`, or ObservationError saying why there is none."""
+        missing = [n for n in self.joint_names if n not in self._joints]
+        if missing:
+            raise ObservationError(f'no joint state yet for {missing[:8]}')
+        missing = [c for c in self.camera_names if c not in self._images]
+        if missing:
+            raise ObservationError(f'no frame yet from camera(s) {missing}')
+        stamps = {f'joint {n}': self._joints[n][2] for n in self.joint_names}
+        stamps.update({f'camera {c}': self._images[c][1] for c in self.camera_names})
+        oldest = min(stamps, key=stamps.get)
+        age_ns = now_ns - stamps[oldest]
+        if self.max_age_ns > 0 and age_ns > self.max_age_ns:
+            raise ObservationError(f'{oldest} is {age_ns / 1e9:.3f} s old (> max_observation_age_s '
+                                   f'{self.max_age_ns / 1e9:g}): stale sensor data')
+        position = np.array([self._joints[n][0] for n in self.joint_names], dtype=np.float32)
+        velocities = [self._joints[n][1] for n in self.joint_names]
+        if any(v is None for v in velocities):
+            if self.require_velocity:
+                raise ObservationError('the joint states carry no velocities but the policy state uses them')
+            velocities = [0.0 if v is None else v for v in velocities]
+        velocity = np.array(velocities, dtype=np.float32)
+        for label, values in (('position', position), ('velocity', velocity)):
+            if not np.all(np.isfinite(values)):
+                bad = [self.joint_names[i] for i in np.flatnonzero(~np.isfinite(values))]
+                raise ObservationError(f'joint {label} is non-finite for {bad[:8]}')
+        return JoinedObservation(position=position, velocity=velocity,
+                                 images={c: self._images[c][0] for c in self.camera_names},
+                                 oldest_stamp_ns=stamps[oldest])

@@ -1,0 +1,229 @@
+"""arm_bridge: a real arm's drivers presented to the policy server, and its chunks executed on the arm.
+
+In its namespace <ns> (which must not be the root):
+  in   `joint_states_topic` (the driver's sensor_msgs/JointState, any joint order, may be split
+       over several publishers), `camera_topics` (sensor_msgs/Image, any size: centre-cropped and
+       resized to `image_size`), <ns>/episode_active (std_msgs/Bool, latched; the operator),
+       <ns>/action_chunk (the policy server's answer)
+  out  the policy contract: <ns>/joint_states (`joint_names` in order), <ns>/camera/<cam>/image_raw,
+       <ns>/instruction (latched), all parts of one observation with one stamp;
+       proposed commands on <ns>/safety/joint_trajectory_in or <ns>/safety/twist_in
+At `control_rate_hz` it executes the chunks (stepnft_ros.control.ChunkScheduler: chunked or
+temporally ensembled) through a command adapter (joint trajectory or end-effector twist).
+While the episode is not active it sends no observation and commands nothing; an observation
+with a missing, stale or bad part is not sent (the arm then gets no new command and holds).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import numpy as np
+from geometry_msgs.msg import TwistStamped
+from rclpy.node import Node
+from std_msgs.msg import Bool, String
+
+from stepnft_ros import ros_io, ros_io_arm
+from stepnft_ros.control import ChunkScheduler, JointTrajectoryAdapter, ObservationJoiner, TwistAdapter
+from stepnft_ros.nodes.common import ConfigError, Params, run_node
+from stepnft_ros.policy.types import ObservationError
+
+COMMAND_TYPES = ('joint_trajectory', 'twist')
+
+
+class ArmBridge(Node):
+    def __init__(self) -> None:
+        super().__init__('arm_bridge')
+        if self.get_namespace() == '/':
+            raise ConfigError('arm_bridge needs a robot namespace (e.g. -r __ns:=/arm): its policy topics '
+                              '<ns>/joint_states would otherwise collide with the driver\'s /joint_states')
+        p = Params(self)
+        joint_states_topic = p.get('joint_states_topic', '/joint_states')
+        self.joint_names = p.required('joint_names', list)
+        state_sources = p.get('state_sources', ['joint_position'])
+        camera_names = p.get('camera_names', [])
+        camera_topics = p.get('camera_topics', [])
+        image_size = p.get('image_size', 224)
+        instruction = p.get('instruction', '')
+        rate_hz = p.get('control_rate_hz', 10.0)
+        actions_per_chunk = p.get('actions_per_chunk', 4)
+        temporal_ensemble = p.get('temporal_ensemble', False)
+        ensemble_decay = p.get('ensemble_decay', 0.01)
+        request_timeout_s = p.get('request_timeout_s', 1.0)
+        self.command_type = p.get('command_type', 'joint_trajectory')
+        command_joint_names = p.get('command_joint_names', []) or list(self.joint_names)
+        joint_targets = p.get('joint_targets', 'absolute')
+        absolute_joints = p.get('absolute_joints', [])
+        max_age_s = p.get('max_observation_age_s', 0.25)
+        self.require_active = p.get('require_active', True)
+        self.log_throttle_s = p.get('log_throttle_s', 1.0)
+
+        bad_sources = sorted(set(state_sources) - {'joint_position', 'joint_velocity'})
+        if bad_sources:
+            raise ConfigError(f"parameter 'state_sources': a real arm offers joint_position and joint_velocity, "
+                              f'not {bad_sources}')
+        camera_topics = camera_topics or [f'/camera/{c}/image_raw' for c in camera_names]
+        if len(camera_topics) != len(camera_names):
+            raise ConfigError(f"parameters 'camera_names' ({len(camera_names)}) and 'camera_topics' "
+                              f'({len(camera_topics)}) must pair up')
+        if rate_hz <= 0 or request_timeout_s <= 0 or image_size < 8:
+            raise ConfigError('control_rate_hz and request_timeout_s must be > 0, image_size >= 8')
+        if self.command_type not in COMMAND_TYPES:
+            raise ConfigError(f"parameter 'command_type' must be one of {COMMAND_TYPES}, got {self.command_type!r}")
+        self.period = 1.0 / rate_hz
+        try:
+            self.joiner = ObservationJoiner(self.joint_names, camera_names, image_size, max_age_s,
+                                            require_velocity='joint_velocity' in state_sources)
+            self.scheduler = ChunkScheduler(actions_per_chunk, temporal_ensemble, ensemble_decay,
+                                            request_timeout_ticks=max(1, round(request_timeout_s * rate_hz)))
+            if self.command_type == 'joint_trajectory':
+                if joint_targets == 'delta' and set(command_joint_names) - set(self.joint_names):
+                    raise ValueError('delta joint targets need every command joint among joint_names (measured)')
+                self.adapter = JointTrajectoryAdapter(command_joint_names, self.period, joint_targets, absolute_joints)
+                self.action_dim = self.adapter.action_dim
+            else:
+                self.action_dim = p.get('action_dim', 7)
+                self.adapter = TwistAdapter(self.action_dim, p.get('twist_frame_id', 'base'),
+                                            p.get('linear_scale', 0.1), p.get('angular_scale', 0.2))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+        # Policy side (relative names: inside the robot namespace).
+        self.joint_pub = self.create_publisher(ros_io.JointState, ros_io.JOINT_STATES, ros_io.SENSOR_QOS)
+        self.image_pubs = {c: self.create_publisher(ros_io.Image, ros_io.camera_topic(c), ros_io.SENSOR_QOS)
+                           for c in camera_names}
+        if instruction:
+            self.create_publisher(String, ros_io.INSTRUCTION, ros_io.LATCHED_QOS).publish(String(data=instruction))
+        self.create_subscription(ros_io.JointTrajectory, ros_io.ACTION_CHUNK, self._on_chunk, ros_io.RELIABLE_QOS)
+        self.create_subscription(Bool, ros_io.EPISODE_ACTIVE, self._on_active, ros_io.LATCHED_QOS)
+        # Arm side.
+        self.create_subscription(ros_io.JointState, joint_states_topic, self._on_joint_state, ros_io.SENSOR_QOS)
+        for cam, topic in zip(camera_names, camera_topics, strict=True):
+            self.create_subscription(ros_io.Image, topic, lambda m, c=cam: self._on_image(c, m), ros_io.SENSOR_QOS)
+        if self.command_type == 'joint_trajectory':
+            self.command_pub = self.create_publisher(ros_io.JointTrajectory, ros_io.SAFETY_JOINT_TRAJECTORY_IN,
+                                                     ros_io.RELIABLE_QOS)
+        else:
+            self.command_pub = self.create_publisher(TwistStamped, ros_io.SAFETY_TWIST_IN, ros_io.RELIABLE_QOS)
+
+        if self.command_type == 'twist' and self.action_dim > 6:
+            self.get_logger().warning(f'twist control: action dims 7..{self.action_dim} (e.g. the gripper) are not '
+                                      'part of a twist and are not sent')
+        self.active = not self.require_active
+        self.tick = 0
+        self.stamp_to_tick: dict[int, int] = {}
+        self.sent_at: dict[int, float] = {}       # stamp -> monotonic send time
+        self.latencies: deque[float] = deque(maxlen=10_000)
+        self.last_stamp_ns = 0
+        self.observations = self.commands = 0
+        self.create_timer(self.period, self._on_tick)
+        cameras = dict(zip(camera_names, camera_topics, strict=True))
+        schedule = 'temporal ensembling' if temporal_ensemble else f'{actions_per_chunk} actions per chunk'
+        self.get_logger().info(
+            f'bridging {joint_states_topic} ({len(self.joint_names)} joints) and cameras {cameras} at '
+            f'{rate_hz:g} Hz; {self.command_type} commands ({schedule}); '
+            f'{"waiting for episode_active" if self.require_active else "active without an operator"}')
+
+    # ---- sensors ---------------------------------------------------------------------------
+
+    def _on_joint_state(self, msg: ros_io.JointState) -> None:
+        try:
+            position, velocity = ros_io.joint_state_to_arrays(msg)
+            self.joiner.update_joints(list(msg.name), position, velocity, ros_io.stamp_to_ns(msg.header.stamp))
+        except ObservationError as err:
+            self.get_logger().warning(f'dropped joint state: {err}', throttle_duration_sec=self.log_throttle_s)
+
+    def _on_image(self, camera: str, msg: ros_io.Image) -> None:
+        try:
+            self.joiner.update_image(camera, ros_io.image_to_numpy(msg, None), ros_io.stamp_to_ns(msg.header.stamp))
+        except ObservationError as err:
+            self.get_logger().warning(f'dropped frame of camera {camera!r}: {err}',
+                                      throttle_duration_sec=self.log_throttle_s)
+
+    def _on_active(self, msg: Bool) -> None:
+        if bool(msg.data) == self.active:
+            return
+        self.active = bool(msg.data)
+        self.scheduler.reset()  # a new episode never executes the last one's chunks
+        self.stamp_to_tick.clear()
+        self.sent_at.clear()
+        self.get_logger().info(f'episode {"ACTIVE: acting" if self.active else "inactive: holding"}')
+
+    # ---- control loop ----------------------------------------------------------------------
+
+    def _on_tick(self) -> None:
+        self.tick += 1
+        if not self.active:
+            return
+        action = self.scheduler.action(self.tick)
+        if action is not None:
+            self._command(action)
+        if self.scheduler.should_request(self.tick):
+            self._send_observation()
+
+    def _command(self, action) -> None:
+        try:
+            if self.command_type == 'joint_trajectory':
+                measured = (self.joiner.latest_positions(self.adapter.joint_names)
+                            if self.adapter.targets == 'delta' else None)
+                msg = ros_io_arm.command_to_joint_trajectory(self.adapter.command(action, measured))
+            else:
+                twist, _rest = self.adapter.command(action)
+                msg = ros_io_arm.command_to_twist(twist, self.get_clock().now().nanoseconds)
+        except (ValueError, ObservationError) as err:
+            self.get_logger().error(f'action not executed, holding: {err}', throttle_duration_sec=self.log_throttle_s)
+            return
+        self.command_pub.publish(msg)
+        self.commands += 1
+
+    def _send_observation(self) -> None:
+        now_ns = time.time_ns()
+        try:
+            obs = self.joiner.join(now_ns)
+        except ObservationError as err:
+            self.get_logger().warning(f'no observation sent, holding: {err}', throttle_duration_sec=self.log_throttle_s)
+            return
+        stamp = max(now_ns, self.last_stamp_ns + 1)  # the policy server needs strictly newer stamps
+        self.last_stamp_ns = stamp
+        for cam, pub in self.image_pubs.items():
+            pub.publish(ros_io.numpy_to_image(obs.images[cam], stamp, frame_id=cam))
+        # joint_states last: the policy server answers once every part of a stamp has arrived.
+        self.joint_pub.publish(ros_io.arrays_to_joint_state(self.joint_names, obs.position, obs.velocity, stamp))
+        self.scheduler.requested(self.tick)
+        self.stamp_to_tick[stamp] = self.tick
+        self.sent_at[stamp] = time.monotonic()
+        if len(self.stamp_to_tick) > 256:
+            oldest = min(self.stamp_to_tick)
+            del self.stamp_to_tick[oldest]
+            self.sent_at.pop(oldest, None)
+        self.observations += 1
+
+    def _on_chunk(self, msg: ros_io.JointTrajectory) -> None:
+        try:
+            stamp_ns, chunk = ros_io.trajectory_to_chunk(msg, self.action_dim)
+        except ObservationError as err:
+            self.get_logger().error(f'rejected action chunk, holding: {err}', throttle_duration_sec=self.log_throttle_s)
+            return
+        tick = self.stamp_to_tick.get(stamp_ns)
+        if not self.active or tick is None or not self.scheduler.add_chunk(tick, chunk):
+            self.get_logger().debug(f'ignored a chunk for an observation no longer awaited ({stamp_ns} ns)')
+            return
+        self.latencies.append(time.monotonic() - self.sent_at.pop(stamp_ns))
+
+    def close(self) -> None:
+        """Log what the run did; the policy latency tells whether the control rate is realistic."""
+        summary = f'{self.observations} observations sent, {self.commands} commands proposed'
+        if self.latencies:
+            p50, p95 = np.percentile(np.array(self.latencies) * 1e3, [50, 95])
+            summary += (f'; observation -> chunk latency p50 {p50:.1f} ms, p95 {p95:.1f} ms '
+                        f'({len(self.latencies)} chunks)')
+        self.get_logger().info(summary)
+
+
+def main(args: list[str] | None = None) -> int:
+    return run_node(ArmBridge, args)
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""The ros2 launch files, run against a recording stand-in of the `launch` / `launch_ros` API.
+
+Neither package installs from PyPI, so these tests cannot prove launch_ros accepts the actions;
+they do run every line of our launch files: argument defaults, the checkpoint check, the graph
+built from launch_description, and that each node names an installed console script.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from ros_harness import REPO, tiny_checkpoint
+
+
+class _Recorded:
+    """Any launch action: keeps its arguments for the test to inspect."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.args, self.kwargs = args, kwargs
+
+
+class _LaunchConfiguration:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def perform(self, context) -> str:
+        return context.launch_configurations[self.name]
+
+
+def _stub_launch_api(monkeypatch) -> None:
+    names = {
+        'launch': ['LaunchDescription'],
+        'launch.actions': ['DeclareLaunchArgument', 'OpaqueFunction', 'EmitEvent', 'RegisterEventHandler',
+                           'SetEnvironmentVariable'],
+        'launch.event_handlers': ['OnProcessExit'],
+        'launch.events': ['Shutdown'],
+        'launch.substitutions': [],
+        'launch_ros': [],
+        'launch_ros.actions': ['Node'],
+    }
+    for module_name, classes in names.items():
+        module = types.ModuleType(module_name)
+        for cls in classes:
+            setattr(module, cls, type(cls, (_Recorded,), {}))
+        monkeypatch.setitem(sys.modules, module_name, module)
+    sys.modules['launch.substitutions'].LaunchConfiguration = _LaunchConfiguration
+    monkeypatch.delitem(sys.modules, 'stepnft_ros.launch_actions', raising=False)
+
+
+def _run_launch_file(monkeypatch, name: str, overrides: dict[str, str]) -> list:
+    _stub_launch_api(monkeypatch)
+    spec = importlib.util.spec_from_file_location(f'launch_{name}', REPO / 'launch' / f'{name}.launch.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    description = module.generate_launch_description()
+    actions = description.args[0]
+    declared = {a.args[0]: a.kwargs.get('default_value')
+                for a in actions if type(a).__name__ == 'DeclareLaunchArgument'}
+    unknown = set(overrides) - set(declared)
+    assert not unknown, f'{name}: no launch arguments {unknown}'
+    context = types.SimpleNamespace(launch_configurations={**declared, **overrides})
+    missing = [k for k, v in context.launch_configurations.items() if v is None]
+    assert not missing, f'{name}: arguments without a default must be given: {missing}'
+    opaque = [a for a in actions if type(a).__name__ == 'OpaqueFunction']
+    assert len(opaque) == 1
+    return opaque[0].kwargs['function'](context)
+
+
+def _console_scripts() -> set[str]:
+    text = (REPO / 'setup.py').read_text()
+    return set(re.findall(r"'([a-z_]+) = [a-z_.]+:main'", text))
+
+
+@pytest.mark.parametrize('name, overrides, expected_nodes', [
+    ('train_sim', {'num_envs': '3'}, {'learner', 'policy_server', 'maniskill_evaluator', 'maniskill_bridge'}),
+    ('eval_sim', {'splits': 'id,execution', 'episodes': '4', 'envs_per_split': '2'},
+     {'eval_recorder', 'policy_server', 'maniskill_bridge'}),
+    ('deploy_real', {'mode': 'train', 'learn': 'true', 'standin': 'true'},
+     {'safety_layer', 'policy_server', 'arm_bridge', 'episode_operator', 'learner', 'standin_arm'}),
+])
+def test_launch_file_builds_its_graph(monkeypatch, tmp_path, name, overrides, expected_nodes):
+    checkpoint = tiny_checkpoint(tmp_path / 'ckpt')
+    overrides = {'checkpoint': str(checkpoint), 'run_dir': str(tmp_path / 'run'), **overrides}
+    actions = _run_launch_file(monkeypatch, name, overrides)
+    nodes = [a for a in actions if type(a).__name__ == 'Node']
+    assert {n.kwargs['executable'] for n in nodes} == expected_nodes
+    assert {n.kwargs['executable'] for n in nodes} <= _console_scripts()
+    for node in nodes:
+        params_file, instance = node.kwargs['parameters']
+        assert Path(params_file) == REPO / 'config' / f'{name}.yaml'
+        assert isinstance(instance, dict)
+        if 'checkpoint' in instance:
+            assert instance['checkpoint'] == str(checkpoint.resolve())
+    if name == 'train_sim':
+        assert sorted(n.kwargs['namespace'] for n in nodes if n.kwargs['executable'] == 'maniskill_bridge') \
+            == ['env0', 'env1', 'env2']
+    if name == 'eval_sim':
+        bridges = [n for n in nodes if n.kwargs['executable'] == 'maniskill_bridge']
+        assert len(bridges) == 4  # 2 splits x 2 bridges, each with its half of the 4 seeds
+        assert sum(b.kwargs['parameters'][1]['max_episodes'] for b in bridges) == 8
+    # Every node whose exit ends the graph gets an exit handler.
+    handlers = [a for a in actions if type(a).__name__ == 'RegisterEventHandler']
+    assert handlers, 'no node ends the graph'
+
+
+def test_launch_file_refuses_a_missing_checkpoint(monkeypatch, tmp_path):
+    with pytest.raises(Exception, match='checkpoint'):
+        _run_launch_file(monkeypatch, 'deploy_real', {'checkpoint': str(tmp_path / 'nope')})

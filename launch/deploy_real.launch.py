@@ -9,15 +9,12 @@ config/deploy_real.yaml (or params_file:=...); `stepnft launch deploy_real` (no 
 needed) starts the same graph. The graph stops if the safety layer exits, or any node fails.
 """
 
-from pathlib import Path
-
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 
 from launch import LaunchDescription
 from stepnft_ros import launch_description as ld
-from stepnft_ros.launch_actions import localhost_discovery, node_actions
-from stepnft_ros.policy.checkpoint import read_header
+from stepnft_ros.launch_actions import checked_checkpoint, localhost_discovery, node_actions
 
 DEFAULTS = ld.DeployRealArgs(checkpoint='-')
 
@@ -28,11 +25,7 @@ def _flag(text: str) -> bool:
 
 def _nodes(context):
     get = lambda name: LaunchConfiguration(name).perform(context)  # noqa: E731
-    checkpoint = get('checkpoint')
-    if not checkpoint:
-        raise RuntimeError('deploy_real needs checkpoint:=<checkpoint directory>')
-    checkpoint = str(Path(checkpoint).resolve())
-    policy, _ = read_header(checkpoint)  # fail here, clearly, rather than in every node
+    checkpoint, policy = checked_checkpoint(get('checkpoint'), 'deploy_real')
     graph = ld.DeployRealArgs(checkpoint=checkpoint, run_dir=get('run_dir'), robot=get('robot'), mode=get('mode'),
                               learn=_flag(get('learn')), standin=_flag(get('standin')),
                               image_size=policy.image_size if policy.camera_names else 0)

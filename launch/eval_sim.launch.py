@@ -8,15 +8,12 @@ which `stepnft launch eval_sim` (no ROS installation needed) uses too. The graph
 eval_recorder has every episode and has written the results JSON.
 """
 
-from pathlib import Path
-
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 
 from launch import LaunchDescription
 from stepnft_ros import launch_description as ld
-from stepnft_ros.launch_actions import localhost_discovery, node_actions
-from stepnft_ros.policy.checkpoint import read_header
+from stepnft_ros.launch_actions import checked_checkpoint, localhost_discovery, node_actions
 
 DEFAULTS = ld.EvalSimArgs(checkpoint='-')
 
@@ -27,11 +24,7 @@ def _csv(text: str) -> tuple[str, ...]:
 
 def _nodes(context):
     get = lambda name: LaunchConfiguration(name).perform(context)  # noqa: E731
-    checkpoint = get('checkpoint')
-    if not checkpoint:
-        raise RuntimeError('eval_sim needs checkpoint:=<checkpoint directory>')
-    checkpoint = str(Path(checkpoint).resolve())
-    policy, _ = read_header(checkpoint)  # fail here, clearly, rather than in every node
+    checkpoint, policy = checked_checkpoint(get('checkpoint'), 'eval_sim')
     graph = ld.EvalSimArgs(
         checkpoint=checkpoint, run_dir=get('run_dir'), out=get('out'), suite=get('suite'),
         task_ids=tuple(int(t) for t in _csv(get('task_ids'))), episodes_per_task=int(get('episodes_per_task')),

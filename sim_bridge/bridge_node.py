@@ -141,8 +141,10 @@ class SimBridge(Node):
         self.episode_steps = 0
         self.episode_start = time.perf_counter()
         self.sim_ns += self.period_ns  # the reset takes a tick: the first stamp differs from the last one
+        # The instruction goes out before the reset: topics are not ordered against each other, and
+        # the reset's time lets a changed instruction arrive before the first observation does.
+        self._publish_instruction(self.env.instruction_for(self.seed))
         raw = self.env.reset(self.seed)
-        self._publish_instruction(self.env.instruction)
         self._publish_observation(raw, new_stamp=True)
 
     def _publish_observation(self, raw: dict, new_stamp: bool) -> None:

@@ -12,6 +12,13 @@ class SimEnv:
     action_dim: int
     _done: bool
 
+    instruction: str
+
+    def instruction_for(self, seed: int) -> str:
+        """The instruction of the episode `seed` starts; known before the reset, so a bridge can
+        publish it ahead of the episode's first observation (they travel on different topics)."""
+        return self.instruction
+
     def _checked_action(self, action: np.ndarray, dtype=np.float32) -> np.ndarray:
         """`action` as a flat array of action_dim finite values; raises before the sim sees garbage."""
         if self._done:

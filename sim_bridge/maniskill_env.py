@@ -205,11 +205,15 @@ class ManiSkillEnv(SimEnv):
             'instruction': self.instruction,
         }
 
+    def instruction_for(self, seed: int) -> str:
+        """The instruction of the episode `seed` starts (the semantic split rephrases it per seed)."""
+        return self._ood.instruction(int(seed), self.cfg.instruction)
+
     def reset(self, seed: int) -> dict:
         """Start an episode; the seed fixes robot init noise, object pose, goal and the split's changes."""
         options = {'reconfigure': True} if self.cfg.reconfigure_on_reset else None
         raw, info = self._env.reset(seed=int(seed), options=options)
-        self.instruction = self._ood.instruction(int(seed), self.cfg.instruction)
+        self.instruction = self.instruction_for(seed)
         base = self._env.unwrapped
         if self._ood.on_reset(base, int(seed)):
             info = base.get_info()

@@ -197,6 +197,8 @@ def test_semantic_split_rephrases_the_instruction_per_seed(ms_envs):
     trained = ms_envs['id'].reset(0)['instruction']
     assert all(p in ood.PARAPHRASES['PickCube-v1'] and p != trained for p in phrasings)
     assert len(set(phrasings)) > 1 and phrasings == [env.reset(s)['instruction'] for s in range(8)]
+    # Known before the reset, so the bridge can publish it ahead of the first observation.
+    assert [env.instruction_for(s) for s in range(8)] == phrasings
 
 
 @maniskill

@@ -271,16 +271,25 @@ def test_policy_server_answers_and_hot_swaps_on_onnxruntime(tmp_path, probe):
             msg = next(c for c in chunks if ros_io.stamp_to_ns(c.header.stamp) == stamp_ns)
             return np.array([p.positions for p in msg.points])
 
-        # The same decisions on torch: eval mode is the ODE sampler from seeded noise (server seed 0).
-        reference = FlowPolicy(load_checkpoint(ckpt)[0], mode='ode', seed=0)
+        # The same decisions on torch: eval mode is the ODE sampler from the robot's own noise stream
+        # (server seed 0, robot 'arm', its first episode).
+        from stepnft_ros.nodes.policy_server import robot_noise
+
+        reference = FlowPolicy(load_checkpoint(ckpt)[0], mode='ode')
+        noise = robot_noise(0, 'arm', 0)
         obs = Observation(state=state)
-        assert max_diff(answer(1_000), reference.infer(obs).chunks[0]) < TOLERANCE
+
+        def expected() -> np.ndarray:
+            eps = torch.randn((1, 4, 2), generator=noise)
+            return reference.infer_batch([obs], initial_noise=eps).chunks[0]
+
+        assert max_diff(answer(1_000), expected()) < TOLERANCE
 
         v1 = tiny_checkpoint(tmp_path / 'v1', state_dim=5, action_dim=2, seed=1, weights_version=1)
         pubs['weights'].publish(ros_io.WeightsAnnouncement(1, str(v1)).to_msg())
         server.wait_for('hot-swapped to weights version 1', timeout=60)
         reference.model = load_checkpoint(v1)[0].eval()
-        assert max_diff(answer(2_000), reference.infer(obs).chunks[0]) < TOLERANCE
+        assert max_diff(answer(2_000), expected()) < TOLERANCE
         assert server.proc.poll() is None
     finally:
         graph.stop_all()

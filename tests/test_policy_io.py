@@ -37,6 +37,22 @@ def test_vision_language_policy_runs_end_to_end():
     assert out.chunks.shape == (2, 2, 3) and np.isfinite(out.chunks).all()
 
 
+def test_given_initial_noise_makes_an_ode_chunk_independent_of_its_batch():
+    # The policy server keeps one noise stream per robot in eval mode: a robot's chunk must not
+    # depend on which other robots share the batch, nor on the policy's own generator.
+    cfg = PolicyConfig(state_dim=4, action_dim=3, horizon=2, d_model=32, n_heads=2)
+    policy = FlowPolicy(FlowVLA(cfg), mode='ode')
+    a, b = obs(state=np.ones(4, np.float32)), obs(state=-np.ones(4, np.float32))
+    noise = torch.randn(2, 2, 3, generator=torch.Generator().manual_seed(1))
+    together = policy.infer_batch([a, b], initial_noise=noise).chunks
+    policy.reset(seed=123)
+    alone = policy.infer_batch([b], initial_noise=noise[1:]).chunks
+    np.testing.assert_allclose(together[1], alone[0], atol=1e-6)
+    assert not np.allclose(together[0], together[1])
+    with pytest.raises(ValueError, match='initial_noise has shape'):
+        policy.infer_batch([a], initial_noise=noise)
+
+
 @pytest.mark.parametrize('bad, message', [
     (obs(state=np.array([0, np.nan, 0, 0], np.float32)), 'non-finite'),
     (obs(state=np.zeros(5, np.float32)), r'shape \(5,\)'),

@@ -10,13 +10,17 @@ Graph-wide: /policy_weights (in, latched: hot swap), /emergency_stop (in, latche
 answering), /episode_written (out: episode id, after its bag is on disk).
 
 Modes: `train` samples with Flow-SDE and records every decision with its trace; `eval` and
-`deploy` use the deterministic ODE sampler and record nothing.
+`deploy` use the deterministic ODE sampler and record nothing. There each robot has its own
+noise stream, re-seeded from (seed, namespace, episode number) at every outcome, so a robot's
+chunks do not depend on which other robots share its batches (up to float rounding, which
+differs between batch sizes): an evaluation graph repeats its scores.
 """
 
 from __future__ import annotations
 
 import re
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -36,6 +40,11 @@ from stepnft_ros.policy.types import Observation, ObservationError, validate_obs
 MODES = {'train': 'sde', 'eval': 'ode', 'deploy': 'ode'}
 
 
+def robot_noise(seed: int, namespace: str, episode: int) -> torch.Generator:
+    """The ODE noise stream of one robot's episode in eval / deploy mode (stable across runs)."""
+    return torch.Generator().manual_seed(zlib.crc32(f'{seed}/{namespace}/{episode}'.encode()))
+
+
 @dataclass
 class Robot:
     """What the server keeps per robot namespace."""
@@ -49,6 +58,7 @@ class Robot:
     episodes_done: int = 0
     successes: int = 0
     subscriptions: list = field(default_factory=list)
+    noise: torch.Generator | None = None  # eval / deploy: this robot's own ODE noise stream
 
 
 class PolicyServer(Node):
@@ -68,7 +78,7 @@ class PolicyServer(Node):
         self.max_batch = p.get('max_batch', 16)
         batch_window_s = p.get('batch_window_ms', 2.0) / 1000.0
         noise_level = p.get('noise_level', -1.0)
-        seed = p.get('seed', 0)
+        self.seed = seed = p.get('seed', 0)
         device = p.get('device', 'cpu')
         backend = p.get('backend', 'torch')  # or 'onnxruntime' (device: cpu / cuda / auto = its provider)
         self.max_observation_age_s = p.get('max_observation_age_s', 0.0)
@@ -111,6 +121,7 @@ class PolicyServer(Node):
                                 lambda req, resp, r=robot: self._on_outcome(r, req, resp))
             self.create_service(Trigger, f'{ns}/{ros_io.EPISODE_DISCARD}',
                                 lambda req, resp, r=robot: self._on_discard(r, req, resp))
+            self._reseed(robot)
             self.robots[ns] = robot
         self.estopped = False
         self.create_subscription(Bool, ros_io.EMERGENCY_STOP, self._on_estop, ros_io.LATCHED_QOS)
@@ -209,9 +220,12 @@ class PolicyServer(Node):
             for r in ready:
                 r.pending = None
             return
+        cfg = self.policy.model.config
         for start in range(0, len(ready), self.max_batch):
             batch = ready[start:start + self.max_batch]
-            out = self.policy.infer_batch([r.pending[1] for r in batch])
+            noise = None if self.recording else torch.stack([
+                torch.randn((cfg.horizon, cfg.action_dim), generator=r.noise) for r in batch])
+            out = self.policy.infer_batch([r.pending[1] for r in batch], initial_noise=noise)
             for i, robot in enumerate(batch):
                 stamp_ns, obs = robot.pending
                 robot.pending = None
@@ -232,12 +246,17 @@ class PolicyServer(Node):
         # Wall-clock first: ids sort by start time and stay unique across server restarts.
         return f'{time.time_ns()}_{re.sub(r"[^A-Za-z0-9_.-]", "_", robot.namespace.strip("/"))}_{stamp_ns}'
 
+    def _reseed(self, robot: Robot) -> None:
+        if not self.recording:
+            robot.noise = robot_noise(self.seed, robot.namespace, robot.episodes_done)
+
     # ---- outcomes --------------------------------------------------------------------------
 
     def _on_outcome(self, robot: Robot, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
         success = bool(request.data)
         robot.episodes_done += 1
         robot.successes += success
+        self._reseed(robot)
         robot.last_answer = None
         robot.pending = None
         episode, robot.episode = robot.episode, None

@@ -43,7 +43,7 @@ from stepnft_ros.atomic import atomic_publish_dir
 from stepnft_ros.policy.checkpoint import WEIGHTS_FILE, CheckpointError, load_checkpoint
 from stepnft_ros.policy.config import PolicyConfig
 from stepnft_ros.policy.modeling import FlowVLA
-from stepnft_ros.policy.policy import SAMPLING_MODES, FlowPolicy, PolicyOutput
+from stepnft_ros.policy.policy import SAMPLING_MODES, FlowPolicy, PolicyOutput, initial_noise_for
 from stepnft_ros.policy.sampler import sample_chunk
 from stepnft_ros.policy.types import Observation, stack_observations
 
@@ -512,8 +512,10 @@ class OnnxFlowPolicy:
         return prefix, pad
 
     @torch.no_grad()
-    def infer_batch(self, observations: Sequence[Observation]) -> PolicyOutput:
-        """Validates every observation (ObservationError on bad input) and samples one chunk each."""
+    def infer_batch(self, observations: Sequence[Observation],
+                    initial_noise: torch.Tensor | None = None) -> PolicyOutput:
+        """Validates every observation (ObservationError on bad input) and samples one chunk each
+        (initial_noise: as FlowPolicy.infer_batch)."""
         s = self._sessions  # one set of weights per batch, even if a swap happens meanwhile
         cfg = s.config
         prefix, pad = self.encode_prefix(observations, s)  # computed once, reused by all K steps
@@ -524,7 +526,7 @@ class OnnxFlowPolicy:
             return torch.from_numpy(out[0])
 
         b = prefix.shape[0]
-        noise = torch.randn((b, cfg.horizon, cfg.action_dim), generator=self.generator, device=self.device)
+        noise = initial_noise_for(b, cfg, self.generator, self.device, initial_noise)
         k_star = None if self.fixed_step is None else torch.full((b,), self.fixed_step, dtype=torch.long)
         x_final, trace = sample_chunk(v, noise, cfg.num_steps, self.a, generator=self.generator, k_star=k_star)
         chunks = x_final * s.action_std + s.action_mean  # the one place actions are de-normalized

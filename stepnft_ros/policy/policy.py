@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from stepnft_ros.policy.config import PolicyConfig
 from stepnft_ros.policy.modeling import FlowVLA
 from stepnft_ros.policy.sampler import sample_chunk
 from stepnft_ros.policy.types import Observation, Trace, stack_observations
@@ -52,13 +53,18 @@ class FlowPolicy:
         self.generator.manual_seed(self.seed if seed is None else seed)
 
     @torch.no_grad()
-    def infer_batch(self, observations: Sequence[Observation]) -> PolicyOutput:
-        """Validates every observation (ObservationError on bad input) and samples one chunk each."""
+    def infer_batch(self, observations: Sequence[Observation],
+                    initial_noise: torch.Tensor | None = None) -> PolicyOutput:
+        """Validates every observation (ObservationError on bad input) and samples one chunk each.
+
+        initial_noise: (B, H, D) ε per observation instead of draws from the policy's generator, so
+        a caller can keep one noise stream per robot (an ODE chunk then does not depend on which
+        other robots share its batch).
+        """
         cfg = self.model.config
         batch = stack_observations(observations, cfg).to(self.device)
         prefix = self.model.encode_prefix(batch)  # computed once, reused by all K steps
-        noise = torch.randn((batch.batch_size, cfg.horizon, cfg.action_dim),
-                            generator=self.generator, device=self.device)
+        noise = initial_noise_for(batch.batch_size, cfg, self.generator, self.device, initial_noise)
         k_star = None if self.fixed_step is None else torch.full(
             (batch.batch_size,), self.fixed_step, dtype=torch.long, device=self.device)
         x_final, trace = sample_chunk(lambda x, tau: self.model.velocity(x, tau, prefix),
@@ -68,3 +74,14 @@ class FlowPolicy:
 
     def infer(self, observation: Observation) -> PolicyOutput:
         return self.infer_batch([observation])
+
+
+def initial_noise_for(batch_size: int, cfg: PolicyConfig, generator: torch.Generator, device: torch.device,
+                      given: torch.Tensor | None) -> torch.Tensor:
+    """The sampler's starting ε: `given` (checked) or fresh draws from `generator`."""
+    shape = (batch_size, cfg.horizon, cfg.action_dim)
+    if given is None:
+        return torch.randn(shape, generator=generator, device=device)
+    if tuple(given.shape) != shape:
+        raise ValueError(f'initial_noise has shape {tuple(given.shape)}, expected {shape}')
+    return given.to(device=device, dtype=torch.float32)

@@ -469,3 +469,51 @@ def test_bad_configuration_stops_the_node_with_one_clear_line(tmp_path, ros_doma
         assert bridge.proc.wait(60) == 2 and 'needs a robot namespace' in bridge.output()
     finally:
         graph.stop_all()
+
+
+def test_an_operator_that_stops_repeating_episode_active_stops_the_episode(tmp_path, probe):
+    """The operator repeats episode_active; when the repeats stop (operator killed), the arm bridge
+    ends the episode after active_timeout_s: no more observations, so nothing more is commanded."""
+    from ros_harness import Graph, spin_until
+    from std_msgs.msg import Bool
+
+    from stepnft_ros import ros_io
+
+    node, executor = probe
+    graph = Graph(tmp_path / 'logs')
+    try:
+        operator = graph.start('stepnft_ros.nodes.episode_operator', 'episode_operator',
+                               {'robots': ['arm'], 'heartbeat_s': 0.2})
+        bridge = graph.start('stepnft_ros.nodes.arm_bridge', 'arm_bridge', {
+            'joint_names': ['j1', 'j2'], 'control_rate_hz': 10.0, 'request_timeout_s': 0.2,
+            'active_timeout_s': 1.0, 'max_observation_age_s': 1.0}, namespace='arm')
+        repeats, observations = [], []
+        node.create_subscription(Bool, '/arm/' + ros_io.EPISODE_ACTIVE, repeats.append, ros_io.LATCHED_QOS)
+        node.create_subscription(ros_io.JointState, '/arm/joint_states', observations.append, ros_io.SENSOR_QOS)
+        joints = node.create_publisher(ros_io.JointState, '/joint_states', ros_io.SENSOR_QOS)
+        active = node.create_publisher(Bool, '/arm/' + ros_io.EPISODE_ACTIVE, ros_io.LATCHED_QOS)
+        bridge.wait_for('waiting for episode_active', timeout=60)
+        operator.wait_for('operating 1 robot', timeout=60)
+
+        def spin_for(seconds: float, heartbeat: bool) -> None:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                joints.publish(ros_io.arrays_to_joint_state(['j1', 'j2'], np.zeros(2), None, time.time_ns()))
+                if heartbeat:
+                    active.publish(Bool(data=True))
+                for _ in range(2):
+                    executor.spin_once(timeout_sec=0.05)
+
+        spin_until(executor, lambda: len(repeats) >= 4, 10, 'the idle operator to repeat episode_active')
+        assert not any(m.data for m in repeats), 'no episode started: the operator repeats false'
+        operator.stop(signal.SIGKILL)  # from here on only the test speaks for the operator
+        spin_for(2.0, heartbeat=True)
+        assert observations, 'episode active: the bridge sends observations'
+        spin_for(1.5, heartbeat=False)
+        bridge.wait_for('no episode_active from the operator for 1 s: episode stopped, holding', timeout=10)
+        n = len(observations)
+        spin_for(1.5, heartbeat=False)
+        assert len(observations) == n, 'the episode stopped: no more observations'
+        assert bridge.proc.poll() is None
+    finally:
+        graph.stop_all()

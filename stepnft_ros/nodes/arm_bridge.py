@@ -3,7 +3,8 @@
 In its namespace <ns> (which must not be the root):
   in   `joint_states_topic` (the driver's sensor_msgs/JointState, any joint order, may be split
        over several publishers), `camera_topics` (sensor_msgs/Image, any size: centre-cropped and
-       resized to `image_size`), <ns>/episode_active (std_msgs/Bool, latched; the operator),
+       resized to `image_size`), <ns>/episode_active (std_msgs/Bool, latched; the operator, whose
+       repeats must keep coming when `active_timeout_s` > 0),
        <ns>/action_chunk (the policy server's answer)
   out  the policy contract: <ns>/joint_states (`joint_names` in order), <ns>/camera/<cam>/image_raw,
        <ns>/instruction (latched), all parts of one observation with one stamp;
@@ -57,6 +58,9 @@ class ArmBridge(Node):
         absolute_joints = p.get('absolute_joints', [])
         max_age_s = p.get('max_observation_age_s', 0.25)
         self.require_active = p.get('require_active', True)
+        # > 0: episode_active must be repeated at least this often (the operator's heartbeat), or
+        # the episode counts as stopped: an operator that dies cannot leave the arm acting.
+        self.active_timeout_s = p.get('active_timeout_s', 0.0)
         self.log_throttle_s = p.get('log_throttle_s', 1.0)
 
         bad_sources = sorted(set(state_sources) - {'joint_position', 'joint_velocity'})
@@ -67,8 +71,9 @@ class ArmBridge(Node):
         if len(camera_topics) != len(camera_names):
             raise ConfigError(f"parameters 'camera_names' ({len(camera_names)}) and 'camera_topics' "
                               f'({len(camera_topics)}) must pair up')
-        if rate_hz <= 0 or request_timeout_s <= 0 or image_size < 8:
-            raise ConfigError('control_rate_hz and request_timeout_s must be > 0, image_size >= 8')
+        if rate_hz <= 0 or request_timeout_s <= 0 or image_size < 8 or self.active_timeout_s < 0:
+            raise ConfigError('control_rate_hz and request_timeout_s must be > 0, image_size >= 8, '
+                              'active_timeout_s >= 0')
         if self.command_type not in COMMAND_TYPES:
             raise ConfigError(f"parameter 'command_type' must be one of {COMMAND_TYPES}, got {self.command_type!r}")
         self.period = 1.0 / rate_hz
@@ -111,6 +116,7 @@ class ArmBridge(Node):
             self.get_logger().warning(f'twist control: action dims 7..{self.action_dim} (e.g. the gripper) are not '
                                       'part of a twist and are not sent')
         self.active = not self.require_active
+        self.active_heard = time.monotonic()
         self.tick = 0
         self.stamp_to_tick: dict[int, int] = {}
         self.sent_at: dict[int, float] = {}       # stamp -> monotonic send time
@@ -142,18 +148,26 @@ class ArmBridge(Node):
                                       throttle_duration_sec=self.log_throttle_s)
 
     def _on_active(self, msg: Bool) -> None:
-        if bool(msg.data) == self.active:
-            return
-        self.active = bool(msg.data)
+        self.active_heard = time.monotonic()
+        if bool(msg.data) != self.active:
+            self._set_active(bool(msg.data))
+            self.get_logger().info(f'episode {"ACTIVE: acting" if self.active else "inactive: holding"}')
+
+    def _set_active(self, active: bool) -> None:
+        self.active = active
         self.scheduler.reset()  # a new episode never executes the last one's chunks
         self.stamp_to_tick.clear()
         self.sent_at.clear()
-        self.get_logger().info(f'episode {"ACTIVE: acting" if self.active else "inactive: holding"}')
 
     # ---- control loop ----------------------------------------------------------------------
 
     def _on_tick(self) -> None:
         self.tick += 1
+        if (self.active and self.require_active and self.active_timeout_s > 0
+                and time.monotonic() - self.active_heard > self.active_timeout_s):
+            self._set_active(False)
+            self.get_logger().error(f'no episode_active from the operator for {self.active_timeout_s:g} s: '
+                                    'episode stopped, holding')
         if not self.active:
             return
         action = self.scheduler.action(self.tick)

@@ -125,10 +125,13 @@ class EpisodeOperator(Node):
         p = Params(self)
         robots = p.get('robots', ['env0'])
         self.server_timeout_s = p.get('server_timeout_s', 5.0)
+        heartbeat_s = p.get('heartbeat_s', 0.5)
         if not robots or len(set(robots)) != len(robots) or not all(robots):
             raise ConfigError(f"parameter 'robots' must list distinct namespaces, got {robots}")
         if self.server_timeout_s <= 0:
             raise ConfigError(f"parameter 'server_timeout_s' must be > 0, got {self.server_timeout_s}")
+        if heartbeat_s < 0:
+            raise ConfigError(f"parameter 'heartbeat_s' must be >= 0, got {heartbeat_s}")
         # Service callbacks await the policy server's answer. Everything sits in one reentrant
         # group: with a mutually exclusive group a waiting callback would block the very client
         # response it waits for (a deadlock under the SingleThreadedExecutor), and a request
@@ -150,6 +153,10 @@ class EpisodeOperator(Node):
                 # partial, not a lambda: executors await a callback only if it is a coroutine function
                 self.create_service(srv_type, f'{ns}/{name}', partial(handler, robot), callback_group=self.group)
             self._publish(robot)  # latched "not active": an arm that joins (or an operator restart) holds still
+        if heartbeat_s > 0:
+            # episode_active is repeated, not only latched: an arm bridge with active_timeout_s stops
+            # its arm when the repeats stop (this process killed, the network to it gone).
+            self.create_timer(heartbeat_s, self._on_heartbeat, callback_group=self.group)
         self.get_logger().info(f'operating {len(robots)} robot(s) {robots}: services <ns>/operator/'
                                '{start,stop,label,discard}; the arm acts only while <ns>/episode_active is true')
 
@@ -274,6 +281,10 @@ class EpisodeOperator(Node):
         led.seq += 1
         robot.active_pub.publish(Bool(data=led.phase == ACTIVE))
         robot.status_pub.publish(String(data=json.dumps(led.status())))
+
+    def _on_heartbeat(self) -> None:
+        for robot in self.robots.values():
+            robot.active_pub.publish(Bool(data=robot.ledger.phase == ACTIVE))
 
     def close(self) -> None:
         """On shutdown every arm is told to hold still (the topic is latched)."""

@@ -19,10 +19,12 @@ from rclpy.qos import (
     ReliabilityPolicy,
     qos_profile_sensor_data,
 )
-from sensor_msgs.msg import Image, JointState
+from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
+from stepnft_ros import image_codec
+from stepnft_ros.image_codec import is_compressed_topic  # noqa: F401  (nodes choose the message type)
 from stepnft_ros.policy.types import Observation, ObservationError
 
 # Topic names relative to a robot's namespace (the robot-facing contract, ARCHITECTURE.md).
@@ -83,25 +85,14 @@ def ns_to_stamp(ns: int) -> Time:
 
 # ---- images -------------------------------------------------------------------------------
 
-_CHANNEL_ORDER = {'rgb8': (0, 1, 2), 'bgr8': (2, 1, 0), 'rgba8': (0, 1, 2), 'bgra8': (2, 1, 0)}
-
-
 def image_to_numpy(msg: Image, expected_size: int | None) -> np.ndarray:
     """sensor_msgs/Image (rgb8, bgr8, rgba8 or bgra8) -> (size, size, 3) uint8 RGB (any size if None)."""
-    order = _CHANNEL_ORDER.get(msg.encoding)
-    if order is None:
-        raise ObservationError(f'image encoding {msg.encoding!r} unsupported; send one of {sorted(_CHANNEL_ORDER)}')
-    if msg.height == 0 or msg.width == 0:
-        raise ObservationError('image is empty (0 pixels)')
-    if expected_size is not None and (msg.height, msg.width) != (expected_size, expected_size):
-        raise ObservationError(f'image is {msg.width}x{msg.height}, the policy expects {expected_size}x{expected_size}')
-    channels = 4 if msg.encoding.endswith('a8') else 3
-    row = msg.width * channels
-    if msg.step < row or len(msg.data) != msg.step * msg.height:
-        raise ObservationError(f'image data holds {len(msg.data)} bytes, step {msg.step}: '
-                               f'expected {msg.height} rows of at least {row} bytes')
-    pixels = np.frombuffer(bytes(msg.data), dtype=np.uint8).reshape(msg.height, msg.step)[:, :row]
-    return np.ascontiguousarray(pixels.reshape(msg.height, msg.width, channels)[:, :, order])
+    return image_codec.raw_to_rgb(msg, expected_size)
+
+
+def compressed_image_to_numpy(msg: CompressedImage) -> np.ndarray:
+    """sensor_msgs/CompressedImage (jpeg or png) -> (h, w, 3) uint8 RGB."""
+    return image_codec.compressed_to_rgb(msg)
 
 
 def numpy_to_image(rgb: np.ndarray, stamp_ns: int, frame_id: str = '') -> Image:

@@ -325,17 +325,55 @@ def command_values(k: int) -> tuple[list[str], list[float]]:
     return ['grip', 'j0', 'j1', 'j2'], [100 * k + 3, 100 * k, 100 * k + 1, 100 * k + 2]
 
 
-def write_bag_with_rosbags(path: Path, events: list[tuple[float, str, object]]) -> None:
+def write_bag_with_rosbags(path: Path, events: list[tuple[float, str, object]], spec: dict = TOPICS) -> None:
     """A demo bag written directly (controlled log times) with rosbags' CDR serialization."""
     from rosbags.rosbag2 import StoragePlugin, Writer
     from rosbags.typesys import Stores, get_typestore
 
     ts = get_typestore(Stores.ROS2_KILTED)
-    types = DemoTopics.from_dict(TOPICS).topics()
+    types = DemoTopics.from_dict(spec).topics()
     with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
         conns = {topic: writer.add_connection(topic, msgtype, typestore=ts) for topic, msgtype in types.items()}
         for t, topic, msg in events:
             writer.write(conns[topic], int(t * 1e9), ts.serialize_cdr(msg, msg.__msgtype__))
+
+
+def test_demo_bags_with_a_compressed_camera(tmp_path):
+    # A camera recorded from image_transport's <topic>/compressed stream (png here: lossless).
+    import copy
+
+    import cv2
+    from rosbags.typesys import Stores, get_typestore
+
+    T = get_typestore(Stores.ROS2_KILTED).types
+    header = T['std_msgs/msg/Header'](stamp=T['builtin_interfaces/msg/Time'](sec=0, nanosec=0), frame_id='')
+    empty = np.empty(0, np.float64)
+    spec = copy.deepcopy(TOPICS)
+    spec['cameras']['scene'] = spec['cameras']['scene'] + '/compressed'
+    topics = DemoTopics.from_dict(spec)
+    assert topics.topics()[spec['cameras']['scene']] == 'sensor_msgs/msg/CompressedImage'
+
+    def png(t):
+        data = cv2.imencode('.png', upright_frame(t, 32)[:, :, ::-1])[1].reshape(-1)
+        return T['sensor_msgs/msg/CompressedImage'](header=header, format='png', data=data)
+
+    raw = upright_frame(1, 32)
+    wrist = T['sensor_msgs/msg/Image'](header=header, height=32, width=32, encoding='rgb8', is_bigendian=0,
+                                       step=96, data=np.ascontiguousarray(raw).reshape(-1))
+    names, values = command_values(1)
+    point = T['trajectory_msgs/msg/JointTrajectoryPoint'](
+        positions=np.array(values, np.float64), velocities=empty, accelerations=empty, effort=empty,
+        time_from_start=T['builtin_interfaces/msg/Duration'](sec=0, nanosec=0))
+    events = [(0.10, spec['state']['topic'], T['sensor_msgs/msg/JointState'](
+                  header=header, name=PUBLISHED_JOINTS, position=np.array(joint_values(1)), velocity=empty,
+                  effort=empty)),
+              (0.11, spec['cameras']['wrist'], wrist), (0.12, spec['cameras']['scene'], png(2)),
+              (0.20, spec['command']['topic'], T['trajectory_msgs/msg/JointTrajectory'](
+                  header=header, joint_names=names, points=[point]))]
+    write_bag_with_rosbags(tmp_path / 'bags' / 'demo_0000', events, spec)
+    demos, reports = read_demo_bags(tmp_path / 'bags', topics)
+    assert reports[0].samples == 1
+    assert_upright(demos.images['scene'][0], 2)  # decoded from png, RGB order, resized
 
 
 def test_demo_bag_sampling_takes_the_latest_observation_at_or_before_each_command(tmp_path):

@@ -473,8 +473,11 @@ def test_bad_configuration_stops_the_node_with_one_clear_line(tmp_path, ros_doma
 
 def test_an_operator_that_stops_repeating_episode_active_stops_the_episode(tmp_path, probe):
     """The operator repeats episode_active; when the repeats stop (operator killed), the arm bridge
-    ends the episode after active_timeout_s: no more observations, so nothing more is commanded."""
+    ends the episode after active_timeout_s: no more observations, so nothing more is commanded.
+    The camera here streams jpeg (image_transport's /compressed), decoded by the bridge."""
+    import cv2
     from ros_harness import Graph, spin_until
+    from sensor_msgs.msg import CompressedImage
     from std_msgs.msg import Bool
 
     from stepnft_ros import ros_io
@@ -486,8 +489,14 @@ def test_an_operator_that_stops_repeating_episode_active_stops_the_episode(tmp_p
                                {'robots': ['arm'], 'heartbeat_s': 0.2})
         bridge = graph.start('stepnft_ros.nodes.arm_bridge', 'arm_bridge', {
             'joint_names': ['j1', 'j2'], 'control_rate_hz': 10.0, 'request_timeout_s': 0.2,
-            'active_timeout_s': 1.0, 'max_observation_age_s': 1.0}, namespace='arm')
-        repeats, observations = [], []
+            'active_timeout_s': 1.0, 'max_observation_age_s': 1.0, 'camera_names': ['wrist'],
+            'camera_topics': ['/wrist/image_raw/compressed'], 'image_size': 16}, namespace='arm')
+        repeats, observations, frames = [], [], []
+        node.create_subscription(ros_io.Image, '/arm/camera/wrist/image_raw', frames.append, ros_io.SENSOR_QOS)
+        camera = node.create_publisher(CompressedImage, '/wrist/image_raw/compressed', ros_io.SENSOR_QOS)
+        picture = np.zeros((32, 32, 3), np.uint8)
+        picture[:] = (200, 30, 10)
+        jpeg = cv2.imencode('.jpg', picture[:, :, ::-1])[1].tobytes()
         node.create_subscription(Bool, '/arm/' + ros_io.EPISODE_ACTIVE, repeats.append, ros_io.LATCHED_QOS)
         node.create_subscription(ros_io.JointState, '/arm/joint_states', observations.append, ros_io.SENSOR_QOS)
         joints = node.create_publisher(ros_io.JointState, '/joint_states', ros_io.SENSOR_QOS)
@@ -499,6 +508,9 @@ def test_an_operator_that_stops_repeating_episode_active_stops_the_episode(tmp_p
             end = time.monotonic() + seconds
             while time.monotonic() < end:
                 joints.publish(ros_io.arrays_to_joint_state(['j1', 'j2'], np.zeros(2), None, time.time_ns()))
+                frame = CompressedImage(format='jpeg', data=jpeg)
+                frame.header.stamp = ros_io.ns_to_stamp(time.time_ns())
+                camera.publish(frame)
                 if heartbeat:
                     active.publish(Bool(data=True))
                 for _ in range(2):
@@ -509,6 +521,9 @@ def test_an_operator_that_stops_repeating_episode_active_stops_the_episode(tmp_p
         operator.stop(signal.SIGKILL)  # from here on only the test speaks for the operator
         spin_for(2.0, heartbeat=True)
         assert observations, 'episode active: the bridge sends observations'
+        spin_until(executor, lambda: frames, 5, 'the decoded camera frame')
+        seen = ros_io.image_to_numpy(frames[-1], 16).astype(int)
+        assert np.abs(seen - picture[:16, :16]).max() <= 4, 'the jpeg frame, decoded to RGB and resized'
         spin_for(1.5, heartbeat=False)
         bridge.wait_for('no episode_active from the operator for 1 s: episode stopped, holding', timeout=10)
         n = len(observations)

@@ -92,3 +92,22 @@ def test_weights_announcement_round_trip_and_garbage():
     assert ros_io.WeightsAnnouncement.from_msg(msg) == ros_io.WeightsAnnouncement(3, '/tmp/v3')
     with pytest.raises(ValueError, match='bad weights announcement'):
         ros_io.WeightsAnnouncement.from_msg(String(data='{"version": "x"}'))
+
+
+def test_compressed_images_decode_to_rgb_and_garbage_is_named():
+    import cv2
+    from sensor_msgs.msg import CompressedImage
+
+    rgb = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    png = CompressedImage(format='png', data=cv2.imencode('.png', rgb[:, :, ::-1])[1].tobytes())
+    np.testing.assert_array_equal(ros_io.compressed_image_to_numpy(png), rgb)  # lossless: exact, and RGB order
+    flat = np.zeros((16, 16, 3), np.uint8)
+    flat[:] = (200, 30, 10)
+    jpeg = CompressedImage(format='jpeg', data=cv2.imencode('.jpg', flat[:, :, ::-1])[1].tobytes())
+    assert np.abs(ros_io.compressed_image_to_numpy(jpeg).astype(int) - flat).max() <= 3
+    with pytest.raises(ObservationError, match='does not decode'):
+        ros_io.compressed_image_to_numpy(CompressedImage(format='jpeg', data=b'not an image'))
+    with pytest.raises(ObservationError, match='empty'):
+        ros_io.compressed_image_to_numpy(CompressedImage(format='jpeg'))
+    assert ros_io.is_compressed_topic('/wrist/image_raw/compressed')
+    assert not ros_io.is_compressed_topic('/wrist/image_raw')

@@ -26,6 +26,7 @@ import numpy as np
 import yaml
 
 from stepnft_ros.episodes.demos import DemoSet
+from stepnft_ros.image_codec import compressed_to_rgb, is_compressed_topic, raw_to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -488,6 +489,7 @@ COMMAND_TYPES = ('trajectory_msgs/msg/JointTrajectory', 'sensor_msgs/msg/JointSt
                  'geometry_msgs/msg/TwistStamped')
 JOINT_STATE_TYPE = 'sensor_msgs/msg/JointState'
 IMAGE_TYPE = 'sensor_msgs/msg/Image'
+COMPRESSED_IMAGE_TYPE = 'sensor_msgs/msg/CompressedImage'  # cameras recorded from <topic>/compressed
 STRING_TYPE = 'std_msgs/msg/String'
 STATE_SOURCES = ('joint_position', 'joint_velocity')
 INSTRUCTION_KEY = 'stepnft_ros.instruction'
@@ -553,7 +555,8 @@ class DemoTopics:
     def topics(self) -> dict[str, str]:
         """topic -> message type, for every recorded topic."""
         out = {self.state_topic: JOINT_STATE_TYPE, self.command_topic: self.command_type}
-        out.update({topic: IMAGE_TYPE for topic in self.cameras.values()})
+        out.update({topic: COMPRESSED_IMAGE_TYPE if is_compressed_topic(topic) else IMAGE_TYPE
+                    for topic in self.cameras.values()})
         if self.instruction_topic:
             out[self.instruction_topic] = STRING_TYPE
         return out
@@ -640,21 +643,11 @@ def _command(msg: Any, topics: DemoTopics) -> np.ndarray:
     return _select(names, values, topics.command_names, 'command').astype(np.float32)
 
 
-_CHANNELS = {'rgb8': (3, (0, 1, 2)), 'bgr8': (3, (2, 1, 0)), 'rgba8': (4, (0, 1, 2)), 'bgra8': (4, (2, 1, 0)),
-             'mono8': (1, (0, 0, 0))}
-
-
-def image_msg_to_rgb(msg: Any) -> np.ndarray:
-    """A sensor_msgs/Image (rgb8, bgr8, rgba8, bgra8 or mono8) -> (h, w, 3) uint8 RGB."""
-    if msg.encoding not in _CHANNELS:
-        raise ValueError(f'image encoding {msg.encoding!r} unsupported; use one of {sorted(_CHANNELS)}')
-    channels, order = _CHANNELS[msg.encoding]
-    row = msg.width * channels
-    data = np.frombuffer(bytes(msg.data), np.uint8) if not isinstance(msg.data, np.ndarray) else msg.data
-    if msg.height < 1 or msg.step < row or data.size != msg.step * msg.height:
-        raise ValueError(f'image {msg.width}x{msg.height} {msg.encoding} has {data.size} bytes with step {msg.step}')
-    pixels = data.reshape(msg.height, msg.step)[:, :row].reshape(msg.height, msg.width, channels)
-    return np.ascontiguousarray(pixels[:, :, order])
+def image_msg_to_rgb(msg: Any, compressed: bool = False) -> np.ndarray:
+    """A recorded camera message (Image: rgb8, bgr8, rgba8, bgra8 or mono8; or CompressedImage) -> RGB."""
+    if compressed:
+        return compressed_to_rgb(msg)
+    return raw_to_rgb(msg, allow_mono=True)
 
 
 @dataclass
@@ -752,7 +745,7 @@ def _sample(stamp: int, msg: Any, latest_state: tuple[int, Any] | None, latest_i
             image_msg = latest_image[camera][1]
             if id(image_msg) not in converted:
                 converted.clear()  # only the newest frame per camera can be reused
-                rgb = image_msg_to_rgb(image_msg)
+                rgb = image_msg_to_rgb(image_msg, compressed=is_compressed_topic(topics.cameras[camera]))
                 out = np.empty((1, topics.image_size, topics.image_size, 3), np.uint8)
                 resize_frames(rgb[None], topics.image_size, out)
                 converted[id(image_msg)] = out[0]

@@ -2,7 +2,8 @@
 
 In its namespace <ns> (which must not be the root):
   in   `joint_states_topic` (the driver's sensor_msgs/JointState, any joint order, may be split
-       over several publishers), `camera_topics` (sensor_msgs/Image, any size: centre-cropped and
+       over several publishers), `camera_topics` (sensor_msgs/Image, or CompressedImage (jpeg/png)
+       for topics ending in /compressed; any size: centre-cropped and
        resized to `image_size`), <ns>/episode_active (std_msgs/Bool, latched; the operator, whose
        repeats must keep coming when `active_timeout_s` > 0),
        <ns>/action_chunk (the policy server's answer)
@@ -105,7 +106,12 @@ class ArmBridge(Node):
         # Arm side.
         self.create_subscription(ros_io.JointState, joint_states_topic, self._on_joint_state, ros_io.SENSOR_QOS)
         for cam, topic in zip(camera_names, camera_topics, strict=True):
-            self.create_subscription(ros_io.Image, topic, lambda m, c=cam: self._on_image(c, m), ros_io.SENSOR_QOS)
+            if ros_io.is_compressed_topic(topic):  # e.g. a camera on another host, over the network
+                self.create_subscription(ros_io.CompressedImage, topic, lambda m, c=cam: self._on_image(
+                    c, m, ros_io.compressed_image_to_numpy), ros_io.SENSOR_QOS)
+            else:
+                self.create_subscription(ros_io.Image, topic, lambda m, c=cam: self._on_image(
+                    c, m, lambda msg: ros_io.image_to_numpy(msg, None)), ros_io.SENSOR_QOS)
         if self.command_type == 'joint_trajectory':
             self.command_pub = self.create_publisher(ros_io.JointTrajectory, ros_io.SAFETY_JOINT_TRAJECTORY_IN,
                                                      ros_io.RELIABLE_QOS)
@@ -140,9 +146,9 @@ class ArmBridge(Node):
         except ObservationError as err:
             self.get_logger().warning(f'dropped joint state: {err}', throttle_duration_sec=self.log_throttle_s)
 
-    def _on_image(self, camera: str, msg: ros_io.Image) -> None:
+    def _on_image(self, camera: str, msg, decode) -> None:
         try:
-            self.joiner.update_image(camera, ros_io.image_to_numpy(msg, None), ros_io.stamp_to_ns(msg.header.stamp))
+            self.joiner.update_image(camera, decode(msg), ros_io.stamp_to_ns(msg.header.stamp))
         except ObservationError as err:
             self.get_logger().warning(f'dropped frame of camera {camera!r}: {err}',
                                       throttle_duration_sec=self.log_throttle_s)

@@ -14,7 +14,7 @@ from launch.substitutions import LaunchConfiguration
 
 from launch import LaunchDescription
 from stepnft_ros import launch_description as ld
-from stepnft_ros.launch_actions import checked_checkpoint, localhost_discovery, node_actions
+from stepnft_ros.launch_actions import localhost_discovery, node_actions
 
 DEFAULTS = ld.DeployRealArgs(checkpoint='-')
 
@@ -25,7 +25,7 @@ def _flag(text: str) -> bool:
 
 def _nodes(context):
     get = lambda name: LaunchConfiguration(name).perform(context)  # noqa: E731
-    checkpoint, policy = checked_checkpoint(get('checkpoint'), 'deploy_real')
+    checkpoint, policy = ld.checked_checkpoint(get('checkpoint'), 'deploy_real')
     graph = ld.DeployRealArgs(checkpoint=checkpoint, run_dir=get('run_dir'), robot=get('robot'), mode=get('mode'),
                               learn=_flag(get('learn')), standin=_flag(get('standin')),
                               image_size=policy.image_size if policy.camera_names else 0)

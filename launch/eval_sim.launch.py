@@ -13,7 +13,7 @@ from launch.substitutions import LaunchConfiguration
 
 from launch import LaunchDescription
 from stepnft_ros import launch_description as ld
-from stepnft_ros.launch_actions import checked_checkpoint, localhost_discovery, node_actions
+from stepnft_ros.launch_actions import localhost_discovery, node_actions
 
 DEFAULTS = ld.EvalSimArgs(checkpoint='-')
 
@@ -24,7 +24,7 @@ def _csv(text: str) -> tuple[str, ...]:
 
 def _nodes(context):
     get = lambda name: LaunchConfiguration(name).perform(context)  # noqa: E731
-    checkpoint, policy = checked_checkpoint(get('checkpoint'), 'eval_sim')
+    checkpoint, policy = ld.checked_checkpoint(get('checkpoint'), 'eval_sim')
     graph = ld.EvalSimArgs(
         checkpoint=checkpoint, run_dir=get('run_dir'), out=get('out'), suite=get('suite'),
         task_ids=tuple(int(t) for t in _csv(get('task_ids'))), episodes_per_task=int(get('episodes_per_task')),

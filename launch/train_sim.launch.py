@@ -1,6 +1,7 @@
-"""Online π-StepNFT training in simulation: ManiSkill bridges, one policy server, one learner.
+"""Online π-StepNFT training in simulation: ManiSkill (or LIBERO) bridges, one policy server, one learner.
 
     ros2 launch stepnft_ros train_sim.launch.py num_envs:=4 run_dir:=runs/train_sim
+    ros2 launch stepnft_ros train_sim.launch.py suite:=libero_goal task_ids:=0,1 checkpoint:=runs/sft_libero
 
 The node list and parameters come from stepnft_ros.launch_description and config/train_sim.yaml,
 which `stepnft launch train_sim` (no ROS installation needed) uses too.
@@ -22,12 +23,20 @@ ARGS = ld.TrainSimArgs()
 
 def _nodes(context):
     get = lambda name: LaunchConfiguration(name).perform(context)  # noqa: E731
-    graph = ld.TrainSimArgs(run_dir=get('run_dir'), num_envs=int(get('num_envs')), checkpoint=get('checkpoint'),
-                            obs_mode=get('obs_mode'), evaluate=get('evaluate').lower() in ('true', '1'))
-    checkpoint = graph.checkpoint or str(ensure_sft_checkpoint(
-        Path(graph.run_dir) / 'sft_default', log=lambda msg: print(msg, file=sys.stderr)))
     params_file = get('params_file') or str(ld.config_dir() / 'train_sim.yaml')
-    return node_actions(ld.train_sim(graph, str(Path(checkpoint).resolve())), params_file)
+    if get('suite'):  # LIBERO: the checkpoint decides cameras and image size; no ManiSkill evaluator
+        checkpoint, policy = ld.checked_checkpoint(get('checkpoint'), 'train_sim on LIBERO')
+        graph = ld.TrainSimArgs(run_dir=get('run_dir'), num_envs=int(get('num_envs')), checkpoint=checkpoint,
+                                obs_mode='rgb' if policy.camera_names else 'state', evaluate=False,
+                                suite=get('suite'), task_ids=tuple(int(t) for t in get('task_ids').split(',') if t),
+                                image_size=policy.image_size if policy.camera_names else 0)
+        return node_actions(ld.train_sim(graph, checkpoint), params_file)
+    checkpoint = get('checkpoint') or str(ensure_sft_checkpoint(
+        Path(get('run_dir')) / 'sft_default', log=lambda msg: print(msg, file=sys.stderr)))
+    checkpoint, _ = ld.checked_checkpoint(checkpoint, 'train_sim')
+    graph = ld.TrainSimArgs(run_dir=get('run_dir'), num_envs=int(get('num_envs')), checkpoint=checkpoint,
+                            obs_mode=get('obs_mode'), evaluate=get('evaluate').lower() in ('true', '1'))
+    return node_actions(ld.train_sim(graph, checkpoint), params_file)
 
 
 def generate_launch_description():
@@ -38,6 +47,9 @@ def generate_launch_description():
                               description="'' builds the embedded default SFT policy on first use"),
         DeclareLaunchArgument('obs_mode', default_value=ARGS.obs_mode),
         DeclareLaunchArgument('params_file', default_value=''),
+        DeclareLaunchArgument('suite', default_value='',
+                              description='a LIBERO suite instead of ManiSkill (needs checkpoint; no evaluator)'),
+        DeclareLaunchArgument('task_ids', default_value='0', description='LIBERO: env<i> runs task i mod this list'),
         DeclareLaunchArgument('evaluate', default_value=str(ARGS.evaluate).lower(),
                               description='score new versions on held-out seeds; the graph ends after the final one'),
         localhost_discovery(),

@@ -145,25 +145,31 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _params_file(args: argparse.Namespace) -> Path:
+    from stepnft_ros import launch_description as ld
+
+    params = Path(args.params_file) if args.params_file else ld.config_dir() / f'{args.graph}.yaml'
+    if not params.is_file():
+        raise FileNotFoundError(f'no parameter file {params}')
+    return params
+
+
+def _csv(text: str | None) -> tuple[str, ...]:
+    return tuple(t.strip() for t in (text or '').split(',') if t.strip())
+
+
 def _launch_eval_sim(args: argparse.Namespace) -> int:
     from stepnft_ros import launch_description as ld
     from stepnft_ros.launcher import launch
 
-    if not args.checkpoint:
-        raise ValueError('eval_sim needs --checkpoint')
-    checkpoint = str(Path(args.checkpoint).resolve())
-    policy, _ = read_header(checkpoint)  # fail here, clearly, rather than in every node
-    csv = lambda text: tuple(t.strip() for t in (text or '').split(',') if t.strip())  # noqa: E731
+    checkpoint, policy = ld.checked_checkpoint(args.checkpoint, 'eval_sim')
     graph = ld.EvalSimArgs(
         checkpoint=checkpoint, run_dir=args.run_dir or 'runs/eval_sim', out=args.out or '', suite=args.suite or '',
-        task_ids=tuple(int(t) for t in csv(args.tasks)), episodes_per_task=args.episodes_per_task,
-        env_id=args.env_id, splits=csv(args.splits), episodes=args.episodes, first_seed=args.first_seed,
+        task_ids=tuple(int(t) for t in _csv(args.tasks)), episodes_per_task=args.episodes_per_task,
+        env_id=args.env_id, splits=_csv(args.splits), episodes=args.episodes, first_seed=args.first_seed,
         envs_per_split=args.envs_per_split, obs_mode='rgb' if policy.camera_names else 'state',
         image_size=policy.image_size)
-    params = Path(args.params_file) if args.params_file else ld.config_dir() / 'eval_sim.yaml'
-    if not params.is_file():
-        raise FileNotFoundError(f'no parameter file {params}')
-    code = launch(ld.eval_sim(graph), params, Path(graph.run_dir))
+    code = launch(ld.eval_sim(graph), _params_file(args), Path(graph.run_dir))
     if code == 0 and Path(graph.results_path).exists():
         print(f'[launch] results: {graph.results_path}', flush=True)
     return code
@@ -173,17 +179,11 @@ def _launch_deploy_real(args: argparse.Namespace) -> int:
     from stepnft_ros import launch_description as ld
     from stepnft_ros.launcher import launch
 
-    if not args.checkpoint:
-        raise ValueError('deploy_real needs --checkpoint')
-    checkpoint = str(Path(args.checkpoint).resolve())
-    policy, _ = read_header(checkpoint)  # fail here, clearly, rather than in every node
+    checkpoint, policy = ld.checked_checkpoint(args.checkpoint, 'deploy_real')
     graph = ld.DeployRealArgs(checkpoint=checkpoint, run_dir=args.run_dir or 'runs/deploy_real', robot=args.robot,
                               mode=args.mode, learn=args.learn, standin=args.standin,
                               image_size=policy.image_size if policy.camera_names else 0)
-    params = Path(args.params_file) if args.params_file else ld.config_dir() / 'deploy_real.yaml'
-    if not params.is_file():
-        raise FileNotFoundError(f'no parameter file {params}')
-    return launch(ld.deploy_real(graph), params, Path(graph.run_dir))
+    return launch(ld.deploy_real(graph), _params_file(args), Path(graph.run_dir))
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -195,16 +195,20 @@ def _launch(args: argparse.Namespace) -> int:
         return _launch_eval_sim(args)
     if args.graph == 'deploy_real':
         return _launch_deploy_real(args)
-    args.run_dir = args.run_dir or 'runs/train_sim'
-    graph = ld.TrainSimArgs(run_dir=args.run_dir, num_envs=args.num_envs, checkpoint=args.checkpoint,
-                            obs_mode=args.obs_mode, evaluate=not args.no_eval)
-    checkpoint = graph.checkpoint or str(ensure_sft_checkpoint(
-        Path(graph.run_dir) / 'sft_default', log=lambda msg: print(f'[launch] {msg}', file=sys.stderr, flush=True)))
-    read_header(checkpoint)  # fail here, clearly, rather than in every node
-    params = Path(args.params_file) if args.params_file else ld.config_dir() / f'{args.graph}.yaml'
-    if not params.is_file():
-        raise FileNotFoundError(f'no parameter file {params}')
-    code = launch(ld.train_sim(graph, str(Path(checkpoint).resolve())), params, Path(graph.run_dir))
+    run_dir = args.run_dir or 'runs/train_sim'
+    if args.suite:  # LIBERO: the checkpoint decides cameras and image size; no ManiSkill evaluator
+        checkpoint, policy = ld.checked_checkpoint(args.checkpoint, 'train_sim on LIBERO')
+        graph = ld.TrainSimArgs(run_dir=run_dir, num_envs=args.num_envs, checkpoint=checkpoint,
+                                obs_mode='rgb' if policy.camera_names else 'state', evaluate=False,
+                                suite=args.suite, task_ids=tuple(int(t) for t in _csv(args.tasks)) or (0,),
+                                image_size=policy.image_size if policy.camera_names else 0)
+    else:
+        checkpoint = args.checkpoint or str(ensure_sft_checkpoint(
+            Path(run_dir) / 'sft_default', log=lambda msg: print(f'[launch] {msg}', file=sys.stderr, flush=True)))
+        checkpoint, _ = ld.checked_checkpoint(checkpoint, 'train_sim')
+        graph = ld.TrainSimArgs(run_dir=run_dir, num_envs=args.num_envs, checkpoint=checkpoint,
+                                obs_mode=args.obs_mode, evaluate=not args.no_eval)
+    code = launch(ld.train_sim(graph, checkpoint), _params_file(args), Path(graph.run_dir))
     plot = Path(graph.run_dir) / ('success.png' if graph.evaluate else 'learner/success.png')
     if plot.exists():
         print(f'[launch] success plot: {plot}', flush=True)
@@ -316,17 +320,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--obs-mode', default='state', choices=('state', 'rgb'))
     p.add_argument('--params-file', help='node parameters (default: config/<graph>.yaml)')
     p.add_argument('--no-eval', action='store_true', help='no held-out evaluation node (the learner ends the run)')
+    p.add_argument('--suite', help='a LIBERO suite instead of a ManiSkill task (train_sim: needs --checkpoint; '
+                                   'obs mode and image size come from it)')
+    p.add_argument('--tasks', help='LIBERO task ids, e.g. 0,3 (eval_sim default: all; train_sim: env<i> runs '
+                                   'task i mod the list, default 0)')
     g = p.add_argument_group('eval_sim', 'what to evaluate (see `stepnft eval`); obs mode and image size come '
                                          'from the checkpoint')
     g.add_argument('--out', help='results JSON (default: <run-dir>/results.json)')
-    g.add_argument('--suite', help='LIBERO suite (default: a ManiSkill task)')
-    g.add_argument('--tasks', help='LIBERO task ids, e.g. 0,3 (default: all)')
     g.add_argument('--episodes-per-task', type=int, default=50)
     g.add_argument('--env-id', default='PickCube-v1')
     g.add_argument('--splits', default='id', help='ManiSkill: comma list of id, vision, semantic, execution')
     g.add_argument('--episodes', type=int, default=50, help='ManiSkill: seeds per split')
     g.add_argument('--first-seed', type=int, help='default: 10000 (ManiSkill) or initial state 0 (LIBERO)')
-    g.add_argument('--envs-per-split', type=int, default=1, help='ManiSkill bridges sharing each split')
+    g.add_argument('--envs-per-split', type=int, default=1,
+                   help='parallel bridges: ManiSkill, per split (sharing its seeds); LIBERO, sharing the tasks')
     g = p.add_argument_group('deploy_real', 'a real arm behind the safety layer (config/deploy_real.yaml maps it)')
     g.add_argument('--robot', default='arm', help="the arm's namespace")
     g.add_argument('--mode', default='deploy', choices=('deploy', 'train'),

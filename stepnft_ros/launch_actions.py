@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 from launch.actions import EmitEvent, RegisterEventHandler, SetEnvironmentVariable
 from launch.event_handlers import OnProcessExit
@@ -16,8 +15,6 @@ from launch.events import Shutdown
 from launch_ros.actions import Node
 
 from stepnft_ros.launch_description import PACKAGE, NodeSpec
-from stepnft_ros.policy.checkpoint import read_header
-from stepnft_ros.policy.config import PolicyConfig
 
 
 def node_actions(specs: Sequence[NodeSpec], params_file: str) -> list:
@@ -41,12 +38,3 @@ def localhost_discovery() -> SetEnvironmentVariable:
     return SetEnvironmentVariable('ROS_AUTOMATIC_DISCOVERY_RANGE',
                                   os.environ.get('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST'))
 
-
-def checked_checkpoint(path: str, graph: str) -> tuple[str, PolicyConfig]:
-    """The checkpoint argument, resolved and read once here, so a bad path fails the launch with
-    one clear error rather than every node that loads it."""
-    if not path:
-        raise RuntimeError(f'{graph} needs checkpoint:=<checkpoint directory>')
-    resolved = str(Path(path).resolve())
-    policy, _ = read_header(resolved)
-    return resolved, policy

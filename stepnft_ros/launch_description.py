@@ -51,10 +51,28 @@ class TrainSimArgs:
     seed_stride: int = 100_000
     evaluate: bool = True
     """Run the evaluator (held-out ODE success of new versions); the graph ends after it scores the final one."""
+    suite: str = ''
+    """A LIBERO suite: the robots are LIBERO bridges on `task_ids` instead of ManiSkill bridges."""
+    task_ids: tuple[int, ...] = (0,)
+    """LIBERO: env<i> runs task task_ids[i % len(task_ids)], from the benchmark's initial states."""
+    image_size: int = 0
+    """Camera size of the bridges (0: the bridge's default); must match the policy's."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_envs <= 64:
             raise ValueError(f'num_envs must be in [1, 64], got {self.num_envs}')
+        if self.suite:
+            from sim_bridge.libero_env import SUITES  # the adapter module; LIBERO itself loads lazily
+
+            if self.suite not in SUITES:
+                raise ValueError(f'suite must be one of {SUITES}, got {self.suite!r}')
+            if self.evaluate:
+                raise ValueError('the held-out evaluator runs ManiSkill tasks: train on LIBERO without it and '
+                                 'score the learner\'s checkpoints with `stepnft eval --suite` or eval_sim')
+            if not self.checkpoint:
+                raise ValueError('LIBERO training needs a checkpoint: the embedded default is a PickCube state policy')
+            if not self.task_ids:
+                raise ValueError('task_ids must name at least one LIBERO task')
 
 
 def config_dir() -> Path:
@@ -83,10 +101,28 @@ def train_sim(args: TrainSimArgs, checkpoint: str) -> list[NodeSpec]:
                               ends_graph='exit', parameters={'out_dir': str(run),
                                                              'learner_history': str(run / 'learner/history.json')}))
     for i, ns in enumerate(robots):
-        specs.append(NodeSpec('maniskill_bridge', 'maniskill_bridge', 'sim_bridge.maniskill_node', namespace=ns,
-                              parameters={'first_seed': args.first_seed + i * args.seed_stride,
-                                          'publish_clock': i == 0, 'obs_mode': args.obs_mode}))
+        bridge = {'first_seed': args.first_seed + i * args.seed_stride, 'publish_clock': i == 0,
+                  'obs_mode': args.obs_mode, **({'image_size': args.image_size} if args.image_size else {})}
+        if args.suite:  # LIBERO seeds pick the benchmark's initial states (seed % 50)
+            specs.append(NodeSpec('libero_bridge', 'libero_bridge', 'sim_bridge.libero_node', namespace=ns,
+                                  parameters={**bridge, 'suite': args.suite,
+                                              'task_id': args.task_ids[i % len(args.task_ids)]}))
+        else:
+            specs.append(NodeSpec('maniskill_bridge', 'maniskill_bridge', 'sim_bridge.maniskill_node', namespace=ns,
+                                  parameters=bridge))
     return specs
+
+
+def checked_checkpoint(path: str, graph: str):
+    """The checkpoint argument resolved and its header read once, so a bad path fails the launch
+    with one clear error rather than in every node: (absolute path, PolicyConfig)."""
+    from stepnft_ros.policy.checkpoint import read_header
+
+    if not path:
+        raise ValueError(f'{graph} needs a checkpoint')
+    resolved = str(Path(path).resolve())
+    policy, _ = read_header(resolved)
+    return resolved, policy
 
 
 @dataclass(frozen=True)
@@ -112,7 +148,8 @@ class EvalSimArgs:
     first_seed: int | None = None
     """None: 10000 (ManiSkill, held out from training seeds) or 0 (LIBERO's first initial state)."""
     envs_per_split: int = 1
-    """ManiSkill: bridges sharing each split's seeds (parallel episodes)."""
+    """Parallel bridges: ManiSkill, per split, sharing its seeds; LIBERO, sharing the task list
+    (each bridge holds one env of 2–3 GB at a time)."""
     obs_mode: str = 'state'
     image_size: int = 64
 
@@ -138,21 +175,23 @@ class EvalSimArgs:
 
 
 def eval_sim(args: EvalSimArgs) -> list[NodeSpec]:
-    """Bridges (one LIBERO bridge running the task list, or `envs_per_split` ManiSkill bridges per split),
+    """Bridges (LIBERO bridges sharing the task list, or `envs_per_split` ManiSkill bridges per split),
     a policy server in eval mode (ODE sampler, nothing recorded) and the eval_recorder, which ends the graph."""
     bridges: list[NodeSpec] = []
     if args.suite:
         from sim_bridge.libero_env import suite_tasks
 
         task_ids = list(args.task_ids) or [t[0] for t in suite_tasks(args.suite)]
-        bridges.append(NodeSpec('libero_bridge', 'libero_bridge', 'sim_bridge.libero_node', namespace='libero0',
-                                ends_graph='failure', parameters={
-                                    'suite': args.suite, 'task_ids': task_ids,
-                                    'episodes_per_task': args.episodes_per_task,
-                                    'max_episodes': len(task_ids) * args.episodes_per_task,
-                                    'first_seed': 0 if args.first_seed is None else args.first_seed,
-                                    'obs_mode': args.obs_mode, 'image_size': args.image_size,
-                                    'publish_clock': True}))
+        for j in range(min(args.envs_per_split, len(task_ids))):
+            share = task_ids[j::args.envs_per_split]  # round robin: every bridge gets whole tasks
+            bridges.append(NodeSpec('libero_bridge', 'libero_bridge', 'sim_bridge.libero_node',
+                                    namespace=f'libero{j}', ends_graph='failure', parameters={
+                                        'suite': args.suite, 'task_ids': share,
+                                        'episodes_per_task': args.episodes_per_task,
+                                        'max_episodes': len(share) * args.episodes_per_task,
+                                        'first_seed': 0 if args.first_seed is None else args.first_seed,
+                                        'obs_mode': args.obs_mode, 'image_size': args.image_size,
+                                        'publish_clock': j == 0}))
         expected = len(task_ids) * args.episodes_per_task
     else:
         first = 10_000 if args.first_seed is None else args.first_seed

@@ -78,8 +78,12 @@ def _console_scripts() -> set[str]:
 
 @pytest.mark.parametrize('name, overrides, expected_nodes', [
     ('train_sim', {'num_envs': '3'}, {'learner', 'policy_server', 'maniskill_evaluator', 'maniskill_bridge'}),
+    ('train_sim', {'suite': 'libero_goal', 'task_ids': '0,1', 'num_envs': '3'},
+     {'learner', 'policy_server', 'libero_bridge'}),
     ('eval_sim', {'splits': 'id,execution', 'episodes': '4', 'envs_per_split': '2'},
      {'eval_recorder', 'policy_server', 'maniskill_bridge'}),
+    ('eval_sim', {'suite': 'libero_goal', 'task_ids': '0,1,2', 'episodes_per_task': '3', 'envs_per_split': '2'},
+     {'eval_recorder', 'policy_server', 'libero_bridge'}),
     ('deploy_real', {'mode': 'train', 'learn': 'true', 'standin': 'true'},
      {'safety_layer', 'policy_server', 'arm_bridge', 'episode_operator', 'learner', 'standin_arm'}),
 ])
@@ -96,10 +100,21 @@ def test_launch_file_builds_its_graph(monkeypatch, tmp_path, name, overrides, ex
         assert isinstance(instance, dict)
         if 'checkpoint' in instance:
             assert instance['checkpoint'] == str(checkpoint.resolve())
-    if name == 'train_sim':
+    if name == 'train_sim' and 'suite' in overrides:
+        tasks = {n.kwargs['namespace']: n.kwargs['parameters'][1]['task_id'] for n in nodes
+                 if n.kwargs['executable'] == 'libero_bridge'}
+        assert tasks == {'env0': 0, 'env1': 1, 'env2': 0}
+    elif name == 'train_sim':
         assert sorted(n.kwargs['namespace'] for n in nodes if n.kwargs['executable'] == 'maniskill_bridge') \
             == ['env0', 'env1', 'env2']
-    if name == 'eval_sim':
+    if name == 'eval_sim' and 'suite' in overrides:
+        bridges = {n.kwargs['namespace']: n.kwargs['parameters'][1] for n in nodes
+                   if n.kwargs['executable'] == 'libero_bridge'}
+        assert {ns: p['task_ids'] for ns, p in bridges.items()} == {'libero0': [0, 2], 'libero1': [1]}
+        assert [p['max_episodes'] for p in bridges.values()] == [6, 3]
+        recorder = next(n for n in nodes if n.kwargs['executable'] == 'eval_recorder').kwargs['parameters'][1]
+        assert recorder['expected_episodes'] == 9 and sorted(recorder['robots']) == ['libero0', 'libero1']
+    elif name == 'eval_sim':
         bridges = [n for n in nodes if n.kwargs['executable'] == 'maniskill_bridge']
         assert len(bridges) == 4  # 2 splits x 2 bridges, each with its half of the 4 seeds
         assert sum(b.kwargs['parameters'][1]['max_episodes'] for b in bridges) == 8

@@ -185,3 +185,51 @@ def test_bad_parameters_stop_the_bridge_with_exit_2_and_one_line(tmp_path, graph
     out = bridge.output()
     assert message in out and 'Traceback' not in out
     assert len([line for line in out.splitlines() if 'FATAL' in line]) == 1, out
+
+
+def test_train_sim_on_a_libero_task(tmp_path, ros_domain):
+    """`stepnft launch train_sim --suite`: LIBERO bridges as the robots, camera episodes as bags, an update."""
+    import subprocess
+    import sys
+
+    import yaml
+    from ros_harness import REPO
+
+    from stepnft_ros.policy.checkpoint import read_header
+
+    params = yaml.safe_load((REPO / 'config/train_sim.yaml').read_text())
+    params['learner']['ros__parameters'].update(episodes_per_update=1, max_updates=1, scan_period_s=0.5)
+    params['/**/libero_bridge']['ros__parameters'].update(max_episode_steps=4, settle_steps=2)
+    params_file = tmp_path / 'params.yaml'
+    params_file.write_text(yaml.safe_dump(params))
+    ckpt = tiny_checkpoint(tmp_path / 'sft', state_dim=25, action_dim=7, camera_names=('agentview', 'wrist'),
+                           image_size=32)
+    run = tmp_path / 'run'
+    proc = subprocess.run(
+        [sys.executable, '-m', 'stepnft_ros.cli', 'launch', 'train_sim', '--suite', 'libero_goal', '--tasks', '1',
+         '--num-envs', '1', '--run-dir', str(run), '--checkpoint', str(ckpt), '--params-file', str(params_file)],
+        capture_output=True, text=True, timeout=240, cwd=REPO)
+    out = proc.stdout + proc.stderr
+    (tmp_path / 'launch.log').write_text(out)
+    assert proc.returncode == 0, out[-4000:]
+    assert 'update 1:' in out, f'see {tmp_path / "launch.log"}'
+    store = EpisodeStore(run / 'episodes')
+    episode = store.load(store.episode_ids()[0])
+    assert episode.robot == 'env0' and len(episode.decisions) == 1  # a 4-step cap: one chunk of 4 actions
+    obs = episode.decisions[0].observation
+    assert obs.state.shape == (25,) and {k: v.shape for k, v in obs.images.items()} == {
+        'agentview': (32, 32, 3), 'wrist': (32, 32, 3)}
+    assert obs.instruction == suite_tasks('libero_goal')[1][2]
+    _, meta = read_header(run / 'learner/checkpoints/v000001')
+    assert meta['weights_version'] == 1
+
+
+def test_train_sim_on_libero_needs_a_checkpoint_and_no_maniskill_evaluator():
+    from stepnft_ros.launch_description import TrainSimArgs
+
+    with pytest.raises(ValueError, match='needs a checkpoint'):
+        TrainSimArgs(suite='libero_goal', evaluate=False)
+    with pytest.raises(ValueError, match='evaluator runs ManiSkill'):
+        TrainSimArgs(suite='libero_goal', checkpoint='x')
+    with pytest.raises(ValueError, match='suite must be one of'):
+        TrainSimArgs(suite='libero_90', checkpoint='x', evaluate=False)

@@ -1,8 +1,9 @@
-"""sensor_msgs image payloads -> (h, w, 3) uint8 RGB, without ROS.
+"""Camera images without ROS: sensor_msgs payloads -> (h, w, 3) uint8 RGB, and the policy's square crop.
 
 Works on any object with the message's fields, so the nodes (rclpy messages) and the demo-bag
-reader (rosbags messages) share one conversion. Errors are ObservationErrors (ValueErrors)
-with a message fit for a log line.
+reader (rosbags messages) share one conversion, and the frames a policy is trained on (demo
+files, teleop bags) are cropped and resized exactly like the ones it acts on (arm_bridge).
+Errors are ObservationErrors (ValueErrors) with a message fit for a log line.
 """
 
 from __future__ import annotations
@@ -57,3 +58,18 @@ def compressed_to_rgb(msg: Any) -> np.ndarray:
 def is_compressed_topic(topic: str) -> bool:
     """image_transport names a camera's compressed stream <image topic>/compressed."""
     return topic.rstrip('/').endswith('/compressed')
+
+
+def fit_image(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Centre-crop an (h, w, 3) uint8 image to a square and resize it to (size, size, 3)."""
+    import cv2
+
+    h, w = rgb.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = rgb[top:top + side, left:left + side]
+    if side == size:
+        return np.ascontiguousarray(square)
+    # INTER_AREA averages when shrinking (no aliasing from a 640x480 camera down to 224 px).
+    interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+    return cv2.resize(np.ascontiguousarray(square), (size, size), interpolation=interp)

@@ -575,3 +575,19 @@ def test_stepnft_record_duration_demo_next_name_and_foreign_readers(tmp_path, ro
     proc = subprocess.run([sys.executable, '-m', 'stepnft_ros.cli', 'record', '--out', str(out), '--config', str(bad)],
                           capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 2 and 'state.topic must be an absolute topic name' in proc.stderr
+
+
+def test_wide_demo_frames_are_centre_cropped_like_the_arm_bridge_does():
+    # A policy must be trained on the same view it acts on: arm_bridge crops its cameras to the
+    # centre square, so the demo readers do too (no stretching of a 4:3 or 16:9 camera).
+    from stepnft_ros.episodes.demo_formats import resize_frames
+    from stepnft_ros.image_codec import fit_image
+
+    frame = np.zeros((20, 40, 3), np.uint8)
+    frame[:, :10] = (255, 0, 0)
+    frame[:, 10:30] = (0, 255, 0)
+    frame[:, 30:] = (0, 0, 255)
+    out = np.empty((1, 8, 8, 3), np.uint8)
+    resize_frames(frame[None], 8, out)
+    assert np.all(out[0] == (0, 255, 0)), 'only the centre square is kept'
+    np.testing.assert_array_equal(out[0], fit_image(frame, 8))

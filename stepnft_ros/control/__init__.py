@@ -5,11 +5,11 @@ here works on numpy arrays and explicit times, so it is unit-tested without ROS.
 """
 
 from stepnft_ros.control.adapters import JointCommand, JointTrajectoryAdapter, TwistAdapter, TwistCommand
-from stepnft_ros.control.observation import JoinedObservation, ObservationJoiner, fit_image
+from stepnft_ros.control.observation import JoinedObservation, ObservationJoiner
 from stepnft_ros.control.safety import Intervention, SafetyConfig, SafetyFilter
 from stepnft_ros.control.scheduler import ChunkScheduler
 
 __all__ = [
     'ChunkScheduler', 'Intervention', 'JoinedObservation', 'JointCommand', 'JointTrajectoryAdapter',
-    'ObservationJoiner', 'SafetyConfig', 'SafetyFilter', 'TwistAdapter', 'TwistCommand', 'fit_image',
+    'ObservationJoiner', 'SafetyConfig', 'SafetyFilter', 'TwistAdapter', 'TwistCommand',
 ]

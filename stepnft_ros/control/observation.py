@@ -11,23 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
+from stepnft_ros.image_codec import fit_image
 from stepnft_ros.policy.types import ObservationError
-
-
-def fit_image(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Centre-crop an (h, w, 3) uint8 image to a square and resize it to (size, size, 3)."""
-    h, w = rgb.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    square = rgb[top:top + side, left:left + side]
-    if side == size:
-        return np.ascontiguousarray(square)
-    # INTER_AREA averages when shrinking (no aliasing from a 640x480 camera down to 224 px).
-    interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
-    return cv2.resize(np.ascontiguousarray(square), (size, size), interpolation=interp)
 
 
 @dataclass(frozen=True)

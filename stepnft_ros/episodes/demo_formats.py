@@ -26,7 +26,7 @@ import numpy as np
 import yaml
 
 from stepnft_ros.episodes.demos import DemoSet
-from stepnft_ros.image_codec import compressed_to_rgb, is_compressed_topic, raw_to_rgb
+from stepnft_ros.image_codec import compressed_to_rgb, fit_image, is_compressed_topic, raw_to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +65,12 @@ def _read(dataset: Any, where: str, rows: slice | None = None) -> np.ndarray:
 
 
 def resize_frames(frames: np.ndarray, size: int, out: np.ndarray) -> None:
-    """(L, h, w, 3) uint8 -> `out` (L, size, size, 3); area interpolation when shrinking."""
-    import cv2
-
+    """(L, h, w, 3) uint8 -> `out` (L, size, size, 3): centre-cropped and resized like arm_bridge's frames."""
     if frames.shape[1:3] == (size, size):
         out[...] = frames
         return
-    shrink = frames.shape[1] >= size and frames.shape[2] >= size
-    interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
     for i, frame in enumerate(frames):
-        out[i] = cv2.resize(frame, (size, size), interpolation=interpolation)
+        out[i] = fit_image(frame, size)
 
 
 def _check_image_size(image_size: int) -> None:

@@ -191,14 +191,7 @@ class EpisodeOperator(Node):
         label = 'success' if success else 'failure'
         if refusal := led.refuse_end('label'):
             return self._answer(robot, response, False, refusal)
-        if led.phase == ACTIVE:
-            led.stopped()
-            self._publish(robot)  # the arm stops before the server is asked anything
-        led.busy = 'label'
-        try:
-            ok, message = await self._call(robot.outcome, SetBool.Request(data=success))
-        finally:
-            led.busy = ''
+        ok, message = await self._close_on_server(robot, 'label', robot.outcome, SetBool.Request(data=success))
         if not ok:
             return self._answer(robot, response, False, f'{led.robot}: episode {led.episode} NOT labelled {label}: '
                                 f'{message}; it still awaits its label (or discard it)')
@@ -209,14 +202,7 @@ class EpisodeOperator(Node):
         led = robot.ledger
         if refusal := led.refuse_end('discard'):
             return self._answer(robot, response, False, refusal)
-        if led.phase == ACTIVE:
-            led.stopped()
-            self._publish(robot)
-        led.busy = 'discard'
-        try:
-            ok, message = await self._call(robot.discard, Trigger.Request())
-        finally:
-            led.busy = ''
+        ok, message = await self._close_on_server(robot, 'discard', robot.discard, Trigger.Request())
         if not ok:
             return self._answer(robot, response, False, f'{led.robot}: episode {led.episode} NOT discarded: '
                                 f'{message}; it still awaits its label (or discard it)')
@@ -224,6 +210,18 @@ class EpisodeOperator(Node):
         return self._answer(robot, response, True, f'{led.robot}: episode {led.episode} discarded: {message}')
 
     # ---- helpers ----------------------------------------------------------------------------
+
+    async def _close_on_server(self, robot: _Robot, what: str, client, request) -> tuple[bool, str]:
+        """Stop a still-active episode, then have the policy server close it (label or discard)."""
+        led = robot.ledger
+        if led.phase == ACTIVE:
+            led.stopped()
+            self._publish(robot)  # the arm stops before the server is asked anything
+        led.busy = what
+        try:
+            return await self._call(client, request)
+        finally:
+            led.busy = ''
 
     async def _call(self, client, request) -> tuple[bool, str]:
         """Call a policy-server service without blocking the executor; (success, message), never raises."""

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from builtin_interfaces.msg import Time
+from builtin_interfaces.msg import Duration, Time
 from rclpy.qos import (
     DurabilityPolicy,
     HistoryPolicy,
@@ -83,6 +83,16 @@ def ns_to_stamp(ns: int) -> Time:
     return Time(sec=int(ns // 1_000_000_000), nanosec=int(ns % 1_000_000_000))
 
 
+def seconds_to_duration(seconds: float) -> Duration:
+    """E.g. a trajectory point's time_from_start; rounded to whole nanoseconds."""
+    sec, nanosec = divmod(int(round(seconds * 1e9)), 1_000_000_000)
+    return Duration(sec=sec, nanosec=nanosec)
+
+
+def duration_to_seconds(duration: Duration) -> float:
+    return int(duration.sec) + int(duration.nanosec) * 1e-9
+
+
 # ---- images -------------------------------------------------------------------------------
 
 def image_to_numpy(msg: Image, expected_size: int | None) -> np.ndarray:
@@ -142,11 +152,8 @@ def chunk_to_trajectory(chunk: np.ndarray, action_names: Sequence[str], stamp_ns
     msg = JointTrajectory(joint_names=list(action_names))
     msg.header.stamp = ns_to_stamp(stamp_ns)
     for i, action in enumerate(chunk):
-        t = (i + 1) * control_period
-        point = JointTrajectoryPoint(positions=action.tolist())
-        point.time_from_start.sec = int(t)
-        point.time_from_start.nanosec = int(round((t - int(t)) * 1e9))
-        msg.points.append(point)
+        msg.points.append(JointTrajectoryPoint(positions=action.tolist(),
+                                               time_from_start=seconds_to_duration((i + 1) * control_period)))
     return msg
 
 

@@ -16,11 +16,7 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 from stepnft_ros.control import Intervention, JointCommand, TwistCommand
 from stepnft_ros.control.safety import ERROR, OK, WARN
 from stepnft_ros.policy.types import ObservationError
-from stepnft_ros.ros_io import ns_to_stamp, stamp_to_ns
-
-
-def _duration_s(duration) -> float:
-    return int(duration.sec) + int(duration.nanosec) * 1e-9
+from stepnft_ros.ros_io import duration_to_seconds, ns_to_stamp, seconds_to_duration, stamp_to_ns
 
 
 def joint_trajectory_to_command(msg: JointTrajectory) -> JointCommand:
@@ -36,7 +32,7 @@ def joint_trajectory_to_command(msg: JointTrajectory) -> JointCommand:
         raise ObservationError(f'every trajectory point needs {n} positions, got '
                                f'{sorted({len(p.positions) for p in msg.points})}')
     return JointCommand(tuple(msg.joint_names), np.array([list(p.positions) for p in msg.points], dtype=np.float64),
-                        np.array([_duration_s(p.time_from_start) for p in msg.points]))
+                        np.array([duration_to_seconds(p.time_from_start) for p in msg.points]))
 
 
 def command_to_joint_trajectory(cmd: JointCommand, stamp_ns: int = 0) -> JointTrajectory:
@@ -44,10 +40,8 @@ def command_to_joint_trajectory(cmd: JointCommand, stamp_ns: int = 0) -> JointTr
     msg = JointTrajectory(joint_names=list(cmd.names))
     msg.header.stamp = ns_to_stamp(stamp_ns)
     for positions, t in zip(cmd.positions, cmd.times, strict=True):
-        point = JointTrajectoryPoint(positions=[float(v) for v in positions])
-        point.time_from_start.sec = int(t)
-        point.time_from_start.nanosec = int(round((t - int(t)) * 1e9)) % 1_000_000_000
-        msg.points.append(point)
+        msg.points.append(JointTrajectoryPoint(positions=[float(v) for v in positions],
+                                               time_from_start=seconds_to_duration(float(t))))
     return msg
 
 

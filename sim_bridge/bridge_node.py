@@ -71,6 +71,7 @@ class SimBridge(Node):
             raise ConfigError('no task to run')
 
         self.instruction_pub = self.create_publisher(String, ros_io.INSTRUCTION, ros_io.LATCHED_QOS)
+        self.instruction: str | None = None  # the last one published
         self.task_index = -1
         self.env = None
         self._next_task()
@@ -121,15 +122,14 @@ class SimBridge(Node):
             env.close()
             raise RuntimeError(f'task {self.task.label} has other cameras, joints, state or actions than the '
                                'task before it: one bridge runs tasks of one robot layout')
-        self.env = env
-        self._publish_instruction(env.instruction)
+        self.env = env  # its first episode publishes the instruction it starts with (_start_episode)
         self.get_logger().info(f'task {self.task_index + 1}/{len(self.tasks)}: {self.describe()} as a robot: '
                                f'{len(env.joint_names)} joints, {len(env.task_state_names)} task features, '
                                f'cameras {list(env.camera_names)}; "{env.instruction}"')
 
     def _publish_instruction(self, text: str) -> None:
         """Latched; re-published only when it changes (a new task, or an env that varies it per episode)."""
-        if text != getattr(self, 'instruction', None):
+        if text != self.instruction:
             self.instruction = text
             self.instruction_pub.publish(String(data=text))
 

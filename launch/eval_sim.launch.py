@@ -18,17 +18,13 @@ from stepnft_ros.launch_actions import localhost_discovery, node_actions
 DEFAULTS = ld.EvalSimArgs(checkpoint='-')
 
 
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in text.split(',') if t.strip())
-
-
 def _nodes(context):
     get = lambda name: LaunchConfiguration(name).perform(context)  # noqa: E731
     checkpoint, policy = ld.checked_checkpoint(get('checkpoint'), 'eval_sim')
     graph = ld.EvalSimArgs(
         checkpoint=checkpoint, run_dir=get('run_dir'), out=get('out'), suite=get('suite'),
-        task_ids=tuple(int(t) for t in _csv(get('task_ids'))), episodes_per_task=int(get('episodes_per_task')),
-        env_id=get('env_id'), splits=_csv(get('splits')), episodes=int(get('episodes')),
+        task_ids=tuple(int(t) for t in ld.comma_list(get('task_ids'))), episodes_per_task=int(get('episodes_per_task')),
+        env_id=get('env_id'), splits=ld.comma_list(get('splits')), episodes=int(get('episodes')),
         first_seed=int(get('first_seed')) if get('first_seed') else None, envs_per_split=int(get('envs_per_split')),
         obs_mode='rgb' if policy.camera_names else 'state', image_size=policy.image_size)
     params_file = get('params_file') or str(ld.config_dir() / 'eval_sim.yaml')

@@ -28,7 +28,7 @@ def _nodes(context):
         checkpoint, policy = ld.checked_checkpoint(get('checkpoint'), 'train_sim on LIBERO')
         graph = ld.TrainSimArgs(run_dir=get('run_dir'), num_envs=int(get('num_envs')), checkpoint=checkpoint,
                                 obs_mode='rgb' if policy.camera_names else 'state', evaluate=False,
-                                suite=get('suite'), task_ids=tuple(int(t) for t in get('task_ids').split(',') if t),
+                                suite=get('suite'), task_ids=tuple(int(t) for t in ld.comma_list(get('task_ids'))),
                                 image_size=policy.image_size if policy.camera_names else 0)
         return node_actions(ld.train_sim(graph, checkpoint), params_file)
     checkpoint = get('checkpoint') or str(ensure_sft_checkpoint(

@@ -27,6 +27,7 @@ from stepnft_ros.algo.labels import LABEL_SCHEMES
 from stepnft_ros.algo.sft import SFTConfig
 from stepnft_ros.algo.stepnft import StepNFTConfig
 from stepnft_ros.episodes.demos import DemoSet
+from stepnft_ros.launch_description import comma_list
 from stepnft_ros.pipeline import sft_from_demos
 from stepnft_ros.policy import CheckpointError, PolicyConfig, load_checkpoint, save_checkpoint
 from stepnft_ros.policy.checkpoint import read_header
@@ -111,13 +112,13 @@ def _eval(args: argparse.Namespace) -> int:
     if not args.suite and args.tasks:
         raise ValueError('--tasks selects LIBERO tasks: give --suite too')
     if args.suite:
-        tasks = [int(t) for t in args.tasks.split(',') if t.strip()] if args.tasks else None
+        tasks = [int(t) for t in comma_list(args.tasks)] or None
         jobs = evaluation.libero_jobs(model.config, args.suite, tasks, args.episodes_per_task,
                                       first_seed=args.first_seed if args.first_seed is not None else 0,
                                       max_episode_steps=args.max_episode_steps)
     else:
         jobs = evaluation.maniskill_jobs(
-            model.config, args.env_id, [s.strip() for s in args.splits.split(',') if s.strip()], args.episodes,
+            model.config, args.env_id, list(comma_list(args.splits)), args.episodes,
             first_seed=args.first_seed if args.first_seed is not None else 10_000, control_mode=args.control_mode,
             max_episode_steps=args.max_episode_steps, render_size=args.video_size if args.video_dir else 0)
     report = evaluation.run_evaluation(jobs, model, checkpoint=str(args.checkpoint),
@@ -154,10 +155,6 @@ def _params_file(args: argparse.Namespace) -> Path:
     return params
 
 
-def _csv(text: str | None) -> tuple[str, ...]:
-    return tuple(t.strip() for t in (text or '').split(',') if t.strip())
-
-
 def _launch_eval_sim(args: argparse.Namespace) -> int:
     from stepnft_ros import launch_description as ld
     from stepnft_ros.launcher import launch
@@ -165,8 +162,8 @@ def _launch_eval_sim(args: argparse.Namespace) -> int:
     checkpoint, policy = ld.checked_checkpoint(args.checkpoint, 'eval_sim')
     graph = ld.EvalSimArgs(
         checkpoint=checkpoint, run_dir=args.run_dir or 'runs/eval_sim', out=args.out or '', suite=args.suite or '',
-        task_ids=tuple(int(t) for t in _csv(args.tasks)), episodes_per_task=args.episodes_per_task,
-        env_id=args.env_id, splits=_csv(args.splits), episodes=args.episodes, first_seed=args.first_seed,
+        task_ids=tuple(int(t) for t in comma_list(args.tasks)), episodes_per_task=args.episodes_per_task,
+        env_id=args.env_id, splits=comma_list(args.splits), episodes=args.episodes, first_seed=args.first_seed,
         envs_per_split=args.envs_per_split, obs_mode='rgb' if policy.camera_names else 'state',
         image_size=policy.image_size)
     code = launch(ld.eval_sim(graph), _params_file(args), Path(graph.run_dir))
@@ -200,7 +197,7 @@ def _launch(args: argparse.Namespace) -> int:
         checkpoint, policy = ld.checked_checkpoint(args.checkpoint, 'train_sim on LIBERO')
         graph = ld.TrainSimArgs(run_dir=run_dir, num_envs=args.num_envs, checkpoint=checkpoint,
                                 obs_mode='rgb' if policy.camera_names else 'state', evaluate=False,
-                                suite=args.suite, task_ids=tuple(int(t) for t in _csv(args.tasks)) or (0,),
+                                suite=args.suite, task_ids=tuple(int(t) for t in comma_list(args.tasks)) or (0,),
                                 image_size=policy.image_size if policy.camera_names else 0)
     else:
         checkpoint = args.checkpoint or str(ensure_sft_checkpoint(

@@ -113,6 +113,11 @@ def train_sim(args: TrainSimArgs, checkpoint: str) -> list[NodeSpec]:
     return specs
 
 
+def comma_list(text: str | None) -> tuple[str, ...]:
+    """'0, 3,' -> ('0', '3'): how launch arguments and CLI flags spell lists (tasks, splits)."""
+    return tuple(t.strip() for t in (text or '').split(',') if t.strip())
+
+
 def checked_checkpoint(path: str, graph: str):
     """The checkpoint argument resolved and its header read once, so a bad path fails the launch
     with one clear error rather than in every node: (absolute path, PolicyConfig)."""

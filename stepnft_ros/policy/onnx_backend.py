@@ -43,8 +43,7 @@ from stepnft_ros.atomic import atomic_publish_dir
 from stepnft_ros.policy.checkpoint import WEIGHTS_FILE, CheckpointError, load_checkpoint
 from stepnft_ros.policy.config import PolicyConfig
 from stepnft_ros.policy.modeling import FlowVLA
-from stepnft_ros.policy.policy import SAMPLING_MODES, FlowPolicy, PolicyOutput, initial_noise_for
-from stepnft_ros.policy.sampler import sample_chunk
+from stepnft_ros.policy.policy import FlowPolicy, PolicyOutput, SamplingPolicy, check_sampling_mode
 from stepnft_ros.policy.types import Observation, stack_observations
 
 if TYPE_CHECKING:
@@ -390,7 +389,7 @@ class _Sessions:
         return cls(config, stats, {n: export_dir / n for n in GRAPH_FILES}, providers, threads)
 
 
-class OnnxFlowPolicy:
+class OnnxFlowPolicy(SamplingPolicy):
     """FlowPolicy's interface (infer_batch, infer, reset, mode, a) on onnxruntime sessions.
 
     Built from an export directory, or from a FlowVLA that it exports in memory. Assigning
@@ -403,13 +402,9 @@ class OnnxFlowPolicy:
 
     def __init__(self, source: FlowVLA | str | Path, mode: str = 'sde', noise_level: float | None = None,
                  seed: int = 0, device: str = 'cpu', fixed_step: int | None = None, threads: int = 1) -> None:
-        if mode not in SAMPLING_MODES:
-            raise ValueError(f'mode must be one of {SAMPLING_MODES}, got {mode!r}')
-        self.mode = mode
-        self.seed = seed
+        check_sampling_mode(mode)  # before the (slow) export
         self.providers_wanted = select_providers(device)
         self.threads = threads
-        self.device = torch.device('cpu')  # where the sampler's tensors and the torch model live
         self.export_dir: Path | None = None
         self._model: FlowVLA | None = None
         self._templates: dict[str, onnx.ModelProto] = {}
@@ -421,13 +416,8 @@ class OnnxFlowPolicy:
         else:
             self.export_dir = Path(source)
             self._install(_Sessions.from_dir(self.export_dir, self.providers_wanted, threads))
-        cfg = self.config
-        self.noise_level = cfg.noise_level if noise_level is None else noise_level
-        if fixed_step is not None and not 0 <= fixed_step < cfg.num_steps:
-            raise ValueError(f'fixed_step must be in [0, {cfg.num_steps}), got {fixed_step}')
-        self.fixed_step = fixed_step
-        self.generator = torch.Generator(device=self.device)
-        self.reset()
+        # The sampler's tensors (and the torch model kept for hot swaps) live on the CPU.
+        self._init_sampling(self.config, mode, noise_level, seed, 'cpu', fixed_step)
         log.info('onnxruntime policy on %s (%d intra-op thread(s))', self.provider, threads)
 
     def _check_compatible(self, new: PolicyConfig) -> None:
@@ -486,15 +476,6 @@ class OnnxFlowPolicy:
         self._model, self._templates, self._graphs, self._weights = model, templates, graphs, weights
         self.export_dir = None
 
-    @property
-    def a(self) -> float:
-        """Noise level actually used: 0 for the ODE sampler."""
-        return self.noise_level if self.mode == 'sde' else 0.0
-
-    def reset(self, seed: int | None = None) -> None:
-        """Re-seed the sampler's noise (default: the construction seed)."""
-        self.generator.manual_seed(self.seed if seed is None else seed)
-
     def encode_prefix(self, observations: Sequence[Observation],
                       sessions: _Sessions | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Validated observations -> (prefix (B, P, d), prefix_pad (B, P)) from the prefix graph."""
@@ -525,15 +506,9 @@ class OnnxFlowPolicy:
             out = velocity.run(None, {'x': x.numpy(), 'tau': tau.numpy(), 'prefix': prefix, 'prefix_pad': pad})
             return torch.from_numpy(out[0])
 
-        b = prefix.shape[0]
-        noise = initial_noise_for(b, cfg, self.generator, self.device, initial_noise)
-        k_star = None if self.fixed_step is None else torch.full((b,), self.fixed_step, dtype=torch.long)
-        x_final, trace = sample_chunk(v, noise, cfg.num_steps, self.a, generator=self.generator, k_star=k_star)
+        x_final, trace = self._sample(v, cfg, prefix.shape[0], initial_noise)
         chunks = x_final * s.action_std + s.action_mean  # the one place actions are de-normalized
         return PolicyOutput(chunks=chunks.numpy(), trace=trace)
-
-    def infer(self, observation: Observation) -> PolicyOutput:
-        return self.infer_batch([observation])
 
     @torch.no_grad()
     def _compare_with_torch(self, sessions: _Sessions, model: FlowVLA) -> float:

@@ -25,20 +25,27 @@ class PolicyOutput:
     trace: Trace
 
 
-class FlowPolicy:
-    """Samples action chunks from a FlowVLA: Flow-SDE (`sde`) to explore, Euler ODE (`ode`) to deploy."""
+def check_sampling_mode(mode: str) -> None:
+    if mode not in SAMPLING_MODES:
+        raise ValueError(f'mode must be one of {SAMPLING_MODES}, got {mode!r}')
 
-    def __init__(self, model: FlowVLA, mode: str = 'sde', noise_level: float | None = None,
-                 seed: int = 0, device: str | torch.device = 'cpu', fixed_step: int | None = None) -> None:
-        if mode not in SAMPLING_MODES:
-            raise ValueError(f'mode must be one of {SAMPLING_MODES}, got {mode!r}')
-        self.model = model.to(device).eval()
+
+class SamplingPolicy:
+    """What every backend shares: the sampling mode, the seeded noise and the solver loop.
+
+    A backend supplies the velocity function of one batch and its own (un)normalization;
+    infer(observation) and the ODE/SDE math are the same for all of them.
+    """
+
+    def _init_sampling(self, cfg: PolicyConfig, mode: str, noise_level: float | None, seed: int,
+                       device: str | torch.device, fixed_step: int | None) -> None:
+        check_sampling_mode(mode)
         self.mode = mode
-        self.noise_level = model.config.noise_level if noise_level is None else noise_level
+        self.noise_level = cfg.noise_level if noise_level is None else noise_level
         self.device = torch.device(device)
         self.seed = seed
-        if fixed_step is not None and not 0 <= fixed_step < model.config.num_steps:
-            raise ValueError(f'fixed_step must be in [0, {model.config.num_steps}), got {fixed_step}')
+        if fixed_step is not None and not 0 <= fixed_step < cfg.num_steps:
+            raise ValueError(f'fixed_step must be in [0, {cfg.num_steps}), got {fixed_step}')
         self.fixed_step = fixed_step  # None: record a uniformly random solver step k* per decision
         self.generator = torch.Generator(device=self.device)
         self.reset()
@@ -52,6 +59,31 @@ class FlowPolicy:
         """Re-seed the sampler's noise (default: the construction seed)."""
         self.generator.manual_seed(self.seed if seed is None else seed)
 
+    def _sample(self, velocity, cfg: PolicyConfig, batch_size: int,
+                initial_noise: torch.Tensor | None) -> tuple[torch.Tensor, Trace]:
+        """x_K (normalized) and the trace of one batch; initial_noise as in infer_batch."""
+        noise = initial_noise_for(batch_size, cfg, self.generator, self.device, initial_noise)
+        k_star = None if self.fixed_step is None else torch.full(
+            (batch_size,), self.fixed_step, dtype=torch.long, device=self.device)
+        return sample_chunk(velocity, noise, cfg.num_steps, self.a, generator=self.generator, k_star=k_star)
+
+    def infer_batch(self, observations: Sequence[Observation],
+                    initial_noise: torch.Tensor | None = None) -> PolicyOutput:
+        raise NotImplementedError
+
+    def infer(self, observation: Observation) -> PolicyOutput:
+        return self.infer_batch([observation])
+
+
+class FlowPolicy(SamplingPolicy):
+    """Samples action chunks from a FlowVLA: Flow-SDE (`sde`) to explore, Euler ODE (`ode`) to deploy."""
+
+    def __init__(self, model: FlowVLA, mode: str = 'sde', noise_level: float | None = None,
+                 seed: int = 0, device: str | torch.device = 'cpu', fixed_step: int | None = None) -> None:
+        check_sampling_mode(mode)
+        self.model = model.to(device).eval()
+        self._init_sampling(model.config, mode, noise_level, seed, device, fixed_step)
+
     @torch.no_grad()
     def infer_batch(self, observations: Sequence[Observation],
                     initial_noise: torch.Tensor | None = None) -> PolicyOutput:
@@ -64,16 +96,10 @@ class FlowPolicy:
         cfg = self.model.config
         batch = stack_observations(observations, cfg).to(self.device)
         prefix = self.model.encode_prefix(batch)  # computed once, reused by all K steps
-        noise = initial_noise_for(batch.batch_size, cfg, self.generator, self.device, initial_noise)
-        k_star = None if self.fixed_step is None else torch.full(
-            (batch.batch_size,), self.fixed_step, dtype=torch.long, device=self.device)
-        x_final, trace = sample_chunk(lambda x, tau: self.model.velocity(x, tau, prefix),
-                                      noise, cfg.num_steps, self.a, generator=self.generator, k_star=k_star)
+        x_final, trace = self._sample(lambda x, tau: self.model.velocity(x, tau, prefix), cfg, batch.batch_size,
+                                      initial_noise)
         chunks = self.model.normalizer.unnormalize_action(x_final)
         return PolicyOutput(chunks=chunks.cpu().numpy(), trace=trace.to('cpu'))
-
-    def infer(self, observation: Observation) -> PolicyOutput:
-        return self.infer_batch([observation])
 
 
 def initial_noise_for(batch_size: int, cfg: PolicyConfig, generator: torch.Generator, device: torch.device,

@@ -16,7 +16,6 @@ def _seeded():
 @pytest.fixture
 def ros_domain(monkeypatch):
     """A ROS_DOMAIN_ID no concurrent test holds, discovery on loopback only (inherited by node processes)."""
-    pytest.importorskip('rclpy', reason='ROS 2 is installed by scripts/setup.sh')
     from domain_coordinator import domain_id
 
     with domain_id() as did:

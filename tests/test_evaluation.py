@@ -255,7 +255,6 @@ def test_stepnft_eval_zero_policy_on_pickcube_scores_zero_with_videos(tmp_path, 
 
 @pytest.mark.slow
 def test_stepnft_eval_on_a_libero_task(tmp_path, capsys):
-    pytest.importorskip('libero', reason='LIBERO is installed by scripts/setup.sh')
     from sim_bridge.libero_env import LiberoEnv
 
     state_dim = 2 * len(LiberoEnv.joint_names) + len(LiberoEnv.task_state_names)

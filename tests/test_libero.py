@@ -113,8 +113,6 @@ def test_state_mode_renders_nothing_settles_briefly_and_replays_bit_exact():
 
 # ---- the node graph --------------------------------------------------------------------------
 
-rclpy = pytest.importorskip('rclpy', reason='ROS 2 is installed by scripts/setup.sh')
-
 from ros_harness import Graph, spin_until, tiny_checkpoint  # noqa: E402
 
 from stepnft_ros import ros_io  # noqa: E402

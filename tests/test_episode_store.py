@@ -1,6 +1,8 @@
-"""Episode bags: bit-exact round trips, standard-tool readability, atomic writes, corrupt bags, `stepnft train`."""
+"""Episode bags: bit-exact round trips, standard-tool readability, atomic writes, corrupt bags, bags of an
+older format, `stepnft train`."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -12,6 +14,7 @@ import torch
 from mcap.reader import make_reader
 from mcap_ros2.decoder import DecoderFactory
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 from toy_env import PointReach
 
 import stepnft_ros.atomic
@@ -20,6 +23,9 @@ from stepnft_ros.cli import main
 from stepnft_ros.episodes import Decision, Episode
 from stepnft_ros.episodes.store import (
     BAG_VERSION,
+    FORMAT_KEY,
+    MSG_DIR,
+    TRACE_TYPE,
     EpisodeFileError,
     EpisodeStore,
     episode_typestore,
@@ -34,7 +40,8 @@ H, D = 3, 2
 ROS_STAMP = 1_700_000_000_123_456_789  # a realistic ROS time: needs both sec and nanosec
 
 
-def make_decision(rng: np.random.Generator, stamp_ns=0, cameras=(), valid=True, weights_version=None) -> Decision:
+def make_decision(rng: np.random.Generator, stamp_ns=0, cameras=(), valid=True, weights_version=None,
+                  executed=None) -> Decision:
     def tensor(*shape):
         return torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
     trace = Trace(x_k=tensor(1, H, D), x_next=tensor(1, H, D), v_old=tensor(1, H, D),
@@ -42,19 +49,20 @@ def make_decision(rng: np.random.Generator, stamp_ns=0, cameras=(), valid=True, 
     images = {c: rng.integers(0, 256, (6, 5, 3), dtype=np.uint8) for c in cameras}
     obs = Observation(state=rng.standard_normal(4).astype(np.float32), images=images, instruction='pick the cube ✓')
     return Decision(observation=obs, chunk=rng.standard_normal((H, D)).astype(np.float32), trace=trace,
-                    valid=valid, stamp_ns=stamp_ns, weights_version=weights_version)
+                    valid=valid, stamp_ns=stamp_ns, weights_version=weights_version, executed=executed)
 
 
 def state_episode(episode_id='ep-state', seed=0) -> Episode:
     rng = np.random.default_rng(seed)
-    decisions = [make_decision(rng), make_decision(rng, valid=False), make_decision(rng, weights_version=4)]
+    decisions = [make_decision(rng, executed=H), make_decision(rng, valid=False),
+                 make_decision(rng, weights_version=4, executed=1)]
     return Episode(episode_id, weights_version=3, decisions=decisions, success=False, env_steps=11, seed=None)
 
 
 def image_episode(episode_id='ep.images_1') -> Episode:
     rng = np.random.default_rng(1)
-    decisions = [make_decision(rng, stamp_ns=ROS_STAMP + i * 50_000_000, cameras=('wrist', 'scene'))
-                 for i in range(3)]
+    decisions = [make_decision(rng, stamp_ns=ROS_STAMP + i * 50_000_000, cameras=('wrist', 'scene'), executed=e)
+                 for i, e in enumerate([2, 2, 0])]
     return Episode(episode_id, weights_version=0, decisions=decisions, success=True, env_steps=9, seed=42,
                    robot='/arm1')
 
@@ -64,7 +72,8 @@ def assert_same_episode(got: Episode, want: Episode) -> None:
         assert getattr(got, field) == getattr(want, field), field
     assert len(got.decisions) == len(want.decisions)
     for g, w in zip(got.decisions, want.decisions, strict=True):
-        assert (g.valid, g.stamp_ns, g.weights_version) == (w.valid, w.stamp_ns, w.weights_version)
+        assert (g.valid, g.stamp_ns, g.weights_version, g.executed) == \
+            (w.valid, w.stamp_ns, w.weights_version, w.executed)
         assert g.observation.instruction == w.observation.instruction
         for got_array, want_array in [(g.chunk, w.chunk), (g.observation.state, w.observation.state)]:
             assert got_array.dtype == want_array.dtype and np.array_equal(got_array, want_array)
@@ -180,6 +189,8 @@ def test_unfinished_and_malformed_episodes_are_rejected(tmp_path):
         write_episode(state_episode(), tmp_path, action_names=['a', 'b', 'c'])
     with pytest.raises(ValueError, match='not valid ROS topic name tokens'):
         write_episode(Episode('c', 0, [make_decision(rng, cameras=('wrist cam',))], success=True), tmp_path)
+    with pytest.raises(ValueError, match=r'executed must be an integer in \[0, 3\], got 4'):
+        write_episode(Episode('d', 0, [make_decision(rng, executed=H + 1)], success=True), tmp_path)
     assert os.listdir(tmp_path) == []
 
 
@@ -209,6 +220,12 @@ def nan_trace(topic, msg):
     return msg
 
 
+def overlong_executed(topic, msg):
+    if topic == '/episode/trace':
+        msg.executed = H + 4
+    return msg
+
+
 def short_trace(topic, msg):
     if topic == '/episode/trace':
         msg.x_next = msg.x_next[:-1]
@@ -235,8 +252,9 @@ CORRUPTIONS = {
     'missing_part': (drop_first_scene_image, f'decision at stamp {ROS_STAMP} has no /episode/images/scene record'),
     'nan_trace': (nan_trace, 'trace v_old has non-finite values'),
     'size_mismatch': (short_trace, r'trace x_next has 5 values, expected 3x2'),
+    'bad_executed': (overlong_executed, 'trace says 7 actions executed of a chunk of 3'),
 }
-MESSAGE_EDITS = {'no_info', 'missing_part', 'nan_trace', 'size_mismatch'}
+MESSAGE_EDITS = {'no_info', 'missing_part', 'nan_trace', 'size_mismatch', 'bad_executed'}
 
 
 def make_corrupt(root, name):
@@ -280,6 +298,64 @@ def test_load_new_reports_corrupt_bags_once_and_keeps_going(tmp_path):
     assert [e.episode_id for e in store.load_new(seen, on_error=lambda *a: errors.append(a))] == ['b']
     assert len(errors) == 2  # reported once
     assert store.episode_ids() == ['a', 'b', 'no_info', 'truncated', 'z']  # never deleted
+
+
+# stepnft_ros/msg/DecisionTrace as episode format 1 defined it: before `executed`.
+DECISION_TRACE_FORMAT_1 = """
+std_msgs/Header header
+uint32 weights_version
+bool valid
+int32 k
+float32 a
+uint32 horizon
+uint32 action_dim
+float32[] x_k
+float32[] x_next
+float32[] v_old
+float32[] x_final
+"""
+
+
+def write_format_1(episode: Episode, root) -> None:
+    """`episode` as a format-1 writer stored it: the trace type of that time, embedded in the bag."""
+    old = get_typestore(Stores.ROS2_KILTED)
+    old.register(get_types_from_msg(DECISION_TRACE_FORMAT_1, TRACE_TYPE))
+    for name in ('ObservationState', 'EpisodeInfo'):
+        old.register(get_types_from_msg((MSG_DIR / f'{name}.msg').read_text(), f'stepnft_ros/msg/{name}'))
+    fields = [name for name, _ in old.fielddefs[TRACE_TYPE][1]]
+    new = episode_typestore()
+    source = write_episode(episode, root.parent / f'{root.name}-scratch')
+    writer = Writer(root / episode.episode_id, version=BAG_VERSION, storage_plugin=StoragePlugin.MCAP)
+    writer.set_custom_data(FORMAT_KEY, '1')
+    with Reader(source) as reader, writer:
+        conns = {c.id: writer.add_connection(c.topic, c.msgtype, typestore=old) for c in reader.connections}
+        for conn, stamp, raw in reader.messages():
+            msg = new.deserialize_cdr(raw, conn.msgtype)
+            if conn.msgtype == TRACE_TYPE:
+                msg = old.types[TRACE_TYPE](**{f: getattr(msg, f) for f in fields})
+            writer.write(conns[conn.id], stamp, old.serialize_cdr(msg, conn.msgtype))
+    shutil.rmtree(source.parent)
+
+
+def test_bags_of_format_1_load_with_executed_unknown_and_one_warning(tmp_path, caplog):
+    store = EpisodeStore(tmp_path / 'episodes')
+    old = image_episode('old')
+    write_format_1(old, store.root)
+    with Reader(store.path('old')) as reader:  # the bag really holds the old layout
+        [trace_conn] = [c for c in reader.connections if c.msgtype == TRACE_TYPE]
+        assert 'executed' not in trace_conn.msgdef.data and 'float32[] x_final' in trace_conn.msgdef.data
+    store.write(image_episode('new'))
+    with caplog.at_level(logging.WARNING, logger='stepnft_ros.episodes.store'):
+        loaded = store.load_new(set(), on_error=lambda episode_id, err: pytest.fail(f'{episode_id}: {err}'))
+    assert [e.episode_id for e in loaded] == ['new', 'old']
+    new_back, old_back = loaded
+    assert_same_episode(new_back, image_episode('new'))
+    assert [d.executed for d in new_back.decisions] == [2, 2, 0]
+    for decision in old.decisions:  # what format 1 knew, nothing else
+        object.__setattr__(decision, 'executed', None)
+    assert_same_episode(old_back, old)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and 'old' in warnings[0] and 'lacks executed' in warnings[0], warnings
 
 
 TOY = PolicyConfig(state_dim=4, action_dim=2, horizon=4, d_model=16, n_heads=2, prefix_layers=0, expert_layers=1,

@@ -10,7 +10,9 @@ Layout of `<root>/<episode_id>/`, CDR-serialized, message definitions recorded i
 
 A decision's records share its stamp (header stamp and log time), which is how the reader joins
 them. Episodes recorded without ROS time (every stamp 0) get synthetic stamps (i+1) ms; the bag's
-custom_data says so, and they read back as 0.
+custom_data says so, and they read back as 0. The reader decodes our own types with the
+definitions embedded in the bag, so bags written before a field was added still load (the field
+reads as unknown, with one warning per bag).
 
 Bags are written once: into a hidden temp directory, fsynced, then renamed into place, so a
 reader never sees a partial episode. `EpisodeStore` is the directory of them the learner polls.
@@ -56,7 +58,7 @@ IMAGE_TYPE = 'sensor_msgs/msg/Image'
 ACTION_TYPE = 'trajectory_msgs/msg/JointTrajectory'
 
 FORMAT_KEY = 'stepnft_ros.episode_format'
-FORMAT_VERSION = '1'
+FORMAT_VERSION = '2'  # 2: DecisionTrace.executed
 SYNTHETIC_STAMPS_KEY = 'stepnft_ros.synthetic_stamps'
 BAG_VERSION = 9  # rosbag2 metadata version of Jazzy/Kilted
 TEMP_PREFIX = '.tmp-'
@@ -156,6 +158,8 @@ def _check_episode(episode: Episode, action_names: Sequence[str] | None, control
         if shape != (horizon, action_dim):
             raise ValueError(f'{where}: trace (H, D) is {shape}, decision 0 has {(horizon, action_dim)}')
         _check_range(f'{where}: weights_version', episode.decision_version(decision), 0, _UINT32_MAX)
+        if decision.executed is not None:
+            _check_range(f'{where}: executed', decision.executed, 0, horizon)
         state = decision.observation.state
         if state is not None and np.asarray(state).ndim != 1:
             raise ValueError(f'{where}: state has shape {np.asarray(state).shape}, expected (S,)')
@@ -254,7 +258,8 @@ def _write_bag(path: Path, episode: Episode, layout: _Layout) -> None:
                     for f in ('x_k', 'x_next', 'v_old', 'x_final')}
             write(trace_conn, stamp, types[TRACE_TYPE](
                 header=_header(ts, stamp), weights_version=episode.decision_version(decision),
-                valid=bool(decision.valid), k=int(trace.k[0]), a=float(trace.a[0]), horizon=horizon,
+                valid=bool(decision.valid), executed=-1 if decision.executed is None else int(decision.executed),
+                k=int(trace.k[0]), a=float(trace.a[0]), horizon=horizon,
                 action_dim=action_dim, **flat))
 
         info_stamp = (len(layout.stamps) + 1) * _SYNTHETIC_STEP_NS if layout.synthetic else layout.stamps[-1] + 1
@@ -285,11 +290,15 @@ def read_episode(path: str | os.PathLike) -> Episode:
     if not path.is_dir():
         raise EpisodeFileError(f'{path}: no episode bag there (not a directory)')
     custom = _custom_data(path)
-    records = _read_records(path)
+    records, older = _read_records(path)
     try:
-        return _decode(records, custom.get(SYNTHETIC_STAMPS_KEY) == 'true')
+        episode = _decode(records, custom.get(SYNTHETIC_STAMPS_KEY) == 'true')
     except _Problem as problem:
         raise EpisodeFileError(f'{path}: {problem}') from None
+    if older:
+        log.warning('%s: written by an older version (%s); missing fields read as unknown (a decision\'s '
+                    'executed count: the whole chunk)', path, '; '.join(older))
+    return episode
 
 
 class _Problem(Exception):
@@ -312,24 +321,53 @@ _EXPECTED_TYPES = {OBSERVATION_TOPIC: OBSERVATION_TYPE, ACTION_TOPIC: ACTION_TYP
                    INFO_TOPIC: INFO_TYPE}
 
 
-def _read_records(path: Path) -> dict[str, list[Any]]:
-    """Deserialized messages per topic, in log order; topics we don't know are skipped."""
+def _read_records(path: Path) -> tuple[dict[str, list[Any]], list[str]]:
+    """Deserialized messages per topic, in log order (topics we don't know are skipped), and which
+    of our types the bag defines differently from this version (it was written by an older one)."""
     ts = episode_typestore()
     by_topic: dict[str, list[Any]] = {}
+    older: list[str] = []
     try:
         with Reader(path) as reader:
+            decoders = {}
             for conn in reader.connections:
                 expected = IMAGE_TYPE if conn.topic.startswith(IMAGE_TOPIC_PREFIX) else _EXPECTED_TYPES.get(conn.topic)
                 if expected is not None and conn.msgtype != expected:
                     raise EpisodeFileError(f'{path}: topic {conn.topic} has type {conn.msgtype}, expected {expected}')
+                decoders[conn.id] = ts
+                if conn.msgtype.startswith(f'{MSG_PACKAGE}/') and conn.msgdef.data:
+                    embedded = _embedded_typestore(conn.msgtype, conn.msgdef.data)
+                    if embedded is not None:
+                        decoders[conn.id] = embedded
+                        older.append(_difference(conn.msgtype, embedded))
             for conn, _, raw in reader.messages():
                 if conn.topic in _EXPECTED_TYPES or conn.topic.startswith(IMAGE_TOPIC_PREFIX):
-                    by_topic.setdefault(conn.topic, []).append(ts.deserialize_cdr(raw, conn.msgtype))
+                    by_topic.setdefault(conn.topic, []).append(decoders[conn.id].deserialize_cdr(raw, conn.msgtype))
     except EpisodeFileError:
         raise
     except Exception as err:  # rosbags/struct/zstd errors of torn or garbled files have no common base
         raise EpisodeFileError(f'{path}: unreadable bag ({type(err).__name__}: {err})') from None
-    return by_topic
+    return by_topic, older
+
+
+@functools.lru_cache(maxsize=16)
+def _embedded_typestore(msgtype: str, definition: str) -> Typestore | None:
+    """A typestore decoding `msgtype` as the bag defines it, or None when that is this version's definition.
+
+    CDR carries no field names: decoding an older layout with the current definition would misread it.
+    """
+    embedded = get_types_from_msg(definition, msgtype)
+    if embedded[msgtype][1] == episode_typestore().fielddefs[msgtype][1]:
+        return None
+    typestore = get_typestore(Stores.ROS2_KILTED)
+    typestore.register(embedded)
+    return typestore
+
+
+def _difference(msgtype: str, other: Typestore) -> str:
+    have = {name for name, _ in other.fielddefs[msgtype][1]}
+    missing = [name for name, _ in episode_typestore().fielddefs[msgtype][1] if name not in have]
+    return f'its {msgtype} lacks {", ".join(missing)}' if missing else f'its {msgtype} differs'
 
 
 def _decode(records: dict[str, list[Any]], synthetic_stamps: bool) -> Episode:
@@ -358,11 +396,15 @@ def _decode(records: dict[str, list[Any]], synthetic_stamps: bool) -> Episode:
         state = np.array(obs_msg.state, np.float32) if len(obs_msg.state) else None
         images = {c: _decode_image(by_stamp[IMAGE_TOPIC_PREFIX + c][stamp], c, where) for c in cameras}
         version = int(trace_msg.weights_version)
+        executed = int(getattr(trace_msg, 'executed', -1))  # absent in bags of format 1
+        if not -1 <= executed <= horizon:
+            raise _Problem(f'{where}: trace says {executed} actions executed of a chunk of {horizon}')
         decisions.append(Decision(
             observation=Observation(state=state, images=images, instruction=obs_msg.instruction),
             chunk=chunk, trace=trace, valid=bool(trace_msg.valid), stamp_ns=0 if synthetic_stamps else stamp,
             # the writer stores the effective version; None is how the schema says "the episode's"
-            weights_version=None if version == info.weights_version else version))
+            weights_version=None if version == info.weights_version else version,
+            executed=None if executed == -1 else executed))
     return Episode(episode_id=info.episode_id, weights_version=int(info.weights_version), decisions=decisions,
                    success=bool(info.success), env_steps=int(info.env_steps),
                    seed=None if info.seed == -1 else int(info.seed), robot=info.robot)

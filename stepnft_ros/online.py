@@ -1,4 +1,4 @@
-"""The ROS-free online RL loop: SDE rollouts -> terminal-binary labels -> π-StepNFT update.
+"""The ROS-free online RL loop: SDE rollouts (an EnvPool) -> episode labels -> π-StepNFT update.
 
 The learner node runs the same steps on episodes that arrive over ROS; this loop is what the
 benchmarks, the toy-task test and `stepnft` use directly.
@@ -11,10 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from stepnft_ros.algo.stepnft import StepNFTConfig, StepNFTTrainer
+from stepnft_ros.env_pool import EnvPool
 from stepnft_ros.episodes.schema import collate_episodes
 from stepnft_ros.policy.modeling import FlowVLA
 from stepnft_ros.policy.policy import FlowPolicy
-from stepnft_ros.rollout import Env, evaluate, run_episode
+from stepnft_ros.rollout import Env
 
 
 @dataclass(frozen=True)
@@ -22,66 +23,96 @@ class OnlineConfig:
     """Schedule of the online loop."""
 
     iterations: int = 10
-    """RL iterations (collect, then update), unless the time budget ends first."""
+    """RL iterations (collect, then update), unless a budget ends first."""
     episodes_per_iteration: int = 16
-    """On-policy episodes per update."""
+    """On-policy episodes per update (a multiple of group_size)."""
+    group_size: int = 1
+    """Episodes per initial state (reset seed): G > 1 gives 'group_mean' labels their groups."""
     actions_per_chunk: int = 8
     """Actions of each chunk executed before re-planning."""
     eval_seeds: tuple[int, ...] = tuple(range(10_000, 10_020))
-    """Held-out reset seeds for ODE evaluation after every iteration."""
+    """Held-out reset seeds for the ODE evaluations."""
+    eval_every: int = 1
+    """Evaluate after every this many iterations (and always after the last one)."""
     labels: str = 'terminal_binary'
-    """Episode labels: 'terminal_binary' (y = ±1) or 'batch_mean' (success minus the batch's rate)."""
+    """Episode labels: a scheme of algo/labels.py ('terminal_binary', 'batch_mean', 'group_mean')."""
     noise_level: float | None = None
     """a for the Flow-SDE rollouts; None uses the policy config's."""
     time_budget_s: float = float('inf')
     """Stop after the iteration that crosses this wall-clock budget (rollouts + updates)."""
+    env_step_budget: int = 0
+    """Stop after the iteration that crosses this many training env steps (0: no limit)."""
     first_train_seed: int = 1_000_000
     """Training episodes reset with consecutive seeds from here (keep them apart from demo/eval seeds)."""
     seed: int = 0
     """Seeds the sampler and the update's shuffling."""
 
     def __post_init__(self) -> None:
-        if self.iterations < 0 or self.episodes_per_iteration < 1 or self.actions_per_chunk < 1:
+        if (self.iterations < 0 or self.episodes_per_iteration < 1 or self.actions_per_chunk < 1
+                or self.group_size < 1 or self.episodes_per_iteration % self.group_size or self.eval_every < 1):
             raise ValueError(f'bad online schedule: iterations={self.iterations}, '
-                             f'episodes_per_iteration={self.episodes_per_iteration}, '
-                             f'actions_per_chunk={self.actions_per_chunk}')
+                             f'episodes_per_iteration={self.episodes_per_iteration}, group_size={self.group_size}, '
+                             f'actions_per_chunk={self.actions_per_chunk}, eval_every={self.eval_every}')
 
 
-def run_online(env: Env, model: FlowVLA, online: OnlineConfig, algo: StepNFTConfig,
-               log: Callable[[dict], None] | None = None) -> list[dict]:
-    """Evaluate (ODE), then alternate SDE rollouts and π-StepNFT updates; one record per iteration.
+def run_online(env: Env | EnvPool, model: FlowVLA, online: OnlineConfig, algo: StepNFTConfig,
+               log: Callable[[dict], None] | None = None, history: list[dict] | None = None,
+               trainer: StepNFTTrainer | None = None,
+               on_iteration: Callable[[list[dict], StepNFTTrainer], None] | None = None) -> list[dict]:
+    """Evaluate (ODE), then alternate SDE rollouts and updates; one record per iteration.
 
-    Record keys: iteration, eval_success, train_success, env_steps (cumulative training steps),
-    rl_wall_s (cumulative rollout + update time, evaluation excluded), plus the update metrics.
+    env: one environment (run in this process) or an EnvPool of worker processes. Record keys:
+    iteration, env_steps (cumulative training steps), rl_wall_s (cumulative rollout + update
+    time, evaluation excluded), train_success, eval_success on the iterations that evaluate
+    (with eval_outcomes, one bool per eval seed), plus the update metrics. `history` and `trainer`
+    resume an interrupted run (the model must be the trainer's); `on_iteration` sees the history
+    after every iteration (e.g. to checkpoint it).
     """
-    explore = FlowPolicy(model, mode=algo.rollout, seed=online.seed, noise_level=online.noise_level,
-                         fixed_step=algo.fixed_step(model.config.num_steps))
+    pool = env if isinstance(env, EnvPool) else EnvPool(lambda: env)
+    trainer = trainer or StepNFTTrainer(model, algo, seed=online.seed)
+    history = list(history or [])
+    done_iterations = history[-1]['iteration'] if history else 0
+    explore = FlowPolicy(model, mode=algo.rollout, seed=online.seed + 7919 * done_iterations,
+                         noise_level=online.noise_level, fixed_step=algo.fixed_step(model.config.num_steps))
     evaluator = FlowPolicy(model, mode='ode')
-    trainer = StepNFTTrainer(model, algo, seed=online.seed)
-    history: list[dict] = []
+
+    def evaluate_into(entry: dict) -> None:
+        entry['eval_success'], entry['eval_outcomes'] = pool.evaluate(evaluator, online.eval_seeds,
+                                                                      online.actions_per_chunk)
 
     def record(entry: dict) -> None:
-        entry['eval_success'], _ = evaluate(env, evaluator, list(online.eval_seeds), online.actions_per_chunk)
         history.append(entry)
         if log is not None:
             log(entry)
+        if on_iteration is not None:
+            on_iteration(history, trainer)
 
-    record({'iteration': 0, 'env_steps': 0, 'rl_wall_s': 0.0})
-    env_steps, wall, next_seed = 0, 0.0, online.first_train_seed
-    for it in range(1, online.iterations + 1):
-        if wall >= online.time_budget_s:
+    if not history:
+        entry = {'iteration': 0, 'env_steps': 0, 'rl_wall_s': 0.0}
+        evaluate_into(entry)
+        record(entry)
+    last = history[-1]
+    env_steps, wall = last['env_steps'], last['rl_wall_s']
+    groups = online.episodes_per_iteration // online.group_size
+    for it in range(done_iterations + 1, online.iterations + 1):
+        if wall >= online.time_budget_s or (online.env_step_budget and env_steps >= online.env_step_budget):
             break
         start = time.perf_counter()
-        episodes = []
-        for _ in range(online.episodes_per_iteration):
-            episodes.append(run_episode(env, explore, next_seed, online.actions_per_chunk,
-                                        weights_version=trainer.updates, episode_id=f'it{it}-seed{next_seed}'))
-            next_seed += 1
+        first = online.first_train_seed + (it - 1) * groups
+        seeds = [seed for seed in range(first, first + groups) for _ in range(online.group_size)]
+        episodes = pool.run_episodes(explore, seeds, online.actions_per_chunk, weights_version=trainer.updates,
+                                     id_prefix=f'it{it}')
         rollout_s = time.perf_counter() - start
         metrics = trainer.update(collate_episodes(episodes, model.config, online.labels))
         wall += time.perf_counter() - start
-        env_steps += sum(e.env_steps for e in episodes)
-        record({'iteration': it, 'env_steps': env_steps, 'rl_wall_s': round(wall, 2),
-                'rollout_s': round(rollout_s, 2),
-                'train_success': sum(bool(e.success) for e in episodes) / len(episodes), **metrics})
+        steps = sum(e.env_steps for e in episodes)
+        env_steps += steps
+        entry = {'iteration': it, 'env_steps': env_steps, 'rl_wall_s': round(wall, 2),
+                 'rollout_s': round(rollout_s, 2), 'rollout_steps_per_s': round(steps / max(rollout_s, 1e-9), 1),
+                 'train_success': sum(bool(e.success) for e in episodes) / len(episodes), **metrics}
+        last_one = it == online.iterations or wall >= online.time_budget_s or (
+            online.env_step_budget and env_steps >= online.env_step_budget)
+        if it % online.eval_every == 0 or last_one:
+            evaluate_into(entry)
+        record(entry)
     return history

@@ -50,14 +50,16 @@ def run_episode(env: Env, policy: FlowPolicy, seed: int, actions_per_chunk: int,
     success = done = False
     while not done:
         out = policy.infer(obs)
-        episode.decisions.append(Decision(observation=obs, chunk=out.chunks[0], trace=out.trace))
+        executed = 0
         for action in out.chunks[0][:actions_per_chunk]:
             raw, success, done = env.step(np.clip(action, env.action_low, env.action_high))
-            episode.env_steps += 1
+            executed += 1
             if on_step is not None:
                 on_step(raw)
             if done:
                 break
+        episode.env_steps += executed
+        episode.decisions.append(Decision(observation=obs, chunk=out.chunks[0], trace=out.trace, executed=executed))
         obs = to_observation(raw)
     episode.success = bool(success)
     return episode

@@ -172,6 +172,30 @@ def test_batch_mean_labels_follow_the_general_form():
         episode_labels([True], 'reward')
 
 
+def test_group_mean_labels_compare_episodes_from_the_same_initial_state():
+    from stepnft_ros.algo.labels import episode_labels
+    # two groups: seed 1 succeeds 1 of 4 times, seed 2 always: its episodes carry no signal
+    labels = episode_labels([True, False, False, False, True, True], 'group_mean', groups=[1, 1, 1, 1, 2, 2])
+    assert [y for _, y in labels] == pytest.approx([0.75, -0.25, -0.25, -0.25, 0.0, 0.0])
+    assert [r for r, _ in labels] == pytest.approx([0.875, 0.375, 0.375, 0.375, 0.5, 0.5])
+    with pytest.raises(ValueError, match='group key'):
+        episode_labels([True, False], 'group_mean')
+
+
+def test_collate_groups_by_seed_and_carries_executed_counts():
+    cfg = PolicyConfig(state_dim=2, action_dim=2, horizon=3, d_model=16, n_heads=2)
+    out = FlowPolicy(FlowVLA(cfg)).infer(Observation(state=np.zeros(2, np.float32)))
+
+    def episode(name, seed, success, executed):
+        return Episode(name, 0, [Decision(Observation(state=np.zeros(2, np.float32)), out.chunks[0], out.trace,
+                                          executed=n) for n in executed], success=success, seed=seed)
+    batch = collate_episodes([episode('a', 7, True, [3, 1]), episode('b', 7, False, [None]),
+                              episode('c', 8, True, [5])], cfg, 'group_mean')
+    assert batch.y.tolist() == pytest.approx([0.5, 0.5, -0.5, 0.0])
+    # None (an old bag) counts as the whole chunk; a count past the horizon is capped
+    assert batch.executed.tolist() == [3, 1, 3, 3]
+
+
 def test_pretrained_text_encoder_from_a_local_directory(tmp_path):
     import transformers
 

@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from stepnft_ros.algo.stepnft import (
+    executed_mask,
+    grpo_loss,
+    step_log_likelihood,
     StepNFTConfig,
     branch_errors,
     mirrored_branches,
@@ -131,7 +134,7 @@ def test_kl_term_is_weighted_by_lambda():
     base, m = stepnft_loss(v_theta, trace, y, y, w, StepNFTConfig(lambda_kl=0.0), K)
     with_kl, _ = stepnft_loss(v_theta, trace, y, y, w, StepNFTConfig(lambda_kl=0.5), K)
     assert with_kl.item() == pytest.approx(base.item() + 0.5 * m['kl'], rel=1e-5)
-    assert m['kl'] == pytest.approx(5 * 3, rel=1e-5)  # ||1||² over a (5, 3) chunk
+    assert m["kl"] == pytest.approx(1.0, rel=1e-5)  # mean of 1² over the (5, 3) chunk, not the sum
 
 
 def test_bad_config_values_are_named():
@@ -141,3 +144,49 @@ def test_bad_config_values_are_named():
         StepNFTConfig(delta_max=0.0)
     with pytest.raises(ValueError, match='outside'):
         StepNFTConfig(step_selection='7').fixed_step(4)
+
+
+def test_unexecuted_actions_get_no_gradient():
+    trace = make_trace(b=4)
+    v_theta = (trace.v_old + 0.05 * torch.randn_like(trace.v_old)).requires_grad_(True)
+    y, w = torch.tensor([1.0, -1.0, 1.0, -1.0]), torch.ones(4)
+    mask = executed_mask(torch.tensor([2, 5, 0, 3]), 5)
+    loss, _ = stepnft_loss(v_theta, trace, y, (y + 1) / 2, w, StepNFTConfig(), K, mask)
+    loss.backward()
+    grad_per_action = v_theta.grad.abs().sum(-1)  # (B, H)
+    assert (grad_per_action[mask == 0] == 0).all()
+    assert (grad_per_action[mask == 1] > 0).all()
+    # the whole-chunk ablation is the all-ones mask
+    full, _ = stepnft_loss(v_theta.detach(), trace, y, (y + 1) / 2, w, StepNFTConfig(), K, None)
+    ones, _ = stepnft_loss(v_theta.detach(), trace, y, (y + 1) / 2, w, StepNFTConfig(), K, torch.ones(4, 5))
+    assert full.item() == pytest.approx(ones.item())
+
+
+def test_grpo_step_log_likelihood_is_the_closed_form_gaussian():
+    trace = make_trace(b=6)
+    v = trace.v_old + 0.1 * torch.randn_like(trace.v_old)
+    mask = executed_mask(torch.tensor([5, 5, 3, 1, 5, 2]), 5)
+    tau_k, tau_next, delta_k = grid_at(trace.k, K)
+    sigma = sde_sigma(tau_k, tau_next, trace.a)
+    s = sde_std(sigma, delta_k)
+    mu = sde_mean(trace.x_k, v, tau_k, tau_next, sigma)
+    expected = (torch.distributions.Normal(mu, s[:, None, None]).log_prob(trace.x_next) * mask[:, :, None]).flatten(1).sum(1)
+    assert torch.allclose(step_log_likelihood(v, trace, K, mask), expected, atol=1e-4)
+
+
+def test_grpo_loss_at_the_old_policy_is_minus_the_advantage_and_follows_it():
+    trace = make_trace(b=4)
+    advantage = torch.tensor([1.0, -1.0, 0.5, 0.0])
+    mask = torch.ones(4, 5)
+    cfg = StepNFTConfig(algo='grpo', lambda_kl=0.0)
+    v = trace.v_old.clone().requires_grad_(True)
+    loss, m = grpo_loss(v, trace, advantage, torch.ones(4), cfg, K, mask)
+    assert loss.item() == pytest.approx(-advantage.mean().item(), abs=1e-6)  # ratio 1 everywhere
+    assert m['ratio'] == pytest.approx(1.0)
+    loss.backward()
+    # a gradient step raises the likelihood of the positive sample's step and lowers the negative's
+    step = v.detach() - 1e-3 * v.grad
+    logp_old = step_log_likelihood(trace.v_old, trace, K, mask)
+    logp_new = step_log_likelihood(step, trace, K, mask)
+    assert logp_new[0] > logp_old[0] and logp_new[1] < logp_old[1]
+    assert torch.allclose(v.grad[3], torch.zeros_like(v.grad[3]))  # zero advantage: no gradient

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 
 
 def terminal_binary_label(success: bool) -> float:
@@ -20,19 +21,31 @@ def advantage_to_preference(advantage: float, clip: float) -> tuple[float, float
     return r, 2.0 * r - 1.0
 
 
-LABEL_SCHEMES = ('terminal_binary', 'batch_mean')
+LABEL_SCHEMES = ('terminal_binary', 'batch_mean', 'group_mean')
 
 
-def episode_labels(successes: list[bool], scheme: str = 'terminal_binary') -> list[tuple[float, float]]:
+def episode_labels(successes: list[bool], scheme: str = 'terminal_binary',
+                   groups: Sequence[Hashable] | None = None) -> list[tuple[float, float]]:
     """(r, y) for each episode of a batch.
 
     'terminal_binary': y = ±1 (the paper's default). 'batch_mean': the general form with the
     advantage A = success − (batch success rate), c = 1, so y = A: rare successes are pulled
     hard and the many failures pushed gently, which lowers the variance when success is rare.
+    'group_mean': A = success − (success rate of the episodes with the same group key, i.e. the
+    same initial state), c = 1: how hard the start was cancels out, and a group whose episodes
+    all agree gives y = 0 (no gradient) instead of noise.
     """
     if scheme == 'terminal_binary':
         return [((terminal_binary_label(s) + 1.0) / 2.0, terminal_binary_label(s)) for s in successes]
     if scheme == 'batch_mean':
         rate = sum(successes) / max(len(successes), 1)
         return [advantage_to_preference(float(s) - rate, 1.0) for s in successes]
+    if scheme == 'group_mean':
+        if groups is None or len(groups) != len(successes):
+            raise ValueError('group_mean labels need one group key per episode')
+        members: dict[Hashable, list[bool]] = {}
+        for key, s in zip(groups, successes, strict=True):
+            members.setdefault(key, []).append(s)
+        rates = {key: sum(v) / len(v) for key, v in members.items()}
+        return [advantage_to_preference(float(s) - rates[key], 1.0) for key, s in zip(groups, successes, strict=True)]
     raise ValueError(f'label scheme must be one of {LABEL_SCHEMES}, got {scheme!r}')

@@ -1,6 +1,10 @@
-"""π-StepNFT: step-wise negative-aware fine-tuning (ALGORITHM.md §4, ablations §5).
+"""π-StepNFT: step-wise negative-aware fine-tuning (ALGORITHM.md §4, ablations §5), and the two
+baselines it is measured against on the same rollouts and traces.
 
-One velocity evaluation per stored decision; no critic, no chain log-likelihood.
+One velocity evaluation per stored decision; no critic, no chain log-likelihood. The baselines:
+'grpo' (Flow-SDE policy gradient with the Gaussian log-likelihood of the recorded solver step,
+a clipped ratio and group-relative advantages) and 'filtered_bc' (flow matching on the executed
+actions of the successful rollouts).
 """
 
 from __future__ import annotations
@@ -8,9 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from stepnft_ros.algo.sft import flow_matching_loss
 from stepnft_ros.policy.modeling import FlowVLA
 from stepnft_ros.policy.sampler import grid_at, sde_mean, sde_sigma, sde_std
 from stepnft_ros.policy.types import Trace
@@ -21,6 +28,7 @@ if TYPE_CHECKING:  # episodes imports algo.labels; a runtime import here would b
 LOSS_FORMS = ('ranking', 'weighted')
 TARGETS = ('next_step', 'terminal')
 ROLLOUTS = ('sde', 'ode')
+ALGOS = ('stepnft', 'grpo', 'filtered_bc')
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,20 @@ class StepNFTConfig:
     """'uniform' random k* per decision, or a fixed step as a digit string, e.g. '0'."""
     train_prefix: bool = False
     """Also train the prefix encoder (the paper freezes it and trains the action expert)."""
+    executed_only: bool = True
+    """Loss, KL and metrics over the executed actions of each chunk only (the rest never reached the
+    robot, so their sampled noise carries no signal); False: the whole chunk (ablation)."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    """AdamW betas (the paper's (0.9, 0.95))."""
+    algo: str = 'stepnft'
+    """'stepnft', or a baseline on the same traces: 'grpo' (clipped likelihood ratio of the recorded
+    Flow-SDE step) or 'filtered_bc' (flow matching on the successful episodes' executed actions)."""
+    clip_ratio: float = 0.2
+    """'grpo': PPO clip ε on the likelihood ratio."""
+    target_kl: float = 0.0
+    """Stop an update's remaining minibatches once the mean ||v_θ − v_old||² per executed element
+    exceeds this (0: never). Unlike δ_max, this bounds how far one update moves the policy."""
 
     def __post_init__(self) -> None:
         def check(ok: bool, msg: str) -> None:
@@ -74,6 +96,11 @@ class StepNFTConfig:
         check(self.loss_form in LOSS_FORMS, f'loss_form must be one of {LOSS_FORMS}, got {self.loss_form!r}')
         check(self.target in TARGETS, f'target must be one of {TARGETS}, got {self.target!r}')
         check(self.rollout in ROLLOUTS, f'rollout must be one of {ROLLOUTS}, got {self.rollout!r}')
+        check(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0,
+              f'adam betas must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}')
+        check(self.algo in ALGOS, f'algo must be one of {ALGOS}, got {self.algo!r}')
+        check(self.clip_ratio > 0, f'clip_ratio must be > 0, got {self.clip_ratio}')
+        check(self.target_kl >= 0, f'target_kl must be >= 0, got {self.target_kl}')
         check(self.step_selection == 'uniform' or self.step_selection.isdigit(),
               f"step_selection must be 'uniform' or a step index, got {self.step_selection!r}")
 
@@ -99,13 +126,29 @@ def mirrored_branches(v_old: torch.Tensor, delta_v: torch.Tensor, beta: float) -
     return v_old + beta * delta_v, v_old - beta * delta_v
 
 
-def step_error(target: torch.Tensor, prediction: torch.Tensor, s: torch.Tensor, eps_s: float) -> torch.Tensor:
+def step_error(target: torch.Tensor, prediction: torch.Tensor, s: torch.Tensor, eps_s: float,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
     """E = Σ (target − prediction)² / (s² + ε_s), summed over the chunk: (B, H, D), s (B,) -> (B,).
 
-    The variance is detached: it is a property of the sampler, not something to learn.
+    mask: (B, H) 1 for the actions that count (the executed ones), None for all. The variance is
+    detached: it is a property of the sampler, not something to learn.
     """
     variance = s.detach() ** 2 + eps_s
-    return ((target - prediction) ** 2).flatten(1).sum(1) / variance
+    squared = (target - prediction) ** 2
+    if mask is not None:
+        squared = squared * mask[:, :, None]
+    return squared.flatten(1).sum(1) / variance
+
+
+def executed_mask(executed: torch.Tensor, horizon: int) -> torch.Tensor:
+    """(B,) executed-action counts -> (B, H) float mask of each chunk's leading executed actions."""
+    return (torch.arange(horizon, device=executed.device)[None, :] < executed[:, None]).float()
+
+
+def masked_mean_square(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per sample mean of delta² over the masked actions' elements: (B, H, D), (B, H) -> (B,)."""
+    elements = (mask.sum(1) * delta.shape[-1]).clamp_min(1.0)
+    return (delta ** 2 * mask[:, :, None]).flatten(1).sum(1) / elements
 
 
 def push_pull_loss(e_plus: torch.Tensor, e_minus: torch.Tensor, y: torch.Tensor, b: float) -> torch.Tensor:
@@ -118,66 +161,115 @@ def weighted_loss(e_plus: torch.Tensor, e_minus: torch.Tensor, r: torch.Tensor) 
     return r * e_plus + (1.0 - r) * e_minus
 
 
-def branch_errors(v_theta: torch.Tensor, trace: Trace, cfg: StepNFTConfig,
-                  num_steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """E⁺, E⁻ (B,) of the mirrored branches, and which samples hit the trust region (B,)."""
+def branch_errors(v_theta: torch.Tensor, trace: Trace, cfg: StepNFTConfig, num_steps: int,
+                  mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """E⁺, E⁻ (B,) of the mirrored branches over the masked actions, and which samples hit the
+    trust region (B,)."""
+    if mask is not None:  # the trust region's norm also covers only what counts
+        v_theta = trace.v_old + (v_theta - trace.v_old) * mask[:, :, None]
     delta_v, clipped = trust_region(v_theta - trace.v_old, cfg.delta_max)
     v_plus, v_minus = mirrored_branches(trace.v_old, delta_v, cfg.beta)
     tau_k, tau_next, delta_k = grid_at(trace.k, num_steps)
     sigma_k = sde_sigma(tau_k, tau_next, trace.a)
     s_k = sde_std(sigma_k, delta_k)
     if cfg.target == 'next_step':
-        e_plus = step_error(trace.x_next, sde_mean(trace.x_k, v_plus, tau_k, tau_next, sigma_k), s_k, cfg.eps_s)
-        e_minus = step_error(trace.x_next, sde_mean(trace.x_k, v_minus, tau_k, tau_next, sigma_k), s_k, cfg.eps_s)
+        e_plus = step_error(trace.x_next, sde_mean(trace.x_k, v_plus, tau_k, tau_next, sigma_k), s_k, cfg.eps_s, mask)
+        e_minus = step_error(trace.x_next, sde_mean(trace.x_k, v_minus, tau_k, tau_next, sigma_k), s_k, cfg.eps_s,
+                             mask)
     else:  # 'terminal': x̂0^± = x_k − τ_k·v^± against the executed chunk
         tau = tau_k[:, None, None]
-        e_plus = step_error(trace.x_final, trace.x_k - tau * v_plus, s_k, cfg.eps_s)
-        e_minus = step_error(trace.x_final, trace.x_k - tau * v_minus, s_k, cfg.eps_s)
+        e_plus = step_error(trace.x_final, trace.x_k - tau * v_plus, s_k, cfg.eps_s, mask)
+        e_minus = step_error(trace.x_final, trace.x_k - tau * v_minus, s_k, cfg.eps_s, mask)
     return e_plus, e_minus, clipped
 
 
 def stepnft_loss(v_theta: torch.Tensor, trace: Trace, y: torch.Tensor, r: torch.Tensor,
-                 weight: torch.Tensor, cfg: StepNFTConfig, num_steps: int) -> tuple[torch.Tensor, dict[str, float]]:
+                 weight: torch.Tensor, cfg: StepNFTConfig, num_steps: int,
+                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The π-StepNFT objective for one (mini)batch.
 
     v_theta: (B, H, D) v_θ(x_k*, τ_k*, o) with the current θ; y: (B,) ±1; r: (B,) ∈ [0, 1];
-    weight: (B,) per-episode averaging weights (0 masks a decision). The weighted mean
-    Σ w·ℓ / Σ w equals "mean over decisions of each episode, then over episodes" on a full batch.
+    weight: (B,) per-episode averaging weights (0 masks a decision); mask: (B, H) the actions
+    that count (executed_mask), None for the whole chunk. The weighted mean Σ w·ℓ / Σ w equals
+    "mean over decisions of each episode, then over episodes" on a full batch.
     Returns the loss and plain-float metrics.
     """
-    e_plus, e_minus, clipped = branch_errors(v_theta, trace, cfg, num_steps)
+    mask = torch.ones(v_theta.shape[:2], device=v_theta.device) if mask is None else mask
+    e_plus, e_minus, clipped = branch_errors(v_theta, trace, cfg, num_steps, mask)
     if cfg.loss_form == 'ranking':
         per_sample = push_pull_loss(e_plus, e_minus, y, cfg.b)
     else:
         per_sample = weighted_loss(e_plus, e_minus, r)
-    kl = (v_theta - trace.v_old).flatten(1).pow(2).sum(1)  # ||v_θ − v_old||² per sample
+    kl = masked_mean_square(v_theta - trace.v_old, mask)  # mean (v_θ − v_old)² over the counted elements
     total_weight = weight.sum().clamp_min(1e-12)
     policy_loss = (weight * per_sample).sum() / total_weight
     kl_term = (weight * kl).sum() / total_weight
     loss = policy_loss + cfg.lambda_kl * kl_term
     with torch.no_grad():
-        valid = weight > 0
-        n_valid = valid.sum().clamp_min(1)
         # the model ranks the observed transition correctly when y·(E⁺ − E⁻) < 0
-        correct = (y * (e_plus - e_minus) < 0) & valid
-        metrics = {
-            'loss': loss.item(), 'policy_loss': policy_loss.item(), 'kl': kl_term.item(),
-            'preference_accuracy': (correct.sum() / n_valid).item(),
-            'e_plus': e_plus[valid].mean().item() if valid.any() else 0.0,
-            'e_minus': e_minus[valid].mean().item() if valid.any() else 0.0,
-            'clip_fraction': ((clipped & valid).sum() / n_valid).item(),
-        }
+        correct = (y * (e_plus - e_minus) < 0).float()
+        metrics = {'loss': loss.item(), 'policy_loss': policy_loss.item(), 'kl': kl_term.item(),
+                   **_weighted_metrics(weight, preference_accuracy=correct, e_plus=e_plus, e_minus=e_minus,
+                                       clip_fraction=clipped.float(),
+                                       delta_v_norm=((v_theta - trace.v_old) * mask[:, :, None]).flatten(1).norm(dim=1))}
+    return loss, metrics
+
+
+def _weighted_metrics(weight: torch.Tensor, **per_sample: torch.Tensor) -> dict[str, float]:
+    """Plain mean of each per-sample metric over the decisions with weight > 0."""
+    valid = weight > 0
+    if not valid.any():
+        return {name: 0.0 for name in per_sample}
+    return {name: value[valid].float().mean().item() for name, value in per_sample.items()}
+
+
+def step_log_likelihood(v: torch.Tensor, trace: Trace, num_steps: int, mask: torch.Tensor) -> torch.Tensor:
+    """log N(x_{k*+1}; μ_{k*}(x_{k*}, v), s²·I) over the masked actions' elements: (B,).
+
+    The Flow-SDE transition of the recorded step is Gaussian, so this is exact up to the masked
+    elements; what policy-gradient flow RL (Flow-GRPO, πRL) differentiates, on one step per decision.
+    """
+    tau_k, tau_next, delta_k = grid_at(trace.k, num_steps)
+    sigma_k = sde_sigma(tau_k, tau_next, trace.a)
+    s_k = sde_std(sigma_k, delta_k).clamp_min(1e-6)[:, None, None]
+    mu = sde_mean(trace.x_k, v, tau_k, tau_next, sigma_k)
+    log_density = -0.5 * ((trace.x_next - mu) / s_k) ** 2 - torch.log(s_k) - 0.5 * math.log(2.0 * math.pi)
+    return (log_density * mask[:, :, None]).flatten(1).sum(1)
+
+
+def grpo_loss(v_theta: torch.Tensor, trace: Trace, advantage: torch.Tensor, weight: torch.Tensor,
+              cfg: StepNFTConfig, num_steps: int, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped-ratio policy gradient on the recorded step: −min(ρ·A, clip(ρ, 1 ± ε)·A), ρ = p_θ / p_old.
+
+    advantage: (B,) the episode's (group-relative) advantage, i.e. the label y.
+    """
+    log_ratio = step_log_likelihood(v_theta, trace, num_steps, mask) - step_log_likelihood(
+        trace.v_old, trace, num_steps, mask)
+    ratio = torch.exp(log_ratio.clamp(max=20.0))  # a wild ratio is clipped anyway; keep exp finite
+    clipped_ratio = ratio.clamp(1.0 - cfg.clip_ratio, 1.0 + cfg.clip_ratio)
+    per_sample = -torch.minimum(ratio * advantage, clipped_ratio * advantage)
+    kl = masked_mean_square(v_theta - trace.v_old, mask)
+    total_weight = weight.sum().clamp_min(1e-12)
+    policy_loss = (weight * per_sample).sum() / total_weight
+    kl_term = (weight * kl).sum() / total_weight
+    loss = policy_loss + cfg.lambda_kl * kl_term
+    with torch.no_grad():
+        metrics = {'loss': loss.item(), 'policy_loss': policy_loss.item(), 'kl': kl_term.item(),
+                   **_weighted_metrics(weight, clip_fraction=((ratio - 1.0).abs() > cfg.clip_ratio).float(),
+                                       ratio=ratio, approx_kl=(ratio - 1.0) - log_ratio)}
     return loss, metrics
 
 
 class StepNFTTrainer:
-    """Applies π-StepNFT updates to a FlowVLA from batches of finished on-policy episodes."""
+    """Applies π-StepNFT updates (or a baseline's, `cfg.algo`) to a FlowVLA from batches of finished
+    on-policy episodes."""
 
     def __init__(self, model: FlowVLA, cfg: StepNFTConfig, seed: int = 0) -> None:
         self.model = model
         self.cfg = cfg
         self.params = list(model.parameters()) if cfg.train_prefix else model.action_expert_parameters()
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           betas=(cfg.adam_beta1, cfg.adam_beta2))
         self.generator = torch.Generator().manual_seed(seed)
         self.updates = 0
 
@@ -186,28 +278,41 @@ class StepNFTTrainer:
         model, cfg = self.model, self.cfg
         device = next(model.parameters()).device
         num_steps = model.config.num_steps
-        trace = batch.trace.to(device)
-        y, r, weight = batch.y.to(device), batch.r.to(device), batch.weight.to(device)
-        obs = batch.obs.to(device)
+        batch = batch.to(device)
+        trace, y, r, weight, obs = batch.trace, batch.y, batch.r, batch.weight, batch.obs
+        horizon = trace.x_k.shape[1]
+        executed = batch.executed if cfg.executed_only else torch.full_like(batch.executed, horizon)
+        mask = executed_mask(executed, horizon)
+        if cfg.algo == 'filtered_bc':  # imitate the successful episodes only, each decision equally
+            weight = weight * (y > 0)
         prefix = None
         if not cfg.train_prefix:  # frozen prefix: encode every observation once per update
             with torch.no_grad():
                 prefix = model.encode_prefix(obs)
         model.train()
         sums: dict[str, float] = {}
-        steps = 0
+        steps, stopped_early = 0, False
         for _ in range(cfg.epochs):
             order = torch.randperm(len(batch), generator=self.generator).to(device)
             for start in range(0, len(batch), cfg.minibatch_size):
                 idx = order[start:start + cfg.minibatch_size]
                 if weight[idx].sum() <= 0:
                     continue
-                mb_prefix = (prefix[0][idx], prefix[1][idx]) if prefix is not None \
-                    else model.encode_prefix(obs.index(idx.cpu()).to(device))
-                mb_trace = trace.index(idx)
-                tau_k = grid_at(mb_trace.k, num_steps)[0]
-                v_theta = model.velocity(mb_trace.x_k, tau_k, mb_prefix)  # the one forward pass
-                loss, metrics = stepnft_loss(v_theta, mb_trace, y[idx], r[idx], weight[idx], cfg, num_steps)
+                mb_trace, mb_mask = trace.index(idx), mask[idx]
+                if cfg.algo == 'filtered_bc':
+                    loss = flow_matching_loss(model, obs.index(idx.cpu()).to(device), mb_trace.x_final, mb_mask,
+                                              generator=self.generator)
+                    metrics = {'loss': loss.item(), 'policy_loss': loss.item()}
+                else:
+                    mb_prefix = (prefix[0][idx], prefix[1][idx]) if prefix is not None \
+                        else model.encode_prefix(obs.index(idx.cpu()).to(device))
+                    tau_k = grid_at(mb_trace.k, num_steps)[0]
+                    v_theta = model.velocity(mb_trace.x_k, tau_k, mb_prefix)  # the one forward pass
+                    if cfg.algo == 'grpo':
+                        loss, metrics = grpo_loss(v_theta, mb_trace, y[idx], weight[idx], cfg, num_steps, mb_mask)
+                    else:
+                        loss, metrics = stepnft_loss(v_theta, mb_trace, y[idx], r[idx], weight[idx], cfg,
+                                                     num_steps, mb_mask)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 metrics['grad_norm'] = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip).item()
@@ -215,12 +320,20 @@ class StepNFTTrainer:
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + value
                 steps += 1
+                if cfg.target_kl > 0 and metrics.get('kl', 0.0) > cfg.target_kl:
+                    stopped_early = True
+                    break
+            if stopped_early:
+                break
         model.eval()
         self.updates += 1
         out = {key: value / max(steps, 1) for key, value in sums.items()}
         out['gradient_steps'] = float(steps)
+        out['stopped_early'] = float(stopped_early)
         out['decisions'] = float(len(batch))
         out['episodes'] = float(batch.n_episodes)
+        out['executed_fraction'] = float(mask.mean().item())
+        out['label_mean'] = float(y[batch.weight > 0].mean().item()) if (batch.weight > 0).any() else 0.0
         return out
 
     def optimizer_tensors(self) -> dict[str, torch.Tensor]:

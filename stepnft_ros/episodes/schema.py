@@ -27,6 +27,9 @@ class Decision:
     """Stamp of the answered observation (ROS time in ns); joins a decision's records in an episode bag."""
     weights_version: int | None = None
     """Weights version that sampled this decision; None: the episode's `weights_version`."""
+    executed: int | None = None
+    """How many leading actions of the chunk the robot executed; None: unknown (bags written before
+    the count was recorded), treated as the whole chunk."""
 
 
 @dataclass
@@ -63,7 +66,8 @@ class DecisionBatch:
     obs: B observations; trace: Trace (B, ...); y: (B,) labels ±1; r: (B,) preference in [0, 1];
     weight: (B,) per-episode averaging weights: mask / (valid decisions of its episode), so that
     Σ weight·ℓ / n_episodes averages over decisions within each episode, then over episodes;
-    episode_index: (B,) which episode each decision came from.
+    episode_index: (B,) which episode each decision came from; executed: (B,) int64 how many leading
+    actions of each chunk the robot executed (the whole horizon where unknown).
     """
 
     obs: ObservationBatch
@@ -73,20 +77,27 @@ class DecisionBatch:
     weight: torch.Tensor
     episode_index: torch.Tensor
     n_episodes: int
+    executed: torch.Tensor
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
     def index(self, idx: torch.Tensor) -> DecisionBatch:
         return DecisionBatch(self.obs.index(idx), self.trace.index(idx), self.y[idx], self.r[idx],
-                             self.weight[idx], self.episode_index[idx], self.n_episodes)
+                             self.weight[idx], self.episode_index[idx], self.n_episodes, self.executed[idx])
+
+    def to(self, device: torch.device | str) -> DecisionBatch:
+        return DecisionBatch(self.obs.to(device), self.trace.to(device), self.y.to(device), self.r.to(device),
+                             self.weight.to(device), self.episode_index.to(device), self.n_episodes,
+                             self.executed.to(device))
 
 
 def collate_episodes(episodes: Sequence[Episode], cfg: PolicyConfig, labels: str = 'terminal_binary',
                      episode_scale: Sequence[float] | None = None) -> DecisionBatch:
     """Flatten finished episodes into one batch; every decision gets its episode's label (ALGORITHM.md §3).
 
-    labels: 'terminal_binary' (y = ±1) or 'batch_mean' (advantage = success − batch success rate).
+    labels: a scheme of algo/labels.py; 'group_mean' groups episodes by their reset seed (the same
+    initial state).
     episode_scale: optional per-episode factor on the averaging weights (e.g. < 1 down-weights
     episodes collected with older weights).
     """
@@ -100,8 +111,9 @@ def collate_episodes(episodes: Sequence[Episode], cfg: PolicyConfig, labels: str
     kept = [e for e in episodes if any(d.valid for d in e.decisions)]
     if not kept:
         raise ValueError('no episode has a valid decision')
-    decisions, y, r, weight, ep_index = [], [], [], [], []
-    ep_labels = episode_labels([bool(e.success) for e in kept], labels)
+    decisions, y, r, weight, ep_index, executed = [], [], [], [], [], []
+    ep_labels = episode_labels([bool(e.success) for e in kept], labels,
+                               groups=[e.seed if e.seed is not None else e.episode_id for e in kept])
     for i, (ep, (ep_r, ep_y)) in enumerate(zip(kept, ep_labels, strict=True)):
         n_valid = sum(d.valid for d in ep.decisions)
         for d in ep.decisions:
@@ -110,8 +122,9 @@ def collate_episodes(episodes: Sequence[Episode], cfg: PolicyConfig, labels: str
             r.append(ep_r)
             weight.append((scale[ep.episode_id] / n_valid) if d.valid else 0.0)
             ep_index.append(i)
+            executed.append(cfg.horizon if d.executed is None else min(int(d.executed), cfg.horizon))
     return DecisionBatch(
         obs=stack_observations([d.observation for d in decisions], cfg),
         trace=Trace.cat([d.trace for d in decisions]),
         y=torch.tensor(y), r=torch.tensor(r), weight=torch.tensor(weight),
-        episode_index=torch.tensor(ep_index), n_episodes=len(kept))
+        episode_index=torch.tensor(ep_index), n_episodes=len(kept), executed=torch.tensor(executed))

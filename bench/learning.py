@@ -1,0 +1,239 @@
+"""Learning benchmark: π-StepNFT, its ablations and the baselines from one SFT start, at equal env steps.
+
+Each (method, task, training seed) run is its own resumable job: the model, the optimizer and the
+history are saved after every update under <work>/<task>/<method>/s<seed>/, and a restarted run
+continues from there. Its result JSON lands in bench/results/learning/. `summarize` merges every
+result into bench/results/learning_summary.json and plots success against env steps and wall-clock
+with Wilson 95 % bands.
+
+    python bench/learning.py run --method stepnft --seed 0 --env-steps 300000 --workers 2
+    python bench/learning.py summarize
+
+Evaluation: ODE success on held-out test seeds (default 200, from 10000); nothing selects
+checkpoints on them, so `final` is the number to read. `best` is reported for collapse checks only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, replace
+from functools import partial
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
+
+from sim_bridge.maniskill_env import ManiSkillEnv, ManiSkillEnvConfig  # noqa: E402
+from stepnft_ros.algo.stepnft import StepNFTConfig, StepNFTTrainer  # noqa: E402
+from stepnft_ros.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
+from stepnft_ros.env_pool import EnvPool  # noqa: E402
+from stepnft_ros.online import OnlineConfig, run_online  # noqa: E402
+from stepnft_ros.pipeline import DefaultSFT, ensure_sft_checkpoint  # noqa: E402
+from stepnft_ros.policy import FlowPolicy, load_checkpoint, save_checkpoint  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / 'results'
+FIRST_TEST_SEED = 10_000  # demos use seeds from 200 and 3000, training episodes from 1000000
+
+# The regime every method shares unless it says otherwise (see README, "Learning results").
+BASE_ALGO = dict(lr=1e-4, epochs=4, minibatch_size=1024, executed_only=True, adam_beta1=0.9, adam_beta2=0.95)
+BASE_ONLINE = dict(episodes_per_iteration=256, group_size=8, labels='group_mean', noise_level=0.3)
+METHODS: dict[str, tuple[dict, dict]] = {
+    # name: (StepNFTConfig overrides, OnlineConfig overrides)
+    'stepnft': ({}, {}),
+    'grpo': ({'algo': 'grpo', 'lambda_kl': 0.0}, {}),
+    'filtered_bc': ({'algo': 'filtered_bc', 'epochs': 1}, {'labels': 'terminal_binary', 'group_size': 1}),
+    # ablations of π-StepNFT, one change each
+    'stepnft_terminal_binary': ({}, {'labels': 'terminal_binary', 'group_size': 1}),
+    'stepnft_batch_mean': ({}, {'labels': 'batch_mean', 'group_size': 1}),
+    'stepnft_whole_chunk': ({'executed_only': False}, {}),
+    'stepnft_weighted': ({'loss_form': 'weighted'}, {}),
+    'stepnft_terminal_target': ({'target': 'terminal'}, {}),
+    'stepnft_fixed_step0': ({'step_selection': '0'}, {}),
+    'stepnft_paper_scale': ({'epochs': 2, 'minibatch_size': 4096, 'lr': 1e-4},
+                            {'episodes_per_iteration': 32, 'group_size': 1, 'labels': 'terminal_binary',
+                             'noise_level': 0.5}),
+}
+
+
+def log(msg: str) -> None:
+    print(f'[{time.strftime("%H:%M:%S")}] {msg}', file=sys.stderr, flush=True)
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score 95 % interval of a binomial rate."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def make_env(env_id: str, max_episode_steps: int) -> ManiSkillEnv:
+    return ManiSkillEnv(ManiSkillEnvConfig(env_id=env_id, control_mode='pd_ee_delta_pose', obs_mode='state',
+                                           max_episode_steps=max_episode_steps, reconfigure_on_reset=True))
+
+
+def sft_spec(args: argparse.Namespace) -> DefaultSFT:
+    return replace(DefaultSFT(), env_id=args.task, num_demos=args.num_demos, sft_steps=args.sft_steps)
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(1)
+    task_dir = Path(args.work) / args.task
+    run_dir = task_dir / args.method / f's{args.seed}'
+    run_dir.mkdir(parents=True, exist_ok=True)
+    sft = ensure_sft_checkpoint(task_dir / 'sft_start', sft_spec(args), log=log)
+    algo_over, online_over = METHODS[args.method]
+    algo = StepNFTConfig(**{**BASE_ALGO, **algo_over})
+    online = OnlineConfig(**{**BASE_ONLINE, **online_over}, iterations=10_000, actions_per_chunk=4,
+                          eval_seeds=tuple(range(FIRST_TEST_SEED, FIRST_TEST_SEED + args.test_seeds)),
+                          eval_every=args.eval_every, env_step_budget=args.env_steps, seed=args.seed,
+                          first_train_seed=1_000_000 + 100_000 * args.seed)
+    state_dir = run_dir / 'state'
+    history: list[dict] = []
+    if (state_dir / 'history.json').exists():  # resume
+        model, _ = load_checkpoint(state_dir)
+        history = json.loads((state_dir / 'history.json').read_text())
+        log(f'{args.method} s{args.seed}: resuming after iteration {history[-1]["iteration"]}')
+    else:
+        model, _ = load_checkpoint(sft)
+    trainer = StepNFTTrainer(model, algo, seed=args.seed + 1000 * len(history))
+    if history:
+        trainer.load_optimizer_tensors(safetensors.torch.load_file(str(state_dir / 'optimizer.safetensors')))
+        trainer.updates = history[-1]['iteration']
+    start_cache = task_dir / f'start_eval_{args.test_seeds}.json'
+    if not history and start_cache.exists():  # every method starts from the same SFT evaluation
+        history = [json.loads(start_cache.read_text())]
+    started = time.perf_counter()
+    wall_before = history[-1].get('total_wall_s', 0.0) if history else 0.0
+
+    def checkpoint(hist: list[dict], tr: StepNFTTrainer) -> None:
+        hist[-1]['total_wall_s'] = round(wall_before + time.perf_counter() - started, 1)
+        if hist[-1]['iteration'] == 0 and not start_cache.exists():
+            atomic_write_text(start_cache, json.dumps(hist[0]))
+        save_checkpoint(state_dir, tr.model, {'stage': args.method, 'iteration': hist[-1]['iteration']})
+        atomic_write_bytes(state_dir / 'optimizer.safetensors', safetensors.torch.save(tr.optimizer_tensors()))
+        atomic_write_text(state_dir / 'history.json', json.dumps(hist))
+
+    def progress(e: dict) -> None:
+        ev = f' eval {e["eval_success"]:.3f}' if 'eval_success' in e else ''
+        log(f'{args.method} s{args.seed} it {e["iteration"]}: env_steps {e["env_steps"]} '
+            f'train {e.get("train_success", float("nan")):.3f}{ev} steps/s {e.get("rollout_steps_per_s", 0)} '
+            f'pref_acc {e.get("preference_accuracy", float("nan")):.3f} kl {e.get("kl", float("nan")):.2e} '
+            f'clip {e.get("clip_fraction", float("nan")):.3f} grad_steps {e.get("gradient_steps", 0):.0f}')
+
+    with EnvPool(partial(make_env, args.task, args.max_episode_steps), num_workers=args.workers, log=log) as pool:
+        history = run_online(pool, model, online, algo, log=progress, history=history, trainer=trainer,
+                             on_iteration=checkpoint)
+        restarts = pool.restarts
+    evals = [h for h in history if 'eval_success' in h]
+    result = {
+        'task': args.task, 'method': args.method, 'seed': args.seed, 'test_seeds': args.test_seeds,
+        'algo_config': asdict(algo), 'online_config': {k: v for k, v in asdict(online).items() if k != 'eval_seeds'},
+        'start': evals[0]['eval_success'], 'final': evals[-1]['eval_success'],
+        'best': max(h['eval_success'] for h in evals), 'env_steps': history[-1]['env_steps'],
+        'wall_min': round(history[-1].get('total_wall_s', 0.0) / 60.0, 2),
+        'rl_wall_min': round(history[-1]['rl_wall_s'] / 60.0, 2), 'worker_restarts': restarts,
+        'curve': [{k: h[k] for k in ('iteration', 'env_steps', 'rl_wall_s', 'eval_success')} for h in evals],
+        'history': [{k: v for k, v in h.items() if k != 'eval_outcomes'} for h in history],
+        'final_outcomes': evals[-1]['eval_outcomes'],
+    }
+    out = RESULTS / 'learning' / f'{args.task}_{args.method}_s{args.seed}.json'
+    atomic_write_text(out, json.dumps(result, indent=1))
+    log(f'{args.method} s{args.seed}: {result["start"]:.3f} -> {result["final"]:.3f} '
+        f'(best {result["best"]:.3f}) at {result["env_steps"]} env steps -> {out}')
+    return result
+
+
+def summarize(args: argparse.Namespace) -> dict:
+    runs = [json.loads(p.read_text()) for p in sorted((RESULTS / 'learning').glob('*.json'))]
+    summary: dict = {'test_seeds': args.test_seeds, 'tasks': {}}
+    for r in runs:
+        entry = summary['tasks'].setdefault(r['task'], {}).setdefault(
+            r['method'], {'seeds': [], 'start': [], 'final': [], 'best': [], 'env_steps': [], 'wall_min': [],
+                          'final_interval': []})
+        n = r['test_seeds']
+        for key in ('seed', 'start', 'final', 'best', 'env_steps', 'wall_min'):
+            entry['seeds' if key == 'seed' else key].append(r[key])
+        entry['final_interval'].append([round(x, 4) for x in wilson(round(r['final'] * n), n)])
+    primary = args.task
+    summary['task'] = primary
+    summary.update(summary['tasks'].get(primary, {}))
+    others = [t for t in summary['tasks'] if t != primary]
+    if others:
+        summary['second_task'] = {'task': others[0], **summary['tasks'][others[0]]}
+    main_job = RESULTS / 'main_job.json'
+    if main_job.exists():
+        summary['main_job'] = json.loads(main_job.read_text())
+    atomic_write_text(RESULTS / 'learning_summary.json', json.dumps(summary, indent=1))
+    plot(runs, RESULTS / 'learning_curves.png')
+    return summary
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r['task'] for r in runs})
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 3.8 * len(tasks)), dpi=110, squeeze=False)
+    colours = {}
+    for row, task in enumerate(tasks):
+        for r in (r for r in runs if r['task'] == task):
+            colour = colours.setdefault(r['method'], f'C{len(colours) % 10}')
+            n = r['test_seeds']
+            for col, x_key, scale in ((0, 'env_steps', 1.0), (1, 'rl_wall_s', 1 / 60)):
+                xs = [c[x_key] * scale for c in r['curve']]
+                ys = [c['eval_success'] for c in r['curve']]
+                lo, hi = zip(*(wilson(round(y * n), n) for y in ys), strict=True)
+                label = r['method'] if r['seed'] == min(q['seed'] for q in runs if q['method'] == r['method']
+                                                         and q['task'] == task) else None
+                axes[row, col].plot(xs, ys, '-o', ms=3, color=colour, label=label)
+                axes[row, col].fill_between(xs, lo, hi, color=colour, alpha=0.12)
+        for col, xlabel in ((0, 'training env steps'), (1, 'rollout + update wall-clock (min)')):
+            ax = axes[row, col]
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f'{task} ODE test success')
+            ax.grid(alpha=0.3)
+        axes[row, 0].legend(fontsize=7)
+    fig.suptitle('held-out ODE success (Wilson 95 % bands; one line per training seed)')
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest='command', required=True)
+    r = sub.add_parser('run', help='one (method, task, seed) run, resumable')
+    r.add_argument('--method', default='stepnft', choices=sorted(METHODS))
+    r.add_argument('--seed', type=int, default=0)
+    r.add_argument('--env-steps', type=int, default=300_000, help='training env-step budget')
+    r.add_argument('--workers', type=int, default=max(1, (os.cpu_count() or 2)),
+                   help='env worker processes (0: one env in this process)')
+    r.add_argument('--eval-every', type=int, default=4, help='updates between test evaluations')
+    r.add_argument('--num-demos', type=int, default=DefaultSFT.num_demos, help='demos of the SFT start')
+    r.add_argument('--sft-steps', type=int, default=DefaultSFT.sft_steps, help='SFT steps of the start')
+    r.add_argument('--max-episode-steps', type=int, default=100)
+    s = sub.add_parser('summarize', help='merge the result JSONs, plot the curves')
+    for q in (r, s):
+        q.add_argument('--task', default='PickCube-v1')
+        q.add_argument('--test-seeds', type=int, default=200)
+        q.add_argument('--work', default='runs/learning', help='run state (checkpoints, histories)')
+    args = p.parse_args(argv)
+    out = run_one(args) if args.command == 'run' else summarize(args)
+    print(json.dumps({k: v for k, v in out.items() if k not in ('history', 'final_outcomes', 'tasks')}, indent=1))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

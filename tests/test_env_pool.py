@@ -1,0 +1,61 @@
+"""EnvPool: worker processes feeding one batched policy, crash recovery, executed-action counts."""
+
+import os
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from toy_env import PointReach
+
+from stepnft_ros.env_pool import EnvPool
+from stepnft_ros.policy import FlowPolicy, FlowVLA, PolicyConfig
+
+
+class CrashOnce(PointReach):
+    """Dies (as a simulator segfault would) on its first reset with `crash_seed`, if `flag` is absent."""
+
+    def __init__(self, flag: str, crash_seed: int) -> None:
+        super().__init__()
+        self.flag, self.crash_seed = Path(flag), crash_seed
+
+    def reset(self, seed: int) -> dict:
+        if seed == self.crash_seed and not self.flag.exists():
+            self.flag.write_text('crashed')
+            os._exit(1)
+        return super().reset(seed)
+
+
+def small_model() -> FlowVLA:
+    torch.manual_seed(0)
+    return FlowVLA(PolicyConfig(state_dim=4, action_dim=2, horizon=4, d_model=16, n_heads=2, prefix_layers=0,
+                                expert_layers=1, num_steps=4))
+
+
+def test_ode_outcomes_do_not_depend_on_how_many_workers_run_them():
+    model = small_model()
+    seeds = list(range(100, 112))
+    with EnvPool(PointReach) as inline:
+        inline_episodes = inline.run_episodes(FlowPolicy(model, mode='ode'), seeds, actions_per_chunk=2)
+    with EnvPool(PointReach, num_workers=2) as pool:
+        pooled = pool.run_episodes(FlowPolicy(model, mode='ode'), seeds, actions_per_chunk=2)
+    assert [e.seed for e in pooled] == seeds
+    for a, b in zip(inline_episodes, pooled, strict=True):
+        assert a.success == b.success and a.env_steps == b.env_steps
+        # equal up to float rounding: a batch of two multiplies in another order than a batch of one
+        assert all(np.allclose(da.chunk, db.chunk, atol=1e-5) for da, db in zip(a.decisions, b.decisions, strict=True))
+    for e in pooled:  # every decision says how many of its actions ran; together they are the episode
+        assert all(1 <= d.executed <= 2 for d in e.decisions)
+        assert sum(d.executed for d in e.decisions) == e.env_steps
+
+
+def test_a_crashed_worker_is_restarted_and_its_episode_rerun(tmp_path):
+    flag = tmp_path / 'crashed'
+    logs = []
+    with EnvPool(partial(CrashOnce, str(flag), 5), num_workers=2, log=logs.append) as pool:
+        episodes = pool.run_episodes(FlowPolicy(small_model(), mode='sde'), [3, 4, 5, 6, 5], actions_per_chunk=2)
+        assert pool.restarts == 1
+    assert flag.exists() and any('restarting' in line for line in logs)
+    assert [e.seed for e in episodes] == [3, 4, 5, 6, 5]
+    assert all(e.finished and e.decisions for e in episodes)
+    assert len({e.episode_id for e in episodes}) == 5  # the group's two seed-5 episodes stay apart

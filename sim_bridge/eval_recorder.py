@@ -9,8 +9,6 @@ table and exits, which ends the eval_sim graph. Malformed summaries are logged a
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 
 from rclpy.node import Node
@@ -18,7 +16,7 @@ from std_msgs.msg import String
 
 from sim_bridge.evaluation import EpisodeResult, aggregate, format_table, write_report
 from stepnft_ros import ros_io
-from stepnft_ros.nodes.common import ConfigError, Params, run_node
+from stepnft_ros.nodes.common import ConfigError, Params, finish, run_node
 
 EPISODE_SUMMARY = 'episode_summary'
 
@@ -72,9 +70,7 @@ class EvalRecorder(Node):
         self.get_logger().info(f'all {self.expected} episodes in: success {report["success_rate"]:.3f}; '
                                f'results in {self.out}')
         self.finished = True
-        # Stop through run_node's orderly path (its SIGINT flag, checked between callbacks): a
-        # SystemExit raised inside a callback would be logged by the executor as a fatal error.
-        os.kill(os.getpid(), signal.SIGINT)
+        finish(self)
 
 
 def main(args: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ from sim_bridge.maniskill_env import ManiSkillEnv, ManiSkillEnvConfig
 from stepnft_ros import ros_io
 from stepnft_ros.atomic import atomic_write_text
 from stepnft_ros.learner import plot_history
-from stepnft_ros.nodes.common import ConfigError, Params, run_node
+from stepnft_ros.nodes.common import ConfigError, Params, finish, run_node
 from stepnft_ros.policy import CheckpointError, FlowPolicy, load_checkpoint
 from stepnft_ros.rollout import evaluate
 
@@ -72,7 +72,7 @@ class ManiSkillEvaluator(Node):
         if announced.final:
             self.get_logger().info(f'final version {announced.version} evaluated; plot at '
                                    f'{self.out_dir / "success.png"}')
-            raise SystemExit(0)
+            finish(self)
 
     def _evaluate(self, announced: ros_io.WeightsAnnouncement) -> None:
         try:

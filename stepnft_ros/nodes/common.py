@@ -65,8 +65,19 @@ def make_executor():
     return EventsExecutor()
 
 
+def finish(node: Node, exit_code: int = 0) -> None:
+    """Ask run_node to stop spinning once the current callback returns, then exit with `exit_code`.
+
+    How a node ends itself (its work is done): raising SystemExit inside a callback instead would
+    be reported by the executor as a FATAL exception in that callback.
+    """
+    node.exit_code = exit_code
+    node.finish_requested = True
+
+
 def run_node(make_node: Callable[[], Node], args: list[str] | None = None) -> int:
-    """rclpy.init, build the node, spin until SIGINT/SIGTERM. Exit 2 on a configuration error.
+    """rclpy.init, build the node, spin until SIGINT/SIGTERM or `finish(node)`; the exit code is the
+    node's `exit_code` (0 by default), 2 on a configuration error.
 
     The signal handlers only set a flag that the spin loop checks between callbacks, so a
     callback is never cut short (rclpy's own handler would invalidate the context under it,
@@ -82,7 +93,7 @@ def run_node(make_node: Callable[[], Node], args: list[str] | None = None) -> in
         node = make_node()
         executor = make_executor()
         executor.add_node(node)
-        while not stop and rclpy.ok():
+        while not stop and rclpy.ok() and not getattr(node, 'finish_requested', False):
             executor.spin_once(timeout_sec=0.1)
         return getattr(node, 'exit_code', 0)
     except ConfigError as err:

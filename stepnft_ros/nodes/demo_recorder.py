@@ -32,7 +32,7 @@ from std_srvs.srv import Trigger
 from stepnft_ros import ros_io
 from stepnft_ros.atomic import atomic_publish_dir
 from stepnft_ros.episodes.demo_formats import INSTRUCTION_KEY, DemoTopics
-from stepnft_ros.nodes.common import run_node
+from stepnft_ros.nodes.common import finish, run_node
 
 BAG_VERSION = 9  # rosbag2 metadata version of Jazzy/Kilted
 FORMAT_KEY = 'stepnft_ros.demo_format'
@@ -157,7 +157,8 @@ class DemoRecorder(Node):
         while not self._events.empty():
             event = self._events.get()
             if event == 'quit':
-                raise SystemExit(0)  # run_node's shutdown keeps a running demo
+                finish(self)  # run_node's shutdown keeps a running demo
+                return
             if self._writer is None:
                 self.start()
             else:
@@ -165,7 +166,7 @@ class DemoRecorder(Node):
         if self.duration_s is not None and self._writer is not None \
                 and time.monotonic() - self._started >= self.duration_s:
             self.stop()
-            raise SystemExit(0)
+            finish(self)
 
 
 def record(topics: DemoTopics, out: str | Path, duration_s: float | None = None, instruction: str = '',

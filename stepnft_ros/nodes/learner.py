@@ -20,7 +20,7 @@ from stepnft_ros import ros_io
 from stepnft_ros.algo.stepnft import StepNFTConfig
 from stepnft_ros.episodes.store import EpisodeStore
 from stepnft_ros.learner import Learner, LearnerConfig, plot_history
-from stepnft_ros.nodes.common import ConfigError, Params, run_node
+from stepnft_ros.nodes.common import ConfigError, Params, finish, run_node
 from stepnft_ros.policy import CheckpointError
 
 
@@ -79,7 +79,7 @@ class LearnerNode(Node):
         if self.learner.done:
             self.get_logger().info(f'reached max_updates={self.learner.cfg.max_updates}; plot at '
                                    f'{self.work_dir / "success.png"}')
-            raise SystemExit(0)
+            finish(self)
 
 
 def main(args: list[str] | None = None) -> int:

@@ -206,10 +206,11 @@ def stepnft_loss(v_theta: torch.Tensor, trace: Trace, y: torch.Tensor, r: torch.
     kl_term = (weight * kl).sum() / total_weight
     loss = policy_loss + cfg.lambda_kl * kl_term
     with torch.no_grad():
-        # the model ranks the observed transition correctly when y·(E⁺ − E⁻) < 0
+        # the model ranks the observed transition correctly when y·(E⁺ − E⁻) < 0; y = 0 has no preference
         correct = (y * (e_plus - e_minus) < 0).float()
         metrics = {'loss': loss.item(), 'policy_loss': policy_loss.item(), 'kl': kl_term.item(),
-                   **_weighted_metrics(weight, preference_accuracy=correct, e_plus=e_plus, e_minus=e_minus,
+                   **_weighted_metrics(weight * (y != 0), preference_accuracy=correct),
+                   **_weighted_metrics(weight, e_plus=e_plus, e_minus=e_minus,
                                        clip_fraction=clipped.float(),
                                        delta_v_norm=((v_theta - trace.v_old) * mask[:, :, None]).flatten(1).norm(dim=1))}
     return loss, metrics

@@ -111,9 +111,11 @@ def collate_episodes(episodes: Sequence[Episode], cfg: PolicyConfig, labels: str
     kept = [e for e in episodes if any(d.valid for d in e.decisions)]
     if not kept:
         raise ValueError('no episode has a valid decision')
+    if labels == 'group_mean' and (unseeded := [e.episode_id for e in kept if e.seed is None]):
+        raise ValueError(f'group_mean labels group episodes by reset seed; these have none: {unseeded[:5]}')
     decisions, y, r, weight, ep_index, executed = [], [], [], [], [], []
     ep_labels = episode_labels([bool(e.success) for e in kept], labels,
-                               groups=[e.seed if e.seed is not None else e.episode_id for e in kept])
+                               groups=[e.seed for e in kept])
     for i, (ep, (ep_r, ep_y)) in enumerate(zip(kept, ep_labels, strict=True)):
         n_valid = sum(d.valid for d in ep.decisions)
         for d in ep.decisions:

@@ -43,7 +43,10 @@ class LearnerNode(Node):
             algo = StepNFTConfig(lr=p.get('lr', 1e-4), epochs=p.get('epochs', 2),
                                  minibatch_size=p.get('minibatch_size', 4096), beta=p.get('beta', 1.0),
                                  delta_max=p.get('delta_max', 0.5), loss_form=p.get('loss_form', 'ranking'),
-                                 target=p.get('target', 'next_step'), lambda_kl=p.get('lambda_kl', 1e-4))
+                                 target=p.get('target', 'next_step'), lambda_kl=p.get('lambda_kl', 1e-4),
+                                 executed_only=p.get('executed_only', True), adam_beta1=p.get('adam_beta1', 0.9),
+                                 adam_beta2=p.get('adam_beta2', 0.95), algo=p.get('algo', 'stepnft'),
+                                 clip_ratio=p.get('clip_ratio', 0.2), target_kl=p.get('target_kl', 0.0))
             self.learner = Learner(self.work_dir, checkpoint, EpisodeStore(episode_dir), cfg, algo, device=device,
                                    log=self.get_logger().info)
         except (ValueError, CheckpointError) as err:
@@ -74,7 +77,7 @@ class LearnerNode(Node):
             self.get_logger().info(
                 f"update {record['weights_version']}: success {record['train_success']:.2f} over "
                 f"{record['episodes']} episodes, loss {record['loss']:.4f}, pref. acc. "
-                f"{record['preference_accuracy']:.2f}, clip {record['clip_fraction']:.2f}, "
+                f"{record.get('preference_accuracy', float('nan')):.2f}, clip {record.get('clip_fraction', 0.0):.2f}, "
                 f"{record['episodes_consumed']} episodes consumed, {record['dropped_off_policy']} dropped")
         if self.learner.done:
             self.get_logger().info(f'reached max_updates={self.learner.cfg.max_updates}; plot at '

@@ -14,16 +14,20 @@ from launch.event_handlers import OnProcessExit
 from launch.events import Shutdown
 from launch_ros.actions import Node
 
-from stepnft_ros.launch_description import PACKAGE, NodeSpec
+from stepnft_ros.launch_description import MAX_RESPAWNS, PACKAGE, RESPAWN_DELAY_S, NodeSpec
 
 
 def node_actions(specs: Sequence[NodeSpec], params_file: str) -> list:
-    """One launch_ros Node per spec (config YAML + the spec's own parameters), and a shutdown of
-    the whole launch when a spec whose exit ends the graph exits (any exit, or a failure)."""
+    """One launch_ros Node per spec (config YAML + the spec's own parameters), respawned (bounded)
+    where the spec says so, and a shutdown of the whole launch when a spec whose exit ends the graph
+    exits (any exit, or a failure)."""
     actions = []
     for spec in specs:
+        # launch respawns after any exit; a respawnable (training) bridge exits only when it crashes.
+        respawn = {'respawn': True, 'respawn_delay': RESPAWN_DELAY_S,
+                   'respawn_max_retries': MAX_RESPAWNS} if spec.respawn else {}
         node = Node(package=PACKAGE, executable=spec.executable, name=spec.name, namespace=spec.namespace or None,
-                    parameters=[params_file, spec.parameters], output='screen')
+                    parameters=[params_file, spec.parameters], output='screen', **respawn)
         actions.append(node)
         if spec.ends_graph != 'never':
             actions.append(RegisterEventHandler(OnProcessExit(

@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Any
 
 PACKAGE = 'stepnft_ros'
+RESPAWN_DELAY_S = 3.0
+"""Wait before restarting a node that died (a crashed simulator), so a crash loop does not spin."""
+MAX_RESPAWNS = 5
+"""Restarts per node and launch; a node that keeps dying is left dead, and the graph runs on without it."""
 
 
 @dataclass(frozen=True)
@@ -26,10 +30,17 @@ class NodeSpec:
     parameters: dict[str, Any] = field(default_factory=dict)
     ends_graph: str = 'never'
     """When this node's exit stops the whole graph: 'exit' (any exit), 'failure' (non-zero exit) or 'never'."""
+    respawn: bool = False
+    """Restart it when it dies (non-zero exit), after RESPAWN_DELAY_S, at most MAX_RESPAWNS times. Only
+    for nodes whose restart loses nothing but their running episode: training sim bridges (the policy
+    server drops the episode they leave unfinished), not a real arm's nodes or an evaluation's bridges
+    (a restart would repeat their seeds)."""
 
     def __post_init__(self) -> None:
         if self.ends_graph not in ('exit', 'failure', 'never'):
             raise ValueError(f'ends_graph must be exit, failure or never, got {self.ends_graph!r}')
+        if self.respawn and self.ends_graph != 'never':
+            raise ValueError(f'{self.full_name}: a node whose exit ends the graph cannot be respawned')
 
     @property
     def full_name(self) -> str:
@@ -105,11 +116,11 @@ def train_sim(args: TrainSimArgs, checkpoint: str) -> list[NodeSpec]:
                   'obs_mode': args.obs_mode, **({'image_size': args.image_size} if args.image_size else {})}
         if args.suite:  # LIBERO seeds pick the benchmark's initial states (seed % 50)
             specs.append(NodeSpec('libero_bridge', 'libero_bridge', 'sim_bridge.libero_node', namespace=ns,
-                                  parameters={**bridge, 'suite': args.suite,
-                                              'task_id': args.task_ids[i % len(args.task_ids)]}))
+                                  respawn=True, parameters={**bridge, 'suite': args.suite,
+                                                            'task_id': args.task_ids[i % len(args.task_ids)]}))
         else:
             specs.append(NodeSpec('maniskill_bridge', 'maniskill_bridge', 'sim_bridge.maniskill_node', namespace=ns,
-                                  parameters=bridge))
+                                  respawn=True, parameters=bridge))
     return specs
 
 

@@ -2,7 +2,8 @@
 
 Each NodeSpec becomes a `python -m <module> --ros-args ...` process. Parameters come from the
 graph's config YAML plus a generated YAML of the per-instance values, so nothing is escaped on
-a command line. Ctrl-C (or a node whose exit ends the graph) stops every process.
+a command line. Ctrl-C (or a node whose exit ends the graph) stops every process. A node whose
+spec allows it (training sim bridges) is restarted when it dies, with a delay and a bound.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from stepnft_ros.atomic import atomic_write_text
-from stepnft_ros.launch_description import NodeSpec
+from stepnft_ros.launch_description import MAX_RESPAWNS, RESPAWN_DELAY_S, NodeSpec
 
 
 def instance_params_yaml(specs: Sequence[NodeSpec]) -> str:
@@ -44,16 +45,23 @@ def ros_environment(log_dir: Path) -> dict[str, str]:
     return env
 
 
-def launch(specs: Sequence[NodeSpec], params_file: Path, run_dir: Path, stop_timeout_s: float = 15.0) -> int:
+def launch(specs: Sequence[NodeSpec], params_file: Path, run_dir: Path, stop_timeout_s: float = 15.0,
+           respawn_delay_s: float = RESPAWN_DELAY_S, max_respawns: int = MAX_RESPAWNS) -> int:
     """Run until a node whose exit ends the graph exits (its code is returned) or SIGINT/SIGTERM arrives."""
     run_dir.mkdir(parents=True, exist_ok=True)
     generated = atomic_write_text(run_dir / 'launch_params.yaml', instance_params_yaml(specs))
     env = ros_environment(run_dir / 'ros_log')
     procs: dict[str, tuple[NodeSpec, subprocess.Popen]] = {}
-    for spec in specs:
+    respawns: dict[str, int] = {}
+    due: dict[str, tuple[float, NodeSpec]] = {}  # nodes waiting to be respawned: (monotonic time, spec)
+
+    def start(spec: NodeSpec) -> None:
         cmd = node_command(spec.module, spec.name, spec.namespace, [params_file, generated])
         procs[spec.full_name] = (spec, subprocess.Popen(cmd, env=env))
         print(f'[launch] started {spec.full_name} (pid {procs[spec.full_name][1].pid})', flush=True)
+
+    for spec in specs:
+        start(spec)
 
     stop = {'signal': None}
 
@@ -71,7 +79,19 @@ def launch(specs: Sequence[NodeSpec], params_file: Path, run_dir: Path, stop_tim
                 if spec.ends_graph == 'exit' or (spec.ends_graph == 'failure' and rc != 0):
                     code = code or rc
                     stop['signal'] = 'ended'
-            if not procs:
+                elif spec.respawn and rc not in (0, 2):  # 0: its work is done; 2: bad config, would repeat
+                    respawns[name] = respawns.get(name, 0) + 1
+                    if respawns[name] > max_respawns:
+                        print(f'[launch] {name} died {respawns[name]} times: not respawned again', flush=True)
+                    else:
+                        print(f'[launch] respawning {name} in {respawn_delay_s:g} s '
+                              f'(respawn {respawns[name]}/{max_respawns})', flush=True)
+                        due[name] = (time.monotonic() + respawn_delay_s, spec)
+            for name, (when, spec) in list(due.items()):
+                if stop['signal'] is None and time.monotonic() >= when:
+                    del due[name]
+                    start(spec)
+            if not procs and not due:
                 break
             time.sleep(0.2)
     finally:

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from ros_harness import REPO, tiny_checkpoint
 
+from stepnft_ros.launch_description import MAX_RESPAWNS, RESPAWN_DELAY_S
+
 
 class _Recorded:
     """Any launch action: keeps its arguments for the test to inspect."""
@@ -118,6 +120,13 @@ def test_launch_file_builds_its_graph(monkeypatch, tmp_path, name, overrides, ex
         bridges = [n for n in nodes if n.kwargs['executable'] == 'maniskill_bridge']
         assert len(bridges) == 4  # 2 splits x 2 bridges, each with its half of the 4 seeds
         assert sum(b.kwargs['parameters'][1]['max_episodes'] for b in bridges) == 8
+    # Training sim bridges are respawned (bounded); nothing else is: an evaluation's bridges would
+    # repeat their seeds, and a real arm's nodes must not come back on their own.
+    respawned = {n.kwargs['executable'] for n in nodes if n.kwargs.get('respawn')}
+    assert respawned == ({'maniskill_bridge', 'libero_bridge'} & expected_nodes if name == 'train_sim' else set())
+    for node in nodes:
+        if node.kwargs.get('respawn'):
+            assert (node.kwargs['respawn_delay'], node.kwargs['respawn_max_retries']) == (RESPAWN_DELAY_S, MAX_RESPAWNS)
     # Every node whose exit ends the graph gets an exit handler.
     handlers = [a for a in actions if type(a).__name__ == 'RegisterEventHandler']
     assert handlers, 'no node ends the graph'

@@ -4,9 +4,12 @@ In its namespace the bridge publishes joint_states (arm and gripper joints: posi
 velocity), task_state (the env's extra state features as a named JointState),
 camera/<cam>/image_raw (when the env has cameras) and instruction (latched); it executes the
 first `actions_per_chunk` actions of each action_chunk whose stamp matches the observation it
-is waiting on; it reports each episode's outcome through the episode_outcome service (SetBool,
-true = success) and on episode_summary (JSON), then resets. It publishes /clock (sim time)
-when `publish_clock` is set, and offers reset (Trigger).
+is waiting on (fewer when the episode ends mid-chunk) and says how many on executed_chunk; it
+reports each episode's outcome through the episode_outcome service (SetBool, true = success)
+and on episode_summary (JSON), then resets. It publishes /clock (sim time)
+when `publish_clock` is set, and offers reset (Trigger). Before its first observation it calls
+episode_discard, so an episode a crashed predecessor left unfinished (this bridge respawned) is
+dropped by the policy server rather than continued with this bridge's decisions.
 
 A bridge runs a list of tasks one after another (one for training; several for an
 evaluation sweep): each task's env is built when the task starts, and the instruction is
@@ -28,10 +31,11 @@ from std_msgs.msg import String
 from std_srvs.srv import SetBool, Trigger
 
 from stepnft_ros import ros_io
-from stepnft_ros.nodes.common import ConfigError, Params
+from stepnft_ros.nodes.common import ConfigError, Params, finish
 from stepnft_ros.policy.types import ObservationError
 
 WAITING_CHUNK, WAITING_OUTCOME, FINISHED = 'waiting for a chunk', 'reporting the outcome', 'finished'
+STARTING = 'dropping a predecessor\'s unfinished episode'
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,8 @@ class SimBridge(Node):
             raise ConfigError('no task to run')
 
         self.instruction_pub = self.create_publisher(String, ros_io.INSTRUCTION, ros_io.LATCHED_QOS)
+        # Before the (slow) env build: the policy server's service is discovered meanwhile.
+        self.discard_client = self.create_client(Trigger, ros_io.EPISODE_DISCARD)
         self.instruction: str | None = None  # the last one published
         self.task_index = -1
         self.env = None
@@ -85,14 +91,16 @@ class SimBridge(Node):
         self.summary_pub = self.create_publisher(String, 'episode_summary', ros_io.RELIABLE_QOS)
         self.clock_pub = self.create_publisher(Clock, '/clock', 10) if publish_clock else None
         self.create_subscription(ros_io.JointTrajectory, ros_io.ACTION_CHUNK, self._on_chunk, ros_io.RELIABLE_QOS)
+        self.executed_pub = self.create_publisher(ros_io.JointTrajectory, ros_io.EXECUTED_CHUNK, ros_io.RELIABLE_QOS)
         self.outcome_client = self.create_client(SetBool, ros_io.EPISODE_OUTCOME)
         self.create_service(Trigger, ros_io.RESET, self._on_reset)
         self.create_timer(0.1, self._watchdog)
 
-        self.state = FINISHED
         self.episodes = self.successes = self.total_steps = 0
         self.exit_code = 0
-        self._start_episode()
+        self.obs_stamp_ns = 0
+        self.state, self.requested_at, self.discard_sent = STARTING, time.monotonic(), False
+        self._drop_unfinished()
 
     def read_tasks(self, p: Params) -> list[BridgeTask]:
         """The tasks to run, from the node's parameters (ValueError -> exit 2)."""
@@ -135,6 +143,26 @@ class SimBridge(Node):
 
     # ---- episode flow ----------------------------------------------------------------------
 
+    def _drop_unfinished(self) -> None:
+        """Have the policy server drop this namespace's unfinished episode, then start; the first
+        observation waits for the answer, so it can never be dropped with that episode."""
+        if not self.discard_sent and self.discard_client.service_is_ready():
+            self.discard_sent = True
+            self.discard_client.call_async(Trigger.Request()).add_done_callback(self._dropped)
+        elif time.monotonic() - self.requested_at >= self.request_timeout_s:
+            self.get_logger().info(f'no answer on {ros_io.EPISODE_DISCARD} within {self.request_timeout_s:g} s '
+                                   '(no policy server yet): starting')
+            self._start_episode()
+
+    def _dropped(self, future) -> None:
+        if self.state != STARTING:
+            return
+        response = future.result()
+        if response is not None:  # 'dropped N decisions': N > 0 when a bridge before this one died mid-episode
+            self.get_logger().info(f'policy server asked to drop an unfinished episode of this namespace: '
+                                   f'{response.message}')
+        self._start_episode()
+
     def _start_episode(self) -> None:
         self.seed = self.next_seed
         self.next_seed += 1
@@ -175,13 +203,17 @@ class SimBridge(Node):
             return
         success = done = False
         raw = self.raw_obs
+        executed = 0
         for action in chunk[:self.actions_per_chunk]:
             raw, success, done = self.env.step(np.clip(action, self.env.action_low, self.env.action_high))
             self.sim_ns += self.period_ns
             self.episode_steps += 1
             self.total_steps += 1
+            executed += 1
             if done:
                 break
+        # Before the outcome or the next observation, so the server usually has it when that arrives.
+        self.executed_pub.publish(ros_io.executed_report(msg, executed))
         if done:
             self._report(success)
         else:
@@ -215,10 +247,10 @@ class SimBridge(Node):
                                f'{"success" if self.outcome else "failure"} after {self.episode_steps} steps; '
                                f'{self.successes}/{self.episodes} successful')
         if self.max_episodes and self.episodes >= self.max_episodes:
-            self._finish(f'ran max_episodes={self.max_episodes}')
+            return self._finish(f'ran max_episodes={self.max_episodes}')
         if self.task.episodes and self.task_episodes >= self.task.episodes:
             if self.task_index + 1 == len(self.tasks):
-                self._finish(f'ran all {len(self.tasks)} task(s)')
+                return self._finish(f'ran all {len(self.tasks)} task(s)')
             self.state = FINISHED  # the watchdog stays quiet while the next env builds
             self._next_task()
         self._start_episode()
@@ -226,7 +258,7 @@ class SimBridge(Node):
     def _finish(self, why: str) -> None:
         self.state = FINISHED
         self.get_logger().info(f'{why}; {self.total_steps} env steps')
-        raise SystemExit(0)
+        finish(self)
 
     def _on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         if self.state == WAITING_CHUNK:
@@ -238,6 +270,9 @@ class SimBridge(Node):
         return response
 
     def _watchdog(self) -> None:
+        if self.state == STARTING:
+            self._drop_unfinished()
+            return
         if time.monotonic() - self.requested_at < self.request_timeout_s:
             return
         if self.state == WAITING_CHUNK:

@@ -32,6 +32,9 @@ JOINT_STATES = 'joint_states'
 TASK_STATE = 'task_state'
 INSTRUCTION = 'instruction'
 ACTION_CHUNK = 'action_chunk'
+# trajectory_msgs/JointTrajectory, optional: an answered chunk cut to the leading actions the robot
+# executed, stamped like the chunk; the policy server records the count with the decision.
+EXECUTED_CHUNK = 'executed_chunk'
 EPISODE_OUTCOME = 'episode_outcome'  # std_srvs/SetBool, true = success
 RESET = 'reset'                      # std_srvs/Trigger
 EPISODE_DISCARD = 'episode_discard'  # std_srvs/Trigger: drop the running episode's record (operator)
@@ -171,6 +174,19 @@ def trajectory_to_chunk(msg: JointTrajectory, action_dim: int) -> tuple[int, np.
     return stamp_to_ns(msg.header.stamp), chunk
 
 
+def executed_report(chunk: JointTrajectory, executed: int) -> JointTrajectory:
+    """The received chunk message cut to its first `executed` points (0 allowed): what EXECUTED_CHUNK carries."""
+    if not 0 <= executed <= len(chunk.points):
+        raise ValueError(f'{executed} actions executed of a chunk of {len(chunk.points)}')
+    return JointTrajectory(header=chunk.header, joint_names=list(chunk.joint_names),
+                           points=list(chunk.points[:executed]))
+
+
+def executed_count(msg: JointTrajectory) -> tuple[int, int]:
+    """An EXECUTED_CHUNK report -> (stamp_ns of the answered observation, actions executed)."""
+    return stamp_to_ns(msg.header.stamp), len(msg.points)
+
+
 # ---- weights announcements ----------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -228,6 +244,11 @@ class ObservationAssembler:
 
     def set_instruction(self, text: str) -> None:
         self.instruction = text
+
+    def restart(self) -> None:
+        """Forget partial observations and the stamp order: the robot restarted (its clock may start over)."""
+        self._pending.clear()
+        self.newest_complete_ns = -1
 
     def add_joint_state(self, msg: JointState) -> tuple[int, Observation] | None:
         position, velocity = joint_state_to_arrays(msg)

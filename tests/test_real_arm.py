@@ -73,6 +73,34 @@ def test_temporal_ensembling_averages_overlapping_chunks_with_exponential_weight
     assert plain.action(2)[0] == pytest.approx((11 + 20) / 2)  # m = 0: a plain mean
 
 
+def test_executed_counts_are_the_prefix_each_chunk_was_used_for_and_final_once_it_leaves():
+    s = ChunkScheduler(actions_per_chunk=3)
+    s.requested(0)
+    s.add_chunk(0, chunk(10))
+    assert [s.action(k)[0] for k in (1, 2, 3)] == [10, 11, 12] and s.finished() == []  # still scheduled
+    s.requested(3)
+    s.add_chunk(3, chunk(20))  # replaces chunk@0: 3 of its 4 actions ran
+    assert s.finished() == [(0, 3)]
+    assert s.action(4)[0] == 20
+    s.reset()  # the episode ends one action into chunk@3
+    assert s.finished() == [(3, 1)] and s.finished() == []
+    s.requested(10)
+    s.add_chunk(10, chunk(30))
+    assert s.action(12)[0] == 31  # late: action 0's tick passed; the prefix still counts it
+    s.reset()
+    assert s.finished() == [(10, 2)]
+
+    ensemble = ChunkScheduler(actions_per_chunk=1, temporal_ensemble=True)
+    for k in (0, 1):
+        ensemble.requested(k)
+        ensemble.add_chunk(k, chunk(10.0 * (k + 1), horizon=3))
+    for k in (2, 3, 4):
+        ensemble.action(k)
+    assert ensemble.finished() == [(0, 3)]  # ran out after predicting ticks 1..3 (used for 2, 3)
+    ensemble.reset()
+    assert ensemble.finished() == [(1, 3)]
+
+
 # ---- command adapters ---------------------------------------------------------------------------
 
 
@@ -530,5 +558,53 @@ def test_an_operator_that_stops_repeating_episode_active_stops_the_episode(tmp_p
         spin_for(1.5, heartbeat=False)
         assert len(observations) == n, 'the episode stopped: no more observations'
         assert bridge.proc.poll() is None
+    finally:
+        graph.stop_all()
+
+
+def test_arm_bridge_reports_the_executed_prefix_of_each_chunk(tmp_path, probe):
+    """The test answers observations with chunks of 4; the bridge runs 2 of each and says so on
+    executed_chunk once a chunk is replaced, and for the last one when the episode stops."""
+    from ros_harness import Graph, spin_until
+    from std_msgs.msg import Bool
+
+    from stepnft_ros import ros_io
+
+    node, executor = probe
+    graph = Graph(tmp_path / 'logs')
+    try:
+        bridge = graph.start('stepnft_ros.nodes.arm_bridge', 'arm_bridge', {
+            'joint_names': ['j1', 'j2'], 'control_rate_hz': 10.0, 'actions_per_chunk': 2,
+            'request_timeout_s': 1.0, 'max_observation_age_s': 1.0}, namespace='arm')
+        joints = node.create_publisher(ros_io.JointState, '/joint_states', ros_io.SENSOR_QOS)
+        node.create_timer(0.05, lambda: joints.publish(
+            ros_io.arrays_to_joint_state(['j1', 'j2'], np.zeros(2), None, time.time_ns())))
+        chunks = node.create_publisher(ros_io.JointTrajectory, '/arm/' + ros_io.ACTION_CHUNK, ros_io.RELIABLE_QOS)
+        answered, reports = [], []
+        policy_up = [True]
+
+        def answer(observation) -> None:
+            if not policy_up[0]:
+                return
+            stamp = ros_io.stamp_to_ns(observation.header.stamp)
+            answered.append(stamp)
+            chunks.publish(ros_io.chunk_to_trajectory(np.zeros((4, 2)), ['j1', 'j2'], stamp, 0.1))
+
+        node.create_subscription(ros_io.JointState, '/arm/joint_states', answer, ros_io.SENSOR_QOS)
+        node.create_subscription(ros_io.JointTrajectory, '/arm/' + ros_io.EXECUTED_CHUNK,
+                                 lambda m: reports.append(ros_io.executed_count(m)), ros_io.RELIABLE_QOS)
+        active = node.create_publisher(Bool, '/arm/' + ros_io.EPISODE_ACTIVE, ros_io.LATCHED_QOS)
+        bridge.wait_for('waiting for episode_active', timeout=60)
+        active.publish(Bool(data=True))
+        spin_until(executor, lambda: len(reports) >= 4, 60, 'four chunks run and replaced')
+        policy_up[0] = False  # the last chunk runs out and stays in the schedule, unreported ...
+        quiet = time.monotonic()
+        spin_until(executor, lambda: time.monotonic() > quiet + 1.0, 5, 'the last chunk to run out')
+        before = len(reports)
+        active.publish(Bool(data=False))  # ... until the episode stops
+        spin_until(executor, lambda: len(reports) > before, 10, 'the last chunk\'s report')
+        stamps = [s for s, _ in reports]
+        assert stamps == sorted(set(stamps)) and set(stamps) <= set(answered), 'one report per answered chunk'
+        assert stamps[-1] == answered[-1] and [n for _, n in reports] == [2] * len(reports), reports
     finally:
         graph.stop_all()

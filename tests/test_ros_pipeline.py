@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -50,6 +51,8 @@ def test_train_sim_records_bags_updates_and_hot_swaps(tmp_path, ros_domain):
     (tmp_path / 'launch.log').write_text(out)
     assert proc.returncode == 0, out[-4000:]
     assert 'update 2:' in out and 'hot-swapped to weights version' in out, f'see {tmp_path / "launch.log"}'
+    # The evaluator ends the graph by finishing, not by an exception in its callback.
+    assert 'FATAL' not in out and 'Exception in' not in out and 'Traceback' not in out, f'see {tmp_path}/launch.log'
 
     store = EpisodeStore(run / 'episodes')
     episodes = [store.load(e) for e in store.episode_ids()]
@@ -60,6 +63,9 @@ def test_train_sim_records_bags_updates_and_hot_swaps(tmp_path, ros_domain):
     for e in episodes:  # each decision answers a distinct observation, in stamp order
         stamps = [d.stamp_ns for d in e.decisions]
         assert stamps == sorted(set(stamps)) and all(d.observation.state.shape == (42,) for d in e.decisions)
+        executed = [d.executed for d in e.decisions]  # 4 per chunk; the last one up to the episode's end
+        assert executed[:-1] == [4] * (len(executed) - 1) and 1 <= executed[-1] <= 4
+        assert sum(executed) == e.env_steps
     _, meta = read_header(run / 'learner/checkpoints/v000002')
     assert meta['weights_version'] == 2 and len(meta['learner']['consumed']) == 4
     assert (run / 'learner/success.png').read_bytes()[:4] == b'\x89PNG'
@@ -75,18 +81,50 @@ def test_camera_images_flow_through_bridge_and_policy_server(tmp_path, graph):
     server = graph.start('stepnft_ros.nodes.policy_server', 'policy_server', {
         'checkpoint': str(ckpt), 'episode_dir': str(episodes), 'robots': ['env0'], 'mode': 'train'})
     bridge = graph.start('sim_bridge.maniskill_node', 'maniskill_bridge', {
-        'obs_mode': 'rgb', 'image_size': 32, 'max_episode_steps': 8, 'max_episodes': 2,
+        'obs_mode': 'rgb', 'image_size': 32, 'max_episode_steps': 6, 'max_episodes': 2,
         'reconfigure_on_reset': False}, namespace='env0')
     bridge.wait_for(r'episode 2 \(seed', timeout=120)
+    assert bridge.proc.wait(30) == 0, 'max_episodes reached: the bridge ends cleanly'
+    assert 'FATAL' not in bridge.output() and 'Exception in' not in bridge.output(), bridge.output()[-3000:]
     server.wait_for(r'-> \S+_env0_', count=2)
     store = EpisodeStore(episodes)
     deadline = time.monotonic() + 10
     while len(store.episode_ids()) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
-    episode = store.load(store.episode_ids()[0])
-    image = episode.decisions[0].observation.images['base_camera']
-    assert image.shape == (32, 32, 3) and image.dtype == np.uint8 and image.std() > 0  # a rendered scene
-    assert len(episode.decisions) == 2 and episode.success is False  # 8 steps = 2 chunks of 4; random policy
+    for episode_id in store.episode_ids():
+        episode = store.load(episode_id)
+        image = episode.decisions[0].observation.images['base_camera']
+        assert image.shape == (32, 32, 3) and image.dtype == np.uint8 and image.std() > 0  # a rendered scene
+        assert len(episode.decisions) == 2 and episode.success is False  # 6 steps: chunks of 4 and 2; random policy
+        assert [d.executed for d in episode.decisions] == [4, 2] and episode.env_steps == 6
+
+
+def test_a_respawned_bridge_has_its_predecessors_unfinished_episode_dropped(tmp_path, graph, probe):
+    """A bridge killed mid-episode and started again: the server writes no episode mixing the two."""
+    node, executor = probe
+    chunks = []
+    node.create_subscription(ros_io.JointTrajectory, 'env0/action_chunk', chunks.append, ros_io.RELIABLE_QOS)
+    ckpt = tiny_checkpoint(tmp_path / 'ckpt')
+    episodes = tmp_path / 'episodes'
+    server = graph.start('stepnft_ros.nodes.policy_server', 'policy_server', {
+        'checkpoint': str(ckpt), 'episode_dir': str(episodes), 'robots': ['env0'], 'mode': 'train'})
+    bridge = {'max_episode_steps': 400, 'reconfigure_on_reset': False}
+    crashing = graph.start('sim_bridge.maniskill_node', 'maniskill_bridge', bridge, namespace='env0')
+    spin_until(executor, lambda: len(chunks) >= 3, 120, 'three decisions of the first bridge\'s episode')
+    crashing.stop(signal.SIGKILL)  # a simulator crash, mid-episode
+    respawned = graph.start('sim_bridge.maniskill_node', 'maniskill_bridge',
+                            {**bridge, 'max_episode_steps': 6, 'max_episodes': 1}, namespace='env0')
+    respawned.wait_for(r'episode 1 \(seed', timeout=120)
+    server.wait_for(r'discarded episode \S+ \((\d+) decisions, not written\)')
+    assert int(re.search(r'discarded episode \S+ \((\d+) decisions', server.output())[1]) >= 3
+    server.wait_for(r'-> \S+_env0_')
+    store = EpisodeStore(episodes)
+    deadline = time.monotonic() + 10
+    while not store.episode_ids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    [episode_id] = store.episode_ids()
+    episode = store.load(episode_id)  # the respawned bridge's episode only: 6 steps = chunks of 4 and 2
+    assert [d.executed for d in episode.decisions] == [4, 2] and episode.env_steps == 6
 
 
 def publish_observation(node, pubs, stamp_ns, state):
@@ -213,3 +251,57 @@ def test_learner_killed_mid_run_resumes_without_losing_or_repeating_episodes(tmp
     assert sum(h['episodes'] for h in history) == 18 == len(meta['learner']['consumed'])
     assert sorted(meta['learner']['consumed']) == store.episode_ids()
     assert json.loads((tmp_path / 'learner/history.json').read_text()) == history
+
+
+def test_executed_reports_that_come_after_the_outcome_still_count(tmp_path, graph, probe):
+    """Topics and services are not ordered: the server waits `executed_wait_s` for the last chunk's
+    report after the outcome, then writes the episode without it (unknown, with a warning)."""
+    from std_srvs.srv import SetBool
+
+    node, executor = probe
+    ckpt = tiny_checkpoint(tmp_path / 'ckpt', state_dim=5, action_dim=2)
+    server = graph.start('stepnft_ros.nodes.policy_server', 'policy_server', {
+        'checkpoint': str(ckpt), 'episode_dir': str(tmp_path / 'episodes'), 'robots': ['arm'], 'mode': 'train',
+        'executed_wait_s': 1.0})
+    server.wait_for('serving 1 robot')
+    pubs = {'joints': node.create_publisher(ros_io.JointState, 'arm/joint_states', ros_io.SENSOR_QOS),
+            'task': node.create_publisher(ros_io.JointState, 'arm/task_state', ros_io.SENSOR_QOS)}
+    executed_pub = node.create_publisher(ros_io.JointTrajectory, 'arm/' + ros_io.EXECUTED_CHUNK, ros_io.RELIABLE_QOS)
+    outcome = node.create_client(SetBool, 'arm/' + ros_io.EPISODE_OUTCOME)
+    chunks = {}
+    node.create_subscription(ros_io.JointTrajectory, 'arm/action_chunk',
+                             lambda m: chunks.setdefault(ros_io.stamp_to_ns(m.header.stamp), m), ros_io.RELIABLE_QOS)
+    spin_until(executor, lambda: executed_pub.get_subscription_count() > 0 and outcome.service_is_ready(), 20,
+               'the server to subscribe')
+
+    def decide(stamp_ns):
+        deadline = time.monotonic() + 20
+        while stamp_ns not in chunks:  # best-effort sensor QoS: re-send until answered
+            assert time.monotonic() < deadline, f'no chunk for {stamp_ns}'
+            publish_observation(node, pubs, stamp_ns, np.arange(5, dtype=np.float32))
+            for _ in range(4):
+                executor.spin_once(timeout_sec=0.05)
+        return chunks[stamp_ns]
+
+    def end(success):
+        future = outcome.call_async(SetBool.Request(data=success))
+        spin_until(executor, future.done, 10, 'the outcome answer')
+        return future.result().message  # the episode id
+
+    # Episode 1: the last report arrives after the outcome, within the wait.
+    executed_pub.publish(ros_io.executed_report(decide(1_000), 4))
+    last = decide(2_000)
+    first_id = end(True)
+    executed_pub.publish(ros_io.executed_report(last, 1))
+    # Episode 2: the last report never comes.
+    executed_pub.publish(ros_io.executed_report(decide(3_000), 3))
+    decide(4_000)
+    second_id = end(False)
+    server.wait_for(f'no executed_chunk report for the last decision of {second_id} within 1 s')
+    store = EpisodeStore(tmp_path / 'episodes')
+    deadline = time.monotonic() + 10
+    while len(store.episode_ids()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    first, second = store.load(first_id), store.load(second_id)
+    assert [d.executed for d in first.decisions] == [4, 1] and first.env_steps == 5
+    assert [d.executed for d in second.decisions] == [3, None] and second.env_steps == 3 + 4  # None: actions_per_chunk

@@ -11,6 +11,12 @@ Two schedules:
 - temporal ensembling (ACT): observe at every tick; the action for tick k averages every
   stored chunk's prediction for k with weights exp(-m·j), j = 0 for the oldest chunk, so a
   positive `ensemble_decay` m favours older predictions and smooths the motion.
+
+For the record of each decision the scheduler counts how many of a chunk's actions were executed:
+the length of the prefix up to the last action it handed out from that chunk (ensembling: whose
+prediction went into a handed-out average). Actions skipped for latency before that count too:
+an executed count describes a prefix of the chunk. `finished()` hands each count over once the
+chunk has left the schedule (replaced, run out, or a reset), when it can no longer grow.
 """
 
 from __future__ import annotations
@@ -33,13 +39,26 @@ class ChunkScheduler:
         self.temporal_ensemble = temporal_ensemble
         self.ensemble_decay = ensemble_decay
         self.request_timeout_ticks = request_timeout_ticks
+        self._chunks: dict[int, np.ndarray] = {}  # observation tick -> (H, D) chunk
+        self._executed: dict[int, int] = {}       # observation tick -> executed prefix so far
+        self._finished: list[tuple[int, int]] = []
         self.reset()
 
     def reset(self) -> None:
-        """Forget every chunk and request (episode start, pause, e-stop)."""
-        self._chunks: dict[int, np.ndarray] = {}  # observation tick -> (H, D) chunk
+        """Forget every chunk and request (episode start, pause, e-stop); their executed counts are final."""
+        self._retire(list(self._chunks))
         self._requests: list[int] = []            # ticks of observations still unanswered
         self._dim: int | None = None
+
+    def _retire(self, ticks) -> None:
+        for s in ticks:
+            del self._chunks[s]
+            self._finished.append((s, self._executed.pop(s, 0)))
+
+    def finished(self) -> list[tuple[int, int]]:
+        """(observation tick, executed actions) of each chunk that left the schedule since the last call."""
+        done, self._finished = self._finished, []
+        return done
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -80,7 +99,7 @@ class ChunkScheduler:
         self._dim = chunk.shape[1]
         self._requests.remove(obs_tick)
         if not self.temporal_ensemble:
-            self._chunks.clear()
+            self._retire(list(self._chunks))
         self._chunks[obs_tick] = chunk
         return True
 
@@ -88,20 +107,22 @@ class ChunkScheduler:
 
     def action(self, tick: int) -> np.ndarray | None:
         """The action for this tick, or None (nothing to execute: the arm holds)."""
-        for s in [s for s, c in self._chunks.items() if tick - s - 1 >= len(c)]:
-            if self.temporal_ensemble or s != max(self._chunks):
-                del self._chunks[s]
+        self._retire([s for s, c in self._chunks.items() if tick - s - 1 >= len(c)
+                      and (self.temporal_ensemble or s != max(self._chunks))])
         if not self.temporal_ensemble:
             if not self._chunks:
                 return None
             s = max(self._chunks)
             i = tick - s - 1
             if 0 <= i < min(self.actions_per_chunk, len(self._chunks[s])):
+                self._executed[s] = max(self._executed.get(s, 0), i + 1)
                 return self._chunks[s][i].copy()
             return None
         covering = sorted((s, c) for s, c in self._chunks.items() if 0 <= tick - s - 1 < len(c))
         if not covering:
             return None
+        for s, _ in covering:
+            self._executed[s] = max(self._executed.get(s, 0), tick - s)
         weights = np.array([math.exp(-self.ensemble_decay * j) for j in range(len(covering))])
         predictions = np.stack([c[tick - s - 1] for s, c in covering])
         return (weights[:, None] * predictions).sum(axis=0) / weights.sum()

@@ -9,7 +9,10 @@ In its namespace <ns> (which must not be the root):
        <ns>/action_chunk (the policy server's answer)
   out  the policy contract: <ns>/joint_states (`joint_names` in order), <ns>/camera/<cam>/image_raw,
        <ns>/instruction (latched), all parts of one observation with one stamp;
-       proposed commands on <ns>/safety/joint_trajectory_in or <ns>/safety/twist_in
+       proposed commands on <ns>/safety/joint_trajectory_in or <ns>/safety/twist_in;
+       <ns>/executed_chunk: each answered chunk cut to its executed prefix, once it is out of use
+       (ChunkScheduler says how that prefix is counted; with temporal ensembling it ends at the
+       last action whose prediction went into a command)
 At `control_rate_hz` it executes the chunks (stepnft_ros.control.ChunkScheduler: chunked or
 temporally ensembled) through a command adapter (joint trajectory or end-effector twist).
 While the episode is not active it sends no observation and commands nothing; an observation
@@ -102,6 +105,7 @@ class ArmBridge(Node):
         if instruction:
             self.create_publisher(String, ros_io.INSTRUCTION, ros_io.LATCHED_QOS).publish(String(data=instruction))
         self.create_subscription(ros_io.JointTrajectory, ros_io.ACTION_CHUNK, self._on_chunk, ros_io.RELIABLE_QOS)
+        self.executed_pub = self.create_publisher(ros_io.JointTrajectory, ros_io.EXECUTED_CHUNK, ros_io.RELIABLE_QOS)
         self.create_subscription(Bool, ros_io.EPISODE_ACTIVE, self._on_active, ros_io.LATCHED_QOS)
         # Arm side.
         self.create_subscription(ros_io.JointState, joint_states_topic, self._on_joint_state, ros_io.SENSOR_QOS)
@@ -125,6 +129,7 @@ class ArmBridge(Node):
         self.active_heard = time.monotonic()
         self.tick = 0
         self.stamp_to_tick: dict[int, int] = {}
+        self.answers: dict[int, ros_io.JointTrajectory] = {}  # observation tick -> its chunk, while scheduled
         self.sent_at: dict[int, float] = {}       # stamp -> monotonic send time
         self.latencies: deque[float] = deque(maxlen=10_000)
         self.last_stamp_ns = 0
@@ -162,8 +167,16 @@ class ArmBridge(Node):
     def _set_active(self, active: bool) -> None:
         self.active = active
         self.scheduler.reset()  # a new episode never executes the last one's chunks
+        self._report_executed()  # before the operator's label closes the episode
+        self.answers.clear()
         self.stamp_to_tick.clear()
         self.sent_at.clear()
+
+    def _report_executed(self) -> None:
+        for tick, executed in self.scheduler.finished():
+            answer = self.answers.pop(tick, None)
+            if answer is not None:
+                self.executed_pub.publish(ros_io.executed_report(answer, executed))
 
     # ---- control loop ----------------------------------------------------------------------
 
@@ -177,6 +190,7 @@ class ArmBridge(Node):
         if not self.active:
             return
         action = self.scheduler.action(self.tick)
+        self._report_executed()
         if action is not None:
             self._command(action)
         if self.scheduler.should_request(self.tick):
@@ -229,6 +243,8 @@ class ArmBridge(Node):
         if not self.active or tick is None or not self.scheduler.add_chunk(tick, chunk):
             self.get_logger().debug(f'ignored a chunk for an observation no longer awaited ({stamp_ns} ns)')
             return
+        self.answers[tick] = msg
+        self._report_executed()  # chunked: the chunk this one replaced
         self.latencies.append(time.monotonic() - self.sent_at.pop(stamp_ns))
 
     def close(self) -> None:

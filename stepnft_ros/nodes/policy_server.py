@@ -2,7 +2,9 @@
 
 Per robot namespace <ns> (parameter `robots`):
   in   <ns>/joint_states, <ns>/task_state (sensor_msgs/JointState), <ns>/camera/<cam>/image_raw
-       (sensor_msgs/Image, sensor-data QoS), <ns>/instruction (std_msgs/String, latched)
+       (sensor_msgs/Image, sensor-data QoS), <ns>/instruction (std_msgs/String, latched),
+       <ns>/executed_chunk (trajectory_msgs/JointTrajectory, optional: how many actions of a
+       chunk the robot executed; recorded with the decision)
   out  <ns>/action_chunk (trajectory_msgs/JointTrajectory, header.stamp = the observation's)
   srv  <ns>/episode_outcome (std_srvs/SetBool, true = success): ends and writes the episode
        <ns>/episode_discard (std_srvs/Trigger): drops the running episode unwritten (operator)
@@ -14,10 +16,15 @@ Modes: `train` samples with Flow-SDE and records every decision with its trace; 
 noise stream, re-seeded from (seed, namespace, episode number) at every outcome, so a robot's
 chunks do not depend on which other robots share its batches (up to float rounding, which
 differs between batch sizes): an evaluation graph repeats its scores.
+
+A robot that restarts (a respawned sim bridge) calls episode_discard before its first
+observation: its predecessor's unfinished episode is dropped, never written or trained on, and
+its stamps may start over (a restarted sim's clock can be behind the old one's).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 import zlib
@@ -59,6 +66,7 @@ class Robot:
     successes: int = 0
     subscriptions: list = field(default_factory=list)
     noise: torch.Generator | None = None  # eval / deploy: this robot's own ODE noise stream
+    reports_executed: bool = False  # it publishes executed_chunk: its episodes wait for the last report
 
 
 class PolicyServer(Node):
@@ -82,6 +90,10 @@ class PolicyServer(Node):
         device = p.get('device', 'cpu')
         backend = p.get('backend', 'torch')  # or 'onnxruntime' (device: cpu / cuda / auto = its provider)
         self.max_observation_age_s = p.get('max_observation_age_s', 0.0)
+        # Topics and services are not ordered: the last chunk's executed report may follow the outcome.
+        self.executed_wait_s = p.get('executed_wait_s', 1.0)
+        if self.executed_wait_s < 0:
+            raise ConfigError(f"parameter 'executed_wait_s' must be >= 0, got {self.executed_wait_s}")
         torch.set_num_threads(max(1, p.get('torch_threads', 1)))
         if not robots or len(set(robots)) != len(robots):
             raise ConfigError(f"parameter 'robots' must list distinct namespaces, got {robots}")
@@ -131,6 +143,10 @@ class PolicyServer(Node):
         # timer would cost 10-20 % of a core that the bridges need).
         self.flush_timer = self.create_timer(max(batch_window_s, 1e-3), self._on_flush_timer)
         self.flush_timer.cancel()
+        # Episodes with an outcome, waiting (until their deadline) for their last decision's executed report.
+        self.closing: list[tuple[float, Robot, Episode]] = []
+        self.close_timer = self.create_timer(0.05, self._on_close_timer)
+        self.close_timer.cancel()
         self.decisions = 0
         self.get_logger().info(
             f'serving {len(robots)} robot(s) {robots} in {self.mode} mode ({MODES[self.mode]} sampler, '
@@ -154,6 +170,31 @@ class PolicyServer(Node):
                     robot, t, add, m, resend=first), qos))
         robot.subscriptions.append(self.create_subscription(
             String, f'{ns}/{ros_io.INSTRUCTION}', lambda m: asm.set_instruction(m.data), ros_io.LATCHED_QOS))
+        if self.recording:
+            robot.subscriptions.append(self.create_subscription(
+                ros_io.JointTrajectory, f'{ns}/{ros_io.EXECUTED_CHUNK}', lambda m: self._on_executed(robot, m),
+                ros_io.RELIABLE_QOS))
+
+    def _on_executed(self, robot: Robot, msg: ros_io.JointTrajectory) -> None:
+        stamp_ns, executed = ros_io.executed_count(msg)
+        robot.reports_executed = True
+        episodes = [robot.episode] + [e for _, r, e in self.closing if r is robot]
+        for episode in (e for e in episodes if e is not None):
+            for i in range(len(episode.decisions) - 1, -1, -1):  # usually the last decision
+                decision = episode.decisions[i]
+                if decision.stamp_ns != stamp_ns:
+                    continue
+                horizon = len(decision.chunk)
+                if executed > horizon:
+                    self.get_logger().warning(f'{robot.namespace}: executed_chunk reports {executed} actions of a '
+                                              f'chunk of {horizon}: ignored', throttle_duration_sec=1.0)
+                    return
+                episode.decisions[i] = dataclasses.replace(decision, executed=executed)
+                if episode is not robot.episode and i == len(episode.decisions) - 1:
+                    self._write_closing(lambda _deadline, e, done=episode: e is done)
+                return
+        # e.g. the answer to an episode discarded in the meantime
+        self.get_logger().debug(f'{robot.namespace}: executed report for no recorded decision ({stamp_ns} ns)')
 
     def _on_part(self, robot: Robot, topic: str, add, msg, resend: bool) -> None:
         stamp_ns = ros_io.stamp_to_ns(msg.header.stamp)
@@ -271,18 +312,50 @@ class PolicyServer(Node):
             self.get_logger().warning(f'{robot.namespace}: outcome without an episode to close, ignored')
             return response
         episode.success = success
-        # An upper bound: the robot may end the episode part-way through the last chunk.
-        episode.env_steps = len(episode.decisions) * self.actions_per_chunk
-        self.writer.submit(self._write, episode)
+        if robot.reports_executed and episode.decisions[-1].executed is None:
+            self.closing.append((time.monotonic() + self.executed_wait_s, robot, episode))
+            if self.close_timer.is_canceled():
+                self.close_timer.reset()
+        else:
+            self._submit(episode)
         self.get_logger().info(f'{summary}: {len(episode.decisions)} decisions -> {episode.episode_id}')
         response.success, response.message = True, episode.episode_id
         return response
 
+    def _on_close_timer(self) -> None:
+        now = time.monotonic()
+        for deadline, robot, episode in self.closing:
+            if deadline <= now:
+                self.get_logger().warning(f'{robot.namespace}: no executed_chunk report for the last decision of '
+                                          f'{episode.episode_id} within {self.executed_wait_s:g} s: recorded as '
+                                          'unknown')
+        self._write_closing(lambda deadline, _episode: deadline <= now)
+
+    def _write_closing(self, done) -> None:
+        """Write the closing episodes for which done(deadline, episode) holds."""
+        keep = []
+        for entry in self.closing:
+            if done(entry[0], entry[2]):
+                self._submit(entry[2])
+            else:
+                keep.append(entry)
+        self.closing = keep
+        if not self.closing:
+            self.close_timer.cancel()
+
+    def _submit(self, episode: Episode) -> None:
+        # Unreported counts (robots that do not say) as actions_per_chunk: an estimate then.
+        episode.env_steps = sum(self.actions_per_chunk if d.executed is None else d.executed
+                                for d in episode.decisions)
+        self.writer.submit(self._write, episode)
+
     def _on_discard(self, robot: Robot, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        # The operator threw the episode away (a person stepped in, a bad reset): no outcome, no bag.
+        # The operator threw the episode away (a person stepped in, a bad reset), or a restarted
+        # bridge drops the episode its predecessor left unfinished: no outcome, no bag.
         episode, robot.episode = robot.episode, None
         robot.last_answer = None
         robot.pending = None
+        robot.assembler.restart()  # what follows is a new start: a restarted sim's clock may be behind
         dropped = len(episode.decisions) if episode is not None else 0
         if dropped:
             self.get_logger().info(f'{robot.namespace}: discarded episode {episode.episode_id} '
@@ -299,6 +372,7 @@ class PolicyServer(Node):
 
     def close(self) -> None:
         """Finish writing episodes that already have an outcome (called on shutdown)."""
+        self._write_closing(lambda _deadline, _episode: True)
         self.writer.shutdown(wait=True)
 
 

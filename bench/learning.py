@@ -36,7 +36,7 @@ from stepnft_ros.atomic import atomic_write_bytes, atomic_write_text  # noqa: E4
 from stepnft_ros.env_pool import EnvPool  # noqa: E402
 from stepnft_ros.online import OnlineConfig, run_online  # noqa: E402
 from stepnft_ros.pipeline import DefaultSFT, ensure_sft_checkpoint  # noqa: E402
-from stepnft_ros.policy import FlowPolicy, load_checkpoint, save_checkpoint  # noqa: E402
+from stepnft_ros.policy import load_checkpoint, save_checkpoint  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 FIRST_TEST_SEED = 10_000  # demos use seeds from 200 and 3000, training episodes from 1000000

@@ -249,7 +249,8 @@ class EnvPool:
                         crashed(i, str(err))
         return [results[p] for p in range(len(seeds))]
 
-    def evaluate(self, policy: SamplingPolicy, seeds: Sequence[int], actions_per_chunk: int) -> tuple[float, list[bool]]:
+    def evaluate(self, policy: SamplingPolicy, seeds: Sequence[int],
+                 actions_per_chunk: int) -> tuple[float, list[bool]]:
         """Success rate and per-seed outcomes over `seeds` (use an ODE policy: the paper's protocol)."""
         episodes = self.run_episodes(policy, seeds, actions_per_chunk, id_prefix='eval')
         outcomes = [bool(e.success) for e in episodes]

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from stepnft_ros.algo.stepnft import (
-    executed_mask,
-    grpo_loss,
-    step_log_likelihood,
     StepNFTConfig,
     branch_errors,
+    executed_mask,
+    grpo_loss,
     mirrored_branches,
     push_pull_loss,
     step_error,
+    step_log_likelihood,
     stepnft_loss,
     trust_region,
     weighted_loss,
@@ -170,7 +170,8 @@ def test_grpo_step_log_likelihood_is_the_closed_form_gaussian():
     sigma = sde_sigma(tau_k, tau_next, trace.a)
     s = sde_std(sigma, delta_k)
     mu = sde_mean(trace.x_k, v, tau_k, tau_next, sigma)
-    expected = (torch.distributions.Normal(mu, s[:, None, None]).log_prob(trace.x_next) * mask[:, :, None]).flatten(1).sum(1)
+    density = torch.distributions.Normal(mu, s[:, None, None]).log_prob(trace.x_next)
+    expected = (density * mask[:, :, None]).flatten(1).sum(1)
     assert torch.allclose(step_log_likelihood(v, trace, K, mask), expected, atol=1e-4)
 
 

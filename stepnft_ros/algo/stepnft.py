@@ -9,10 +9,9 @@ actions of the successful rollouts).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -212,7 +211,8 @@ def stepnft_loss(v_theta: torch.Tensor, trace: Trace, y: torch.Tensor, r: torch.
                    **_weighted_metrics(weight * (y != 0), preference_accuracy=correct),
                    **_weighted_metrics(weight, e_plus=e_plus, e_minus=e_minus,
                                        clip_fraction=clipped.float(),
-                                       delta_v_norm=((v_theta - trace.v_old) * mask[:, :, None]).flatten(1).norm(dim=1))}
+                                       delta_v_norm=((v_theta - trace.v_old) * mask[:, :, None]).flatten(1)
+                                       .norm(dim=1))}
     return loss, metrics
 
 

@@ -2,7 +2,8 @@
 
 In its namespace the bridge publishes joint_states (arm and gripper joints: position,
 velocity), task_state (the env's extra state features as a named JointState),
-camera/<cam>/image_raw (when the env has cameras) and instruction (latched); it executes the
+camera/<cam>/image_raw (when the env has cameras), instruction (latched) and, before each
+reset, episode_seed (std_msgs/Int64, latched: the seed that reset uses); it executes the
 first `actions_per_chunk` actions of each action_chunk whose stamp matches the observation it
 is waiting on (fewer when the episode ends mid-chunk) and says how many on executed_chunk; it
 reports each episode's outcome through the episode_outcome service (SetBool, true = success)
@@ -14,6 +15,10 @@ dropped by the policy server rather than continued with this bridge's decisions.
 A bridge runs a list of tasks one after another (one for training; several for an
 evaluation sweep): each task's env is built when the task starts, and the instruction is
 re-published then. Subclasses (maniskill_node, libero_node) only say which tasks to run.
+
+Seeds: a task's episodes reset with first_seed, first_seed + 1, ..., each used for `group_size`
+consecutive episodes (reset_seed), so that a group's episodes start from the same state (what
+the learner's group_mean labels compare).
 """
 
 from __future__ import annotations
@@ -36,6 +41,11 @@ from stepnft_ros.policy.types import ObservationError
 
 WAITING_CHUNK, WAITING_OUTCOME, FINISHED = 'waiting for a chunk', 'reporting the outcome', 'finished'
 STARTING = 'dropping a predecessor\'s unfinished episode'
+
+
+def reset_seed(first_seed: int, episode: int, group_size: int) -> int:
+    """The reset seed of a task's `episode`-th episode (from 0): each seed serves `group_size` in a row."""
+    return first_seed + episode // group_size
 
 
 @dataclass(frozen=True)
@@ -64,17 +74,23 @@ class SimBridge(Node):
             raise ConfigError(str(err)) from None
         self.actions_per_chunk = p.get('actions_per_chunk', 4)
         self.first_seed = p.get('first_seed', self.default_first_seed)
+        self.group_size = p.get('group_size', 1)
         self.max_episodes = p.get('max_episodes', 0)
         self.request_timeout_s = p.get('request_timeout_s', 2.0)
         publish_clock = p.get('publish_clock', False)
         if self.actions_per_chunk < 1:
             raise ConfigError(f"parameter 'actions_per_chunk' must be >= 1, got {self.actions_per_chunk}")
+        if self.first_seed < 0:
+            raise ConfigError(f"parameter 'first_seed' must be >= 0, got {self.first_seed}")
+        if self.group_size < 1:
+            raise ConfigError(f"parameter 'group_size' must be >= 1, got {self.group_size}")
         if self.max_episodes < 0:
             raise ConfigError(f"parameter 'max_episodes' must be >= 0, got {self.max_episodes}")
         if not self.tasks:
             raise ConfigError('no task to run')
 
         self.instruction_pub = self.create_publisher(String, ros_io.INSTRUCTION, ros_io.LATCHED_QOS)
+        self.seed_pub = self.create_publisher(ros_io.Int64, ros_io.EPISODE_SEED, ros_io.LATCHED_QOS)
         # Before the (slow) env build: the policy server's service is discovered meanwhile.
         self.discard_client = self.create_client(Trigger, ros_io.EPISODE_DISCARD)
         self.instruction: str | None = None  # the last one published
@@ -88,8 +104,8 @@ class SimBridge(Node):
         self.task_pub = self.create_publisher(ros_io.JointState, ros_io.TASK_STATE, ros_io.SENSOR_QOS)
         self.image_pubs = {cam: self.create_publisher(ros_io.Image, ros_io.camera_topic(cam), ros_io.SENSOR_QOS)
                            for cam in self.env.camera_names}
-        self.summary_pub = self.create_publisher(String, 'episode_summary', ros_io.RELIABLE_QOS)
-        self.clock_pub = self.create_publisher(Clock, '/clock', 10) if publish_clock else None
+        self.summary_pub = self.create_publisher(String, ros_io.EPISODE_SUMMARY, ros_io.RELIABLE_QOS)
+        self.clock_pub = self.create_publisher(Clock, ros_io.CLOCK, 10) if publish_clock else None
         self.create_subscription(ros_io.JointTrajectory, ros_io.ACTION_CHUNK, self._on_chunk, ros_io.RELIABLE_QOS)
         self.executed_pub = self.create_publisher(ros_io.JointTrajectory, ros_io.EXECUTED_CHUNK, ros_io.RELIABLE_QOS)
         self.outcome_client = self.create_client(SetBool, ros_io.EPISODE_OUTCOME)
@@ -121,7 +137,6 @@ class SimBridge(Node):
         self.task_index += 1
         self.task = self.tasks[self.task_index]
         self.task_episodes = 0
-        self.next_seed = self.first_seed
         # Before the (slow) build, so the policy server has it before the first observation.
         self._publish_instruction(self.task.instruction)
         env = self.task.make_env()
@@ -164,13 +179,14 @@ class SimBridge(Node):
         self._start_episode()
 
     def _start_episode(self) -> None:
-        self.seed = self.next_seed
-        self.next_seed += 1
+        self.seed = reset_seed(self.first_seed, self.task_episodes, self.group_size)
         self.episode_steps = 0
         self.episode_start = time.perf_counter()
         self.sim_ns += self.period_ns  # the reset takes a tick: the first stamp differs from the last one
-        # The instruction goes out before the reset: topics are not ordered against each other, and
-        # the reset's time lets a changed instruction arrive before the first observation does.
+        # Seed and instruction go out before the reset: topics are not ordered against each other, and
+        # the reset's time lets them arrive before the first observation does. The seed goes out for
+        # every episode, repeats included: the policy server uses each one for one episode only.
+        self.seed_pub.publish(ros_io.seed_to_msg(self.seed))
         self._publish_instruction(self.env.instruction_for(self.seed))
         raw = self.env.reset(self.seed)
         self._publish_observation(raw, new_stamp=True)

@@ -18,8 +18,6 @@ from sim_bridge.evaluation import EpisodeResult, aggregate, format_table, write_
 from stepnft_ros import ros_io
 from stepnft_ros.nodes.common import ConfigError, Params, finish, run_node
 
-EPISODE_SUMMARY = 'episode_summary'
-
 
 class EvalRecorder(Node):
     def __init__(self) -> None:
@@ -39,7 +37,7 @@ class EvalRecorder(Node):
         self.start = time.perf_counter()
         self.exit_code = 0
         for ns in robots:
-            topic = f'/{ns.strip("/")}/{EPISODE_SUMMARY}'
+            topic = f'/{ns.strip("/")}/{ros_io.EPISODE_SUMMARY}'
             self.create_subscription(String, topic, lambda msg, ns=ns: self._on_summary(ns, msg),
                                      ros_io.EVENTS_QOS)
         self.get_logger().info(f'waiting for {self.expected} episodes from {robots}; results -> {self.out}')

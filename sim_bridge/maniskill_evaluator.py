@@ -53,8 +53,8 @@ class ManiSkillEvaluator(Node):
         history_path = self.out_dir / 'eval_history.json'
         self.history = json.loads(history_path.read_text()) if history_path.exists() else []
         self.done_versions = {h['weights_version'] for h in self.history}
-        self.rate_pub = self.create_publisher(Float32, '/evaluation/success_rate', ros_io.RELIABLE_QOS)
-        self.result_pub = self.create_publisher(String, '/evaluation/result', ros_io.RELIABLE_QOS)
+        self.rate_pub = self.create_publisher(Float32, ros_io.EVALUATION_SUCCESS_RATE, ros_io.RELIABLE_QOS)
+        self.result_pub = self.create_publisher(String, ros_io.EVALUATION_RESULT, ros_io.RELIABLE_QOS)
         self.create_subscription(String, ros_io.POLICY_WEIGHTS, self._on_weights, ros_io.LATCHED_QOS)
         self.exit_code = 0
         self.get_logger().info(f'evaluating every {self.every} version(s) on {episodes} held-out seeds '

@@ -185,8 +185,9 @@ def _launch_deploy_real(args: argparse.Namespace) -> int:
 
 def _launch(args: argparse.Namespace) -> int:
     from stepnft_ros import launch_description as ld
-    from stepnft_ros.launcher import launch
+    from stepnft_ros.launcher import launch, node_parameter
     from stepnft_ros.pipeline import ensure_sft_checkpoint
+    from stepnft_ros.progress import Progress
 
     if args.graph == 'eval_sim':
         return _launch_eval_sim(args)
@@ -205,8 +206,16 @@ def _launch(args: argparse.Namespace) -> int:
         checkpoint, _ = ld.checked_checkpoint(checkpoint, 'train_sim')
         graph = ld.TrainSimArgs(run_dir=run_dir, num_envs=args.num_envs, checkpoint=checkpoint,
                                 obs_mode=args.obs_mode, evaluate=not args.no_eval)
-    code = launch(ld.train_sim(graph, checkpoint), _params_file(args), Path(graph.run_dir))
-    plot = Path(graph.run_dir) / ('success.png' if graph.evaluate else 'learner/success.png')
+    specs, params = ld.train_sim(graph, checkpoint), _params_file(args)
+    run = Path(graph.run_dir)
+    # The console shows a line per update (from the learner's and evaluator's files); --verbose adds
+    # every node's output, which otherwise goes to <run_dir>/logs.
+    progress = Progress(run, max_updates=node_parameter(specs, params, '/learner', 'max_updates', 0),
+                        out=lambda line: print(line, flush=True))
+    code = launch(specs, params, run, log_dir=None if args.verbose else run / 'logs', on_tick=progress.poll)
+    progress.poll()
+    print(progress.summary_line(progress.summarize()), flush=True)
+    plot = run / ('success.png' if graph.evaluate else 'learner/success.png')
     if plot.exists():
         print(f'[launch] success plot: {plot}', flush=True)
     return code
@@ -317,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--obs-mode', default='state', choices=('state', 'rgb'))
     p.add_argument('--params-file', help='node parameters (default: config/<graph>.yaml)')
     p.add_argument('--no-eval', action='store_true', help='no held-out evaluation node (the learner ends the run)')
+    p.add_argument('--verbose', action='store_true',
+                   help='train_sim: every node\'s output on the console (default: one line per learner update '
+                        'and a summary; node output in <run-dir>/logs/)')
     p.add_argument('--suite', help='a LIBERO suite instead of a ManiSkill task (train_sim: needs --checkpoint; '
                                    'obs mode and image size come from it)')
     p.add_argument('--tasks', help='LIBERO task ids, e.g. 0,3 (eval_sim default: all; train_sim: env<i> runs '

@@ -288,9 +288,10 @@ def deploy_real(args: DeployRealArgs) -> list[NodeSpec]:
                  parameters={'robots': [args.robot]}),
     ]
     if args.learn:
+        # seeded_resets: a real arm's episodes have no reset seed, so group_mean labels cannot work here.
         specs.append(NodeSpec('learner', 'learner', 'stepnft_ros.nodes.learner', ends_graph='failure',
                               parameters={'checkpoint': args.checkpoint, 'episode_dir': episodes,
-                                          'work_dir': str(run / 'learner')}))
+                                          'work_dir': str(run / 'learner'), 'seeded_resets': False}))
     if args.standin:
         specs.append(NodeSpec('standin_arm', 'standin_arm', 'sim_bridge.standin_arm', ends_graph='failure'))
     return specs

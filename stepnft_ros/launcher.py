@@ -4,6 +4,10 @@ Each NodeSpec becomes a `python -m <module> --ros-args ...` process. Parameters 
 graph's config YAML plus a generated YAML of the per-instance values, so nothing is escaped on
 a command line. Ctrl-C (or a node whose exit ends the graph) stops every process. A node whose
 spec allows it (training sim bridges) is restarted when it dies, with a delay and a bound.
+
+Node output goes to the console, or, with `log_dir`, to one file per node (<log_dir>/<ns>_<name>.log,
+appended across respawns) so that the console keeps only what the caller prints (train_sim: a
+line per update); a node that fails then has the end of its log printed.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import yaml
@@ -37,6 +41,32 @@ def node_command(module: str, name: str, namespace: str, params_files: Sequence[
     return cmd
 
 
+def log_path(log_dir: Path, spec: NodeSpec) -> Path:
+    return log_dir / f"{spec.full_name.strip('/').replace('/', '_')}.log"
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return ''.join(path.read_text(errors='replace').splitlines(keepends=True)[-lines:])
+    except OSError:
+        return ''
+
+
+def node_parameter(specs: Sequence[NodeSpec], params_file: Path, full_name: str, name: str, default):
+    """The value a node will read for parameter `name`: its spec's, else the params file's entry for
+    the node (by full name, bare name or /**/name), else its /** section's, else `default`."""
+    for spec in specs:
+        if spec.full_name == full_name and name in spec.parameters:
+            return spec.parameters[name]
+    sections = yaml.safe_load(Path(params_file).read_text()) or {}
+    bare = full_name.rsplit('/', 1)[-1]
+    for key in (full_name, full_name.lstrip('/'), f'/**/{bare}', '/**'):
+        params = (sections.get(key) or {}).get('ros__parameters') or {}
+        if name in params:
+            return params[name]
+    return default
+
+
 def ros_environment(log_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')  # open it up explicitly for multi-host graphs
@@ -46,22 +76,36 @@ def ros_environment(log_dir: Path) -> dict[str, str]:
 
 
 def launch(specs: Sequence[NodeSpec], params_file: Path, run_dir: Path, stop_timeout_s: float = 15.0,
-           respawn_delay_s: float = RESPAWN_DELAY_S, max_respawns: int = MAX_RESPAWNS) -> int:
-    """Run until a node whose exit ends the graph exits (its code is returned) or SIGINT/SIGTERM arrives."""
+           respawn_delay_s: float = RESPAWN_DELAY_S, max_respawns: int = MAX_RESPAWNS,
+           log_dir: Path | None = None, on_tick: Callable[[], None] | None = None) -> int:
+    """Run until a node whose exit ends the graph exits (its code is returned) or SIGINT/SIGTERM arrives.
+
+    log_dir: node output goes to files there instead of the console. on_tick: called about every
+    0.2 s while the graph runs (e.g. a progress display)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     generated = atomic_write_text(run_dir / 'launch_params.yaml', instance_params_yaml(specs))
     env = ros_environment(run_dir / 'ros_log')
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
     procs: dict[str, tuple[NodeSpec, subprocess.Popen]] = {}
     respawns: dict[str, int] = {}
     due: dict[str, tuple[float, NodeSpec]] = {}  # nodes waiting to be respawned: (monotonic time, spec)
 
-    def start(spec: NodeSpec) -> None:
+    def start(spec: NodeSpec, announce: bool = True) -> None:
         cmd = node_command(spec.module, spec.name, spec.namespace, [params_file, generated])
-        procs[spec.full_name] = (spec, subprocess.Popen(cmd, env=env))
-        print(f'[launch] started {spec.full_name} (pid {procs[spec.full_name][1].pid})', flush=True)
+        if log_dir is None:
+            proc = subprocess.Popen(cmd, env=env)
+        else:
+            with open(log_path(log_dir, spec), 'ab') as log:  # the child keeps its own descriptor
+                proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        procs[spec.full_name] = (spec, proc)
+        if announce:
+            print(f'[launch] started {spec.full_name} (pid {proc.pid})', flush=True)
 
     for spec in specs:
-        start(spec)
+        start(spec, announce=log_dir is None)
+    if log_dir is not None:
+        print(f'[launch] started {len(specs)} nodes; their output goes to {log_dir}/', flush=True)
 
     stop = {'signal': None}
 
@@ -76,6 +120,9 @@ def launch(specs: Sequence[NodeSpec], params_file: Path, run_dir: Path, stop_tim
             for name, spec, rc in exited:
                 del procs[name]
                 print(f'[launch] {name} exited with code {rc}', flush=True)
+                if log_dir is not None and rc != 0:
+                    path = log_path(log_dir, spec)
+                    print(f'[launch] last lines of {path}:\n{log_tail(path).rstrip()}', flush=True)
                 if spec.ends_graph == 'exit' or (spec.ends_graph == 'failure' and rc != 0):
                     code = code or rc
                     stop['signal'] = 'ended'
@@ -93,6 +140,12 @@ def launch(specs: Sequence[NodeSpec], params_file: Path, run_dir: Path, stop_tim
                     start(spec)
             if not procs and not due:
                 break
+            if on_tick is not None:
+                try:
+                    on_tick()
+                except Exception as err:  # a display must not stop the graph it shows
+                    print(f'[launch] progress display stopped: {err!r}', flush=True)
+                    on_tick = None
             time.sleep(0.2)
     finally:
         for s, handler in previous.items():

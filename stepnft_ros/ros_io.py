@@ -20,7 +20,7 @@ from rclpy.qos import (
     qos_profile_sensor_data,
 )
 from sensor_msgs.msg import CompressedImage, Image, JointState
-from std_msgs.msg import String
+from std_msgs.msg import Int64, String
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from stepnft_ros import image_codec
@@ -39,6 +39,10 @@ EPISODE_OUTCOME = 'episode_outcome'  # std_srvs/SetBool, true = success
 RESET = 'reset'                      # std_srvs/Trigger
 EPISODE_DISCARD = 'episode_discard'  # std_srvs/Trigger: drop the running episode's record (operator)
 EPISODE_ACTIVE = 'episode_active'    # std_msgs/Bool, latched: the operator lets the arm act (real arms)
+# std_msgs/Int64, latched, optional (simulators): the reset seed of the episode about to start,
+# published before every reset, also when it repeats; the policy server records it with that episode.
+EPISODE_SEED = 'episode_seed'
+EPISODE_SUMMARY = 'episode_summary'  # std_msgs/String JSON per finished sim episode (eval_recorder)
 # The operator's controls and status (nodes/episode_operator.py), per robot namespace.
 OPERATOR_START = 'operator/start'      # std_srvs/Trigger
 OPERATOR_STOP = 'operator/stop'        # std_srvs/Trigger: the episode then awaits its label
@@ -55,6 +59,9 @@ EPISODE_WRITTEN = '/episode_written'
 LEARNER_METRICS = '/learner/metrics'
 LEARNER_SUCCESS_RATE = '/learner/success_rate'
 DIAGNOSTICS = '/diagnostics'  # diagnostic_msgs/DiagnosticArray: the safety layer's interventions
+CLOCK = '/clock'
+EVALUATION_SUCCESS_RATE = '/evaluation/success_rate'  # std_msgs/Float32, per evaluated weights version
+EVALUATION_RESULT = '/evaluation/result'              # std_msgs/String JSON, the eval_history.json record
 
 
 def camera_topic(camera: str) -> str:
@@ -185,6 +192,19 @@ def executed_report(chunk: JointTrajectory, executed: int) -> JointTrajectory:
 def executed_count(msg: JointTrajectory) -> tuple[int, int]:
     """An EXECUTED_CHUNK report -> (stamp_ns of the answered observation, actions executed)."""
     return stamp_to_ns(msg.header.stamp), len(msg.points)
+
+
+# ---- episode seeds ------------------------------------------------------------------------
+
+def seed_to_msg(seed: int) -> Int64:
+    return Int64(data=int(seed))
+
+
+def msg_to_seed(msg: Int64) -> int:
+    """An EPISODE_SEED message -> the seed; ObservationError if negative (episode bags store -1 as 'none')."""
+    if msg.data < 0:
+        raise ObservationError(f'episode seed must be >= 0, got {msg.data}')
+    return int(msg.data)
 
 
 # ---- weights announcements ----------------------------------------------------------------

@@ -120,6 +120,9 @@ def test_launch_file_builds_its_graph(monkeypatch, tmp_path, name, overrides, ex
         bridges = [n for n in nodes if n.kwargs['executable'] == 'maniskill_bridge']
         assert len(bridges) == 4  # 2 splits x 2 bridges, each with its half of the 4 seeds
         assert sum(b.kwargs['parameters'][1]['max_episodes'] for b in bridges) == 8
+    if name == 'deploy_real':  # a real arm's episodes have no reset seed: the learner refuses group_mean
+        learner = next(n for n in nodes if n.kwargs['executable'] == 'learner')
+        assert learner.kwargs['parameters'][1]['seeded_resets'] is False
     # Training sim bridges are respawned (bounded); nothing else is: an evaluation's bridges would
     # repeat their seeds, and a real arm's nodes must not come back on their own.
     respawned = {n.kwargs['executable'] for n in nodes if n.kwargs.get('respawn')}

@@ -90,3 +90,34 @@ def test_dead_bridges_are_respawned_with_a_bound_and_the_graph_ends_cleanly(tmp_
 def test_a_node_that_ends_the_graph_cannot_be_respawnable():
     with pytest.raises(ValueError, match='cannot be respawned'):
         NodeSpec('bridge', 'bridge', 'sim_bridge.maniskill_node', ends_graph='failure', respawn=True)
+
+
+def test_with_a_log_dir_node_output_goes_to_files_and_a_failure_shows_its_tail(tmp_path, monkeypatch, capfd):
+    (tmp_path / 'chatty.py').write_text(textwrap.dedent('''
+        import sys, time
+        for i in range(30):
+            print(f'episode {i}: success')
+        time.sleep(0.5)
+    '''))
+    (tmp_path / 'failing.py').write_text(textwrap.dedent('''
+        import sys
+        print('loading the simulator')
+        sys.exit('simulator crashed')
+    '''))
+    monkeypatch.setenv('PYTHONPATH', str(tmp_path))
+    params = tmp_path / 'params.yaml'
+    params.write_text('{}\n')
+    ticks = []
+    specs = [NodeSpec('bridge', 'bridge', 'failing', namespace='env0'),
+             NodeSpec('learner', 'learner', 'chatty', ends_graph='exit')]
+
+    code = launch(specs, params, tmp_path / 'run', stop_timeout_s=5.0, log_dir=tmp_path / 'run/logs',
+                  on_tick=lambda: ticks.append(1))
+
+    out = capfd.readouterr().out
+    assert code == 0 and ticks, out
+    assert 'episode' not in out, 'node output stays off the console'
+    assert '[launch] started 2 nodes; their output goes to' in out
+    assert (tmp_path / 'run/logs/learner.log').read_text().count('success') == 30
+    assert '[launch] /env0/bridge exited with code 1' in out
+    assert 'loading the simulator' in out and 'simulator crashed' in out, 'a failed node\'s last lines are shown'

@@ -164,6 +164,7 @@ def test_bridge_streams_a_task_of_each_suite_through_the_policy_server(tmp_path,
     assert len(recorded) == 4
     for episode, (_, _, instruction) in zip(recorded, expected, strict=True):
         assert len(episode.decisions) == 2 and episode.success is False  # 6 steps = chunks of 4 and 2
+        assert episode.seed == 3  # from <ns>/episode_seed: each task starts at first_seed
         for d in episode.decisions:  # each decision saw its own task's instruction and both cameras
             assert d.observation.instruction == instruction and d.observation.state.shape == (25,)
             for image in d.observation.images.values():

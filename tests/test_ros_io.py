@@ -94,6 +94,20 @@ def test_weights_announcement_round_trip_and_garbage():
         ros_io.WeightsAnnouncement.from_msg(String(data='{"version": "x"}'))
 
 
+def test_episode_seed_messages_and_the_bridges_seed_schedule():
+    from std_msgs.msg import Int64
+
+    from sim_bridge.bridge_node import reset_seed
+
+    assert ros_io.msg_to_seed(ros_io.seed_to_msg(1_000_007)) == 1_000_007
+    with pytest.raises(ObservationError, match='must be >= 0'):
+        ros_io.msg_to_seed(Int64(data=-1))  # -1 means "no seed" in episode bags: never a seed on the wire
+    # Each seed serves group_size consecutive episodes, so a group starts from one initial state.
+    assert [reset_seed(100, i, 1) for i in range(4)] == [100, 101, 102, 103]
+    assert [reset_seed(100, i, 2) for i in range(5)] == [100, 100, 101, 101, 102]
+    assert [reset_seed(0, i, 3) for i in range(7)] == [0, 0, 0, 1, 1, 1, 2]
+
+
 def test_compressed_images_decode_to_rgb_and_garbage_is_named():
     import cv2
     from sensor_msgs.msg import CompressedImage

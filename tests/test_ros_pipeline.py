@@ -32,11 +32,14 @@ def graph(tmp_path, ros_domain):
 
 
 def test_train_sim_records_bags_updates_and_hot_swaps(tmp_path, ros_domain):
-    """`stepnft launch train_sim`: two bridges, a policy server, a learner and the evaluator, as launched by users."""
+    """`stepnft launch train_sim`: two bridges, a policy server, a learner and the evaluator, as launched by
+    users; here with seed groups of 2 and group-relative labels. The console shows a line per update and a
+    summary; the nodes' output goes to <run_dir>/logs."""
     params = yaml.safe_load((REPO / 'config/train_sim.yaml').read_text())
-    params['learner']['ros__parameters'].update(episodes_per_update=2, max_updates=2, scan_period_s=0.5)
+    params['learner']['ros__parameters'].update(episodes_per_update=2, max_updates=2, scan_period_s=0.5,
+                                                labels='group_mean')
     params['/**']['ros__parameters'].update(max_episode_steps=12)
-    params['/**/maniskill_bridge']['ros__parameters'].update(reconfigure_on_reset=False)
+    params['/**/maniskill_bridge']['ros__parameters'].update(reconfigure_on_reset=False, group_size=2)
     params['maniskill_evaluator']['ros__parameters'].update(eval_episodes=2)
     params['policy_server']['ros__parameters'].update(noise_level=0.5)
     params_file = tmp_path / 'params.yaml'
@@ -49,14 +52,39 @@ def test_train_sim_records_bags_updates_and_hot_swaps(tmp_path, ros_domain):
         capture_output=True, text=True, timeout=240, cwd=REPO)
     out = proc.stdout + proc.stderr
     (tmp_path / 'launch.log').write_text(out)
-    assert proc.returncode == 0, out[-4000:]
-    assert 'update 2:' in out and 'hot-swapped to weights version' in out, f'see {tmp_path / "launch.log"}'
+    logs = {p.name: p.read_text() for p in (run / 'logs').glob('*.log')}
+    assert proc.returncode == 0, out[-4000:] + ''.join(text[-2000:] for text in logs.values())
+    assert sorted(logs) == ['env0_maniskill_bridge.log', 'env1_maniskill_bridge.log', 'learner.log',
+                            'maniskill_evaluator.log', 'policy_server.log']
+    assert 'update 2:' in logs['learner.log'] and 'hot-swapped to weights version' in logs['policy_server.log']
+    assert re.search(r'episode 1 \(seed 1000000, PickCube-v1\)', logs['env0_maniskill_bridge.log'])
+    # The console: a line per update, the summary; no node output.
+    progress = re.findall(r'^\[train\] update (\d)/2, 2 episodes \(\d+ total\), train success [\d.]+, loss \S+, '
+                          r'(?:eval [\d.]+(?: \(v\d\))?, )?[\d.]+ min, ETA [\d.]+ min$', proc.stdout, re.M)
+    assert progress == ['1', '2'], out
+    assert 'episode 1 (seed' not in out and 'hot-swapped' not in out
+    summary = json.loads((run / 'summary.json').read_text())
+    assert (summary['start_version'], summary['final_version'], summary['eval_episodes'], summary['updates']) \
+        == (0, 2, 2, 2)
+    assert 0 <= summary['start_interval'][0] <= summary['start'] <= summary['start_interval'][1] <= 1
+    assert 0 <= summary['final_interval'][0] <= summary['final'] <= summary['final_interval'][1] <= 1
+    assert summary['env_steps'] >= 4 and summary['wall_min'] > 0
+    assert re.search(r'^\[summary\] held-out success [\d.]+ \[[\d.]+, [\d.]+\] -> [\d.]+ \[[\d.]+, [\d.]+\] '
+                     r'\(v0 -> v2, 2 episodes, Wilson 95 %\), 2 updates', proc.stdout, re.M), out
     # The evaluator ends the graph by finishing, not by an exception in its callback.
-    assert 'FATAL' not in out and 'Exception in' not in out and 'Traceback' not in out, f'see {tmp_path}/launch.log'
+    for text in (out, *logs.values()):
+        assert 'FATAL' not in text and 'Exception in' not in text and 'Traceback' not in text, f'see {run}/logs'
 
     store = EpisodeStore(run / 'episodes')
     episodes = [store.load(e) for e in store.episode_ids()]
     assert len(episodes) >= 4 and {e.robot for e in episodes} == {'env0', 'env1'}
+    # Seeds round-trip through the bags and come in pairs per robot (group_size 2), in start order.
+    pairs = 0
+    for robot, first_seed in (('env0', 1_000_000), ('env1', 1_100_000)):
+        seeds = [e.seed for e in sorted(episodes, key=lambda e: e.episode_id) if e.robot == robot]
+        assert seeds == [first_seed + i // 2 for i in range(len(seeds))], (robot, seeds)
+        pairs += len(seeds) // 2
+    assert pairs >= 1
     versions = {d.weights_version if d.weights_version is not None else e.weights_version
                 for e in episodes for d in e.decisions}
     assert 0 in versions and max(versions) >= 1, 'the policy server acted with the learner\'s new weights'
@@ -72,7 +100,8 @@ def test_train_sim_records_bags_updates_and_hot_swaps(tmp_path, ros_domain):
     evaluated = json.loads((run / 'eval_history.json').read_text())
     assert {0, 2} <= {h['weights_version'] for h in evaluated}, 'the SFT start and the final version are scored'
     assert all(h['episodes'] == 2 and 0 <= h['eval_success'] <= 1 for h in evaluated)
-    assert (run / 'success.png').read_bytes()[:4] == b'\x89PNG' and 'final version 2 evaluated' in out
+    assert (run / 'success.png').read_bytes()[:4] == b'\x89PNG'
+    assert 'final version 2 evaluated' in logs['maniskill_evaluator.log']
 
 
 def test_camera_images_flow_through_bridge_and_policy_server(tmp_path, graph):
@@ -305,3 +334,67 @@ def test_executed_reports_that_come_after_the_outcome_still_count(tmp_path, grap
     first, second = store.load(first_id), store.load(second_id)
     assert [d.executed for d in first.decisions] == [4, 1] and first.env_steps == 5
     assert [d.executed for d in second.decisions] == [3, None] and second.env_steps == 3 + 4  # None: actions_per_chunk
+
+
+def test_each_episode_seed_heard_labels_one_episode_and_its_bag(tmp_path, graph, probe):
+    """<ns>/episode_seed: the seed heard before an episode (or during it, when it comes late) is that
+    episode's; an episode without one of its own stays seed-less rather than reusing an older seed."""
+    from std_srvs.srv import SetBool
+
+    node, executor = probe
+    ckpt = tiny_checkpoint(tmp_path / 'ckpt', state_dim=5, action_dim=2)
+    server = graph.start('stepnft_ros.nodes.policy_server', 'policy_server', {
+        'checkpoint': str(ckpt), 'episode_dir': str(tmp_path / 'episodes'), 'robots': ['arm'], 'mode': 'train'})
+    server.wait_for('serving 1 robot')
+    pubs = {'joints': node.create_publisher(ros_io.JointState, 'arm/joint_states', ros_io.SENSOR_QOS),
+            'task': node.create_publisher(ros_io.JointState, 'arm/task_state', ros_io.SENSOR_QOS)}
+    seed_pub = node.create_publisher(ros_io.Int64, 'arm/' + ros_io.EPISODE_SEED, ros_io.LATCHED_QOS)
+    outcome = node.create_client(SetBool, 'arm/' + ros_io.EPISODE_OUTCOME)
+    answered = set()
+    node.create_subscription(ros_io.JointTrajectory, 'arm/action_chunk',
+                             lambda m: answered.add(ros_io.stamp_to_ns(m.header.stamp)), ros_io.RELIABLE_QOS)
+    spin_until(executor, lambda: seed_pub.get_subscription_count() > 0 and outcome.service_is_ready(), 20,
+               'the server to subscribe')
+
+    def decide(stamp_ns):
+        deadline = time.monotonic() + 20
+        while stamp_ns not in answered:
+            assert time.monotonic() < deadline, f'no chunk for {stamp_ns}'
+            publish_observation(node, pubs, stamp_ns, np.arange(5, dtype=np.float32))
+            for _ in range(4):
+                executor.spin_once(timeout_sec=0.05)
+
+    def end():
+        future = outcome.call_async(SetBool.Request(data=False))
+        spin_until(executor, future.done, 10, 'the outcome answer')
+        return future.result().message
+
+    ids = []
+    seed_pub.publish(ros_io.seed_to_msg(7))  # before the reset, as bridges do
+    decide(1_000)
+    decide(2_000)
+    ids.append(end())
+    decide(3_000)  # no seed of its own
+    ids.append(end())
+    decide(4_000)
+    seed_pub.publish(ros_io.seed_to_msg(9))  # late: after the episode's first decision
+    server.wait_for('seed 9 came after the first decision')
+    ids.append(end())
+    seed_pub.publish(ros_io.Int64(data=-3))
+    server.wait_for('episode_seed: ignored: episode seed must be >= 0')
+    decide(5_000)
+    ids.append(end())
+    store = EpisodeStore(tmp_path / 'episodes')
+    deadline = time.monotonic() + 10
+    while len(store.episode_ids()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [store.load(i).seed for i in ids] == [7, None, 9, None]  # round trip through the bags
+
+
+def test_group_mean_labels_are_refused_where_robots_have_no_seeds(tmp_path, graph):
+    ckpt = tiny_checkpoint(tmp_path / 'ckpt')
+    learner = graph.start('stepnft_ros.nodes.learner', 'learner', {
+        'checkpoint': str(ckpt), 'episode_dir': str(tmp_path / 'episodes'), 'work_dir': str(tmp_path / 'learner'),
+        'labels': 'group_mean', 'seeded_resets': False})  # what deploy_real sets
+    assert learner.proc.wait(60) == 2
+    assert "labels 'group_mean' groups episodes by their reset seed" in learner.output()

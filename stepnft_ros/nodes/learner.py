@@ -5,6 +5,10 @@ in   /episode_written (std_msgs/String: an episode id; a periodic scan of the st
 out  /policy_weights (std_msgs/String JSON {version, checkpoint}, latched),
      /learner/metrics (std_msgs/String JSON per update), /learner/success_rate (std_msgs/Float32)
 files  <work_dir>/checkpoints/vNNNNNN, history.json, success.png
+
+`labels: group_mean` compares episodes that started from the same reset seed. Real arms have no
+seeds, so the deploy_real graph sets `seeded_resets: false` and the learner refuses group_mean
+there at start-up (exit 2) rather than failing at its first update.
 """
 
 from __future__ import annotations
@@ -34,9 +38,13 @@ class LearnerNode(Node):
         scan_period_s = p.get('scan_period_s', 2.0)
         device = p.get('device', 'cpu')
         torch.set_num_threads(max(1, p.get('torch_threads', 1)))
+        labels = p.get('labels', 'terminal_binary')
+        if labels == 'group_mean' and not p.get('seeded_resets', True):
+            raise ConfigError("labels 'group_mean' groups episodes by their reset seed, and this graph's robots "
+                              "(real arms) have none: use 'terminal_binary' or 'batch_mean'")
         try:
             cfg = LearnerConfig(episodes_per_update=p.get('episodes_per_update', 16),
-                                labels=p.get('labels', 'terminal_binary'),
+                                labels=labels,
                                 max_version_lag=p.get('max_version_lag', 1), off_policy=p.get('off_policy', 'drop'),
                                 stale_weight=p.get('stale_weight', 0.5), max_updates=p.get('max_updates', 0),
                                 seed=p.get('seed', 0))

@@ -4,7 +4,8 @@ Per robot namespace <ns> (parameter `robots`):
   in   <ns>/joint_states, <ns>/task_state (sensor_msgs/JointState), <ns>/camera/<cam>/image_raw
        (sensor_msgs/Image, sensor-data QoS), <ns>/instruction (std_msgs/String, latched),
        <ns>/executed_chunk (trajectory_msgs/JointTrajectory, optional: how many actions of a
-       chunk the robot executed; recorded with the decision)
+       chunk the robot executed; recorded with the decision), <ns>/episode_seed (std_msgs/Int64,
+       latched, optional: the reset seed of the episode the robot is about to start; sims only)
   out  <ns>/action_chunk (trajectory_msgs/JointTrajectory, header.stamp = the observation's)
   srv  <ns>/episode_outcome (std_srvs/SetBool, true = success): ends and writes the episode
        <ns>/episode_discard (std_srvs/Trigger): drops the running episode unwritten (operator)
@@ -16,6 +17,12 @@ Modes: `train` samples with Flow-SDE and records every decision with its trace; 
 noise stream, re-seeded from (seed, namespace, episode number) at every outcome, so a robot's
 chunks do not depend on which other robots share its batches (up to float rounding, which
 differs between batch sizes): an evaluation graph repeats its scores.
+
+Episode seeds: each seed heard labels one episode, the next one this robot starts (Episode.seed,
+stored in its bag); robots that publish none (real arms) record seed-less episodes, and so does
+a robot whose seed for this episode did not come, rather than reusing an older one: a wrong seed
+would put the episode in the wrong group-relative baseline. A seed that arrives after its
+episode's first decision (topics are not ordered) still goes to that episode.
 
 A robot that restarts (a respawned sim bridge) calls episode_discard before its first
 observation: its predecessor's unfinished episode is dropped, never written or trained on, and
@@ -67,6 +74,7 @@ class Robot:
     subscriptions: list = field(default_factory=list)
     noise: torch.Generator | None = None  # eval / deploy: this robot's own ODE noise stream
     reports_executed: bool = False  # it publishes executed_chunk: its episodes wait for the last report
+    next_seed: int | None = None  # the reset seed heard for the episode the robot starts next
 
 
 class PolicyServer(Node):
@@ -174,6 +182,22 @@ class PolicyServer(Node):
             robot.subscriptions.append(self.create_subscription(
                 ros_io.JointTrajectory, f'{ns}/{ros_io.EXECUTED_CHUNK}', lambda m: self._on_executed(robot, m),
                 ros_io.RELIABLE_QOS))
+            robot.subscriptions.append(self.create_subscription(
+                ros_io.Int64, f'{ns}/{ros_io.EPISODE_SEED}', lambda m: self._on_seed(robot, m), ros_io.LATCHED_QOS))
+
+    def _on_seed(self, robot: Robot, msg: ros_io.Int64) -> None:
+        try:
+            seed = ros_io.msg_to_seed(msg)
+        except ObservationError as err:
+            self.get_logger().warning(f'{robot.namespace}/{ros_io.EPISODE_SEED}: ignored: {err}')
+            return
+        if robot.episode is not None and robot.episode.seed is None:
+            # Came after its episode's first decision (an outcome always precedes the next seed).
+            robot.episode.seed = seed
+            self.get_logger().info(f'{robot.namespace}: seed {seed} came after the first decision of '
+                                   f'{robot.episode.episode_id}: recorded with it')
+        else:
+            robot.next_seed = seed
 
     def _on_executed(self, robot: Robot, msg: ros_io.JointTrajectory) -> None:
         stamp_ns, executed = ros_io.executed_count(msg)
@@ -277,7 +301,9 @@ class PolicyServer(Node):
                 if self.recording:
                     if robot.episode is None:
                         robot.episode = Episode(episode_id=self._episode_id(robot, stamp_ns),
-                                                weights_version=self.version, robot=robot.namespace)
+                                                weights_version=self.version, robot=robot.namespace,
+                                                seed=robot.next_seed)
+                        robot.next_seed = None
                     robot.episode.decisions.append(Decision(
                         observation=obs, chunk=out.chunks[i], trace=out.trace.index(torch.tensor([i])),
                         stamp_ns=stamp_ns, weights_version=self.version))
@@ -355,6 +381,7 @@ class PolicyServer(Node):
         episode, robot.episode = robot.episode, None
         robot.last_answer = None
         robot.pending = None
+        robot.next_seed = None  # a restarted bridge publishes its own
         robot.assembler.restart()  # what follows is a new start: a restarted sim's clock may be behind
         dropped = len(episode.decisions) if episode is not None else 0
         if dropped:

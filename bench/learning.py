@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -37,6 +36,7 @@ from stepnft_ros.env_pool import EnvPool  # noqa: E402
 from stepnft_ros.online import OnlineConfig, run_online  # noqa: E402
 from stepnft_ros.pipeline import DefaultSFT, ensure_sft_checkpoint  # noqa: E402
 from stepnft_ros.policy import load_checkpoint, save_checkpoint  # noqa: E402
+from stepnft_ros.progress import wilson  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 FIRST_TEST_SEED = 10_000  # demos use seeds from 200 and 3000, training episodes from 1000000
@@ -49,6 +49,9 @@ METHODS: dict[str, tuple[dict, dict]] = {
     'stepnft': ({}, {}),
     'grpo': ({'algo': 'grpo', 'lambda_kl': 0.0}, {}),
     'filtered_bc': ({'algo': 'filtered_bc', 'epochs': 1}, {'labels': 'terminal_binary', 'group_size': 1}),
+    # how far one update may move the policy (the regime's open question; see README)
+    'stepnft_lr3e-5': ({'lr': 3e-5}, {}),
+    'stepnft_target_kl': ({'target_kl': 1e-3}, {}),
     # ablations of π-StepNFT, one change each
     'stepnft_terminal_binary': ({}, {'labels': 'terminal_binary', 'group_size': 1}),
     'stepnft_batch_mean': ({}, {'labels': 'batch_mean', 'group_size': 1}),
@@ -64,16 +67,6 @@ METHODS: dict[str, tuple[dict, dict]] = {
 
 def log(msg: str) -> None:
     print(f'[{time.strftime("%H:%M:%S")}] {msg}', file=sys.stderr, flush=True)
-
-
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score 95 % interval of a binomial rate."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def make_env(env_id: str, max_episode_steps: int) -> ManiSkillEnv:

@@ -1,11 +1,14 @@
 """How much signal one update's gradient carries, per label scheme and loss coverage, on the same rollouts.
 
-Collects Flow-SDE episodes from a checkpoint in groups of G from one initial state, then, for each
-configuration, computes the update's first gradient (at θ = θold) on two halves of the batch with
-disjoint initial states and reports their cosine similarity. For independent estimates of a mean
-gradient g with per-episode noise σ², E[cos] ≈ |g|² / (|g|² + σ²/n): a cosine near 0 means the
-direction is noise at this batch size, and doubling n doubles the signal-to-noise ratio. Repeated
-over random half-splits; prints JSON and writes bench/results/gradient_snr.json.
+Collects Flow-SDE episodes from a checkpoint in groups of G from one initial state (cached as
+episode bags, so every configuration sees the same rollouts), then, for each configuration,
+computes the loss gradient at θ = θold (the first step of an update) of every group separately:
+u_1..u_n with mean G, the batch gradient. With Σ their covariance (tr Σ = Σ|u_j − G|²/(n − 1)),
+|g|² = |G|² − tr Σ / n estimates the squared true gradient without bias, and
+B_noise = tr Σ / |g|² is the batch (in groups) at which the gradient's signal equals its noise
+(the "gradient noise scale"). snr2 = |g|² / (tr Σ / n) is the batch gradient's signal-to-noise
+ratio; a sign-flip test over groups says whether it is distinguishable from pure noise
+(p_value). Prints JSON and writes bench/results/gradient_snr.json.
 
     python bench/gradient_snr.py --checkpoint runs/learning/PickCube-v1/sft_start/sft --episodes 512
 """
@@ -30,6 +33,7 @@ from stepnft_ros.algo.stepnft import StepNFTConfig, executed_mask, grpo_loss, st
 from stepnft_ros.atomic import atomic_write_text  # noqa: E402
 from stepnft_ros.env_pool import EnvPool  # noqa: E402
 from stepnft_ros.episodes.schema import collate_episodes  # noqa: E402
+from stepnft_ros.episodes.store import EpisodeStore  # noqa: E402
 from stepnft_ros.policy import FlowPolicy, load_checkpoint  # noqa: E402
 from stepnft_ros.policy.sampler import grid_at  # noqa: E402
 
@@ -44,24 +48,58 @@ CONFIGS = {
 }
 
 
-def first_gradient(model, episodes, labels: str, cfg: StepNFTConfig) -> torch.Tensor:
-    """The loss gradient over the action expert at θ = θold, flattened."""
+def group_gradients(model, episodes, labels: str, cfg: StepNFTConfig) -> torch.Tensor:
+    """(groups, parameters): the loss gradient over the action expert at θ = θold of each group's
+    decisions, with the labels computed on the whole batch (as an update sees them)."""
     batch = collate_episodes(episodes, model.config, labels)
     params = model.action_expert_parameters()
+    num_steps = model.config.num_steps
     with torch.no_grad():
         prefix = model.encode_prefix(batch.obs)
     horizon = batch.trace.x_k.shape[1]
     executed = batch.executed if cfg.executed_only else torch.full_like(batch.executed, horizon)
     mask = executed_mask(executed, horizon)
-    v_theta = model.velocity(batch.trace.x_k, grid_at(batch.trace.k, model.config.num_steps)[0], prefix)
-    if cfg.algo == 'grpo':
-        loss, _ = grpo_loss(v_theta, batch.trace, batch.y, batch.weight, cfg, model.config.num_steps, mask)
-    else:
-        loss, _ = stepnft_loss(v_theta, batch.trace, batch.y, batch.r, batch.weight, cfg,
-                               model.config.num_steps, mask)
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
-                      for g, p in zip(grads, params, strict=True)])
+    seeds = torch.tensor([e.seed for e in episodes if any(d.valid for d in e.decisions)])[batch.episode_index]
+    rows = []
+    for seed in seeds.unique():
+        idx = torch.nonzero(seeds == seed).flatten()
+        trace = batch.trace.index(idx)
+        v_theta = model.velocity(trace.x_k, grid_at(trace.k, num_steps)[0], (prefix[0][idx], prefix[1][idx]))
+        if cfg.algo == 'grpo':
+            loss, _ = grpo_loss(v_theta, trace, batch.y[idx], batch.weight[idx], cfg, num_steps, mask[idx])
+        else:
+            loss, _ = stepnft_loss(v_theta, trace, batch.y[idx], batch.r[idx], batch.weight[idx], cfg, num_steps,
+                                   mask[idx])
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
+                               for g, p in zip(grads, params, strict=True)]))
+    return torch.stack(rows)
+
+
+def noise_scale(u: torch.Tensor) -> dict[str, float]:
+    """Unbiased |g|², tr Σ, snr2 and B_noise (groups) from per-group gradients u (n, P)."""
+    n = u.shape[0]
+    mean = u.mean(0)
+    trace_sigma = ((u - mean) ** 2).sum().item() / (n - 1)
+    g2 = mean.pow(2).sum().item() - trace_sigma / n
+    return {'g2': g2, 'trace_sigma': trace_sigma, 'snr2': g2 / (trace_sigma / n),
+            'b_noise_groups': trace_sigma / g2 if g2 > 0 else None}  # None: no measurable signal
+
+
+def collect(args: argparse.Namespace, model) -> list:
+    """The rollouts, from the bag cache when it holds them."""
+    cache = EpisodeStore(Path(args.cache))
+    episodes = cache.load_new(set())
+    if len(episodes) >= args.episodes:
+        return sorted(episodes, key=lambda e: e.episode_id)[:args.episodes]
+    policy = FlowPolicy(model, mode='sde', noise_level=args.noise_level, seed=args.seed)
+    groups = args.episodes // args.group_size
+    seeds = [5_000_000 + 1000 * args.seed + g for g in range(groups) for _ in range(args.group_size)]
+    with EnvPool(partial(make_env, args.env_id, 100), num_workers=args.workers) as pool:
+        episodes = pool.run_episodes(policy, seeds, 4, id_prefix='snr')
+    for e in episodes:
+        cache.write(e)
+    return episodes
 
 
 def main() -> int:
@@ -72,46 +110,45 @@ def main() -> int:
     p.add_argument('--group-size', type=int, default=8)
     p.add_argument('--noise-level', type=float, default=0.3)
     p.add_argument('--workers', type=int, default=2)
-    p.add_argument('--splits', type=int, default=20, help='random half-splits per configuration')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', default=str(Path(__file__).resolve().parent / 'results' / 'gradient_snr.json'))
+    p.add_argument('--cache', default='runs/gradient_snr/episodes', help='episode bags of the rollouts')
+    p.add_argument('--null-draws', type=int, default=500, help='sign-flip draws of the no-signal null')
     args = p.parse_args()
     torch.set_num_threads(1)
     model, _ = load_checkpoint(args.checkpoint)
-    policy = FlowPolicy(model, mode='sde', noise_level=args.noise_level, seed=args.seed)
-    groups = args.episodes // args.group_size
-    seeds = [5_000_000 + 1000 * args.seed + g for g in range(groups) for _ in range(args.group_size)]
     start = time.perf_counter()
-    with EnvPool(partial(make_env, args.env_id, 100), num_workers=args.workers) as pool:
-        episodes = pool.run_episodes(policy, seeds, 4)
+    episodes = collect(args, model)
     rollout_s = time.perf_counter() - start
     by_group: dict[int, list] = {}
     for e in episodes:
         by_group.setdefault(e.seed, []).append(e)
-    keys = sorted(by_group)
     rng = random.Random(args.seed)
     results = {}
     for name, (labels, overrides) in CONFIGS.items():
         cfg = replace(StepNFTConfig(), **overrides)
-        cosines, norms = [], []
-        for _ in range(args.splits):
-            rng.shuffle(keys)
-            halves = keys[:len(keys) // 2], keys[len(keys) // 2:]
-            g1, g2 = (first_gradient(model, [e for k in half for e in by_group[k]], labels, cfg) for half in halves)
-            cosines.append(torch.nn.functional.cosine_similarity(g1, g2, dim=0).item())
-            norms.append(((g1.norm() + g2.norm()) / 2).item())
-        mean = sum(cosines) / len(cosines)
-        sd = (sum((c - mean) ** 2 for c in cosines) / max(len(cosines) - 1, 1)) ** 0.5
-        results[name] = {'cosine_mean': round(mean, 4), 'cosine_se': round(sd / len(cosines) ** 0.5, 4),
-                         'grad_norm': round(sum(norms) / len(norms), 6)}
-        print(f'{name}: cos {mean:.4f} ± {sd / len(cosines) ** 0.5:.4f}', file=sys.stderr, flush=True)
+        u = group_gradients(model, episodes, labels, cfg)
+        point = noise_scale(u)
+        # Sign-flip null: with no true gradient, u_j and −u_j are equally likely, so snr2 of randomly
+        # flipped groups is its distribution under "the batch direction is pure noise".
+        null = sorted(noise_scale(u * torch.tensor([rng.choice((-1.0, 1.0)) for _ in range(len(u))])[:, None])['snr2']
+                      for _ in range(args.null_draws))
+        p_value = (1 + sum(x >= point['snr2'] for x in null)) / (1 + len(null))
+        results[name] = {'snr2': round(point['snr2'], 3), 'null_snr2_95th': round(null[int(0.95 * len(null)) - 1], 3),
+                         'p_value': round(p_value, 4),
+                         'b_noise_episodes': None if point['b_noise_groups'] is None
+                         else round(point['b_noise_groups'] * args.group_size, 1),
+                         'g2': point['g2'], 'trace_sigma': point['trace_sigma']}
+        print(f'{name}: snr2 {point["snr2"]:.3f} (null 95th {results[name]["null_snr2_95th"]:.3f}, p {p_value:.3f}), '
+              f'B_noise {results[name]["b_noise_episodes"]} episodes', file=sys.stderr, flush=True)
     success = sum(bool(e.success) for e in episodes) / len(episodes)
-    mixed = sum(0 < sum(bool(e.success) for e in by_group[k]) < args.group_size for k in by_group) / len(by_group)
+    mixed = sum(0 < sum(bool(e.success) for e in g) < len(g) for g in by_group.values()) / len(by_group)
     report = {'benchmark': 'gradient_snr', 'checkpoint': args.checkpoint, 'env': args.env_id,
-              'episodes': len(episodes), 'group_size': args.group_size, 'noise_level': args.noise_level,
-              'sde_success': round(success, 4), 'groups_with_mixed_outcomes': round(mixed, 4),
-              'decisions_per_half': sum(len(e.decisions) for e in episodes) // 2,
-              'rollout_s': round(rollout_s, 1), 'splits': args.splits, 'configs': results}
+              'episodes': len(episodes), 'groups': len(by_group), 'group_size': args.group_size,
+              'noise_level': args.noise_level, 'sde_success': round(success, 4),
+              'groups_with_mixed_outcomes': round(mixed, 4),
+              'decisions': sum(len(e.decisions) for e in episodes), 'rollout_s': round(rollout_s, 1),
+              'configs': results}
     atomic_write_text(args.out, json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
     return 0

@@ -52,6 +52,8 @@ METHODS: dict[str, tuple[dict, dict]] = {
     # how far one update may move the policy (the regime's open question; see README)
     'stepnft_lr3e-5': ({'lr': 3e-5}, {}),
     'stepnft_target_kl': ({'target_kl': 1e-3}, {}),
+    # the same optimizer steps per update, 8x the episodes behind each (about the measured noise scale)
+    'stepnft_batch2048': ({'minibatch_size': 8192}, {'episodes_per_iteration': 2048}),
     # ablations of π-StepNFT, one change each
     'stepnft_terminal_binary': ({}, {'labels': 'terminal_binary', 'group_size': 1}),
     'stepnft_batch_mean': ({}, {'labels': 'batch_mean', 'group_size': 1}),

@@ -134,7 +134,7 @@ def run_one(args: argparse.Namespace) -> dict:
         'task': args.task, 'method': args.method, 'seed': args.seed, 'test_seeds': args.test_seeds,
         'algo_config': asdict(algo), 'online_config': {k: v for k, v in asdict(online).items() if k != 'eval_seeds'},
         'start': evals[0]['eval_success'], 'final': evals[-1]['eval_success'],
-        'best': max(h['eval_success'] for h in evals), 'env_steps': history[-1]['env_steps'],
+        'best': max(h['eval_success'] for h in evals), 'env_steps': evals[-1]['env_steps'],  # at the final evaluation
         'wall_min': round(history[-1].get('total_wall_s', 0.0) / 60.0, 2),
         'rl_wall_min': round(history[-1]['rl_wall_s'] / 60.0, 2), 'worker_restarts': restarts,
         'curve': [{k: h[k] for k in ('iteration', 'env_steps', 'rl_wall_s', 'eval_success')} for h in evals],

@@ -1,6 +1,7 @@
 """EnvPool: worker processes feeding one batched policy, crash recovery, executed-action counts."""
 
 import os
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -59,3 +60,23 @@ def test_a_crashed_worker_is_restarted_and_its_episode_rerun(tmp_path):
     assert [e.seed for e in episodes] == [3, 4, 5, 6, 5]
     assert all(e.finished and e.decisions for e in episodes)
     assert len({e.episode_id for e in episodes}) == 5  # the group's two seed-5 episodes stay apart
+
+
+def test_online_loop_with_groups_resumes_where_it_stopped():
+    from stepnft_ros.algo.stepnft import StepNFTConfig, StepNFTTrainer
+    from stepnft_ros.online import OnlineConfig, run_online
+
+    model = small_model()
+    online = OnlineConfig(iterations=2, episodes_per_iteration=4, group_size=2, labels="group_mean",
+                          actions_per_chunk=4, eval_seeds=(500, 501, 502), eval_every=2)
+    algo = StepNFTConfig(minibatch_size=64)
+    trainer = StepNFTTrainer(model, algo)
+    seen = []
+    history = run_online(PointReach(), model, online, algo, trainer=trainer,
+                         on_iteration=lambda h, _: seen.append(h[-1]['iteration']))
+    assert seen == [0, 1, 2]
+    assert [('eval_success' in h) for h in history] == [True, False, True]  # start, every 2nd, last
+    assert len(history[-1]['eval_outcomes']) == 3 and history[2]['env_steps'] > history[1]['env_steps'] > 0
+    more = run_online(PointReach(), model, replace(online, iterations=3), algo, history=history, trainer=trainer)
+    assert [h['iteration'] for h in more] == [0, 1, 2, 3] and trainer.updates == 3
+    assert more[3]['env_steps'] > more[2]['env_steps']

@@ -211,7 +211,7 @@ def test_train_sim_on_a_libero_task(tmp_path, ros_domain):
     out = proc.stdout + proc.stderr
     (tmp_path / 'launch.log').write_text(out)
     assert proc.returncode == 0, out[-4000:]
-    assert 'update 1:' in out, f'see {tmp_path / "launch.log"}'
+    assert '[train] update 1/1' in out, f'see {tmp_path / "launch.log"}'
     store = EpisodeStore(run / 'episodes')
     episode = store.load(store.episode_ids()[0])
     assert episode.robot == 'env0' and len(episode.decisions) == 1  # a 4-step cap: one chunk of 4 actions

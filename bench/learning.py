@@ -185,7 +185,7 @@ def plot(runs: list[dict], path: Path) -> None:
         for r in (r for r in runs if r['task'] == task):
             colour = colours.setdefault(r['method'], f'C{len(colours) % 10}')
             n = r['test_seeds']
-            for col, x_key, scale in ((0, 'env_steps', 1.0), (1, 'rl_wall_s', 1 / 60)):
+            for col, x_key, scale in ((0, 'env_steps', 1e-6), (1, 'rl_wall_s', 1 / 60)):
                 xs = [c[x_key] * scale for c in r['curve']]
                 ys = [c['eval_success'] for c in r['curve']]
                 lo, hi = zip(*(wilson(round(y * n), n) for y in ys), strict=True)
@@ -193,7 +193,7 @@ def plot(runs: list[dict], path: Path) -> None:
                                                          and q['task'] == task) else None
                 axes[row, col].plot(xs, ys, '-o', ms=3, color=colour, label=label)
                 axes[row, col].fill_between(xs, lo, hi, color=colour, alpha=0.12)
-        for col, xlabel in ((0, 'training env steps'), (1, 'rollout + update wall-clock (min)')):
+        for col, xlabel in ((0, 'training env steps (millions)'), (1, 'rollout + update wall-clock (min)')):
             ax = axes[row, col]
             ax.set_xlabel(xlabel)
             ax.set_ylabel(f'{task} ODE test success')

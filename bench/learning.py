@@ -213,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument('--method', default='stepnft', choices=sorted(METHODS))
     r.add_argument('--seed', type=int, default=0)
     r.add_argument('--env-steps', type=int, default=300_000, help='training env-step budget')
-    r.add_argument('--workers', type=int, default=max(1, (os.cpu_count() or 2)),
-                   help='env worker processes (0: one env in this process)')
+    r.add_argument('--workers', type=int, default=2 * (os.cpu_count() or 1),
+                   help='env worker processes (0: one env in this process); two per core keep the cores '
+                        'simulating while the policy answers (bench/results/rollout_throughput.json)')
     r.add_argument('--eval-every', type=int, default=4, help='updates between test evaluations')
     r.add_argument('--num-demos', type=int, default=DefaultSFT.num_demos, help='demos of the SFT start')
     r.add_argument('--sft-steps', type=int, default=DefaultSFT.sft_steps, help='SFT steps of the start')

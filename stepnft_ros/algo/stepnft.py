@@ -199,11 +199,8 @@ def stepnft_loss(v_theta: torch.Tensor, trace: Trace, y: torch.Tensor, r: torch.
         per_sample = push_pull_loss(e_plus, e_minus, y, cfg.b)
     else:
         per_sample = weighted_loss(e_plus, e_minus, r)
-    kl = masked_mean_square(v_theta - trace.v_old, mask)  # mean (v_θ − v_old)² over the counted elements
-    total_weight = weight.sum().clamp_min(1e-12)
-    policy_loss = (weight * per_sample).sum() / total_weight
-    kl_term = (weight * kl).sum() / total_weight
-    loss = policy_loss + cfg.lambda_kl * kl_term
+    loss, policy_loss, kl_term = _episode_weighted_objective(per_sample, v_theta, trace.v_old, weight, mask,
+                                                             cfg.lambda_kl)
     with torch.no_grad():
         # the model ranks the observed transition correctly when y·(E⁺ − E⁻) < 0; y = 0 has no preference
         correct = (y * (e_plus - e_minus) < 0).float()
@@ -214,6 +211,17 @@ def stepnft_loss(v_theta: torch.Tensor, trace: Trace, y: torch.Tensor, r: torch.
                                        delta_v_norm=((v_theta - trace.v_old) * mask[:, :, None]).flatten(1)
                                        .norm(dim=1))}
     return loss, metrics
+
+
+def _episode_weighted_objective(per_sample: torch.Tensor, v_theta: torch.Tensor, v_old: torch.Tensor,
+                                weight: torch.Tensor, mask: torch.Tensor,
+                                lambda_kl: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Σ w·ℓ / Σ w plus λ_KL times the same average of mean (v_θ − v_old)² over the counted elements:
+    (loss, policy term, KL term)."""
+    total_weight = weight.sum().clamp_min(1e-12)
+    policy_loss = (weight * per_sample).sum() / total_weight
+    kl_term = (weight * masked_mean_square(v_theta - v_old, mask)).sum() / total_weight
+    return policy_loss + lambda_kl * kl_term, policy_loss, kl_term
 
 
 def _weighted_metrics(weight: torch.Tensor, **per_sample: torch.Tensor) -> dict[str, float]:
@@ -249,11 +257,8 @@ def grpo_loss(v_theta: torch.Tensor, trace: Trace, advantage: torch.Tensor, weig
     ratio = torch.exp(log_ratio.clamp(max=20.0))  # a wild ratio is clipped anyway; keep exp finite
     clipped_ratio = ratio.clamp(1.0 - cfg.clip_ratio, 1.0 + cfg.clip_ratio)
     per_sample = -torch.minimum(ratio * advantage, clipped_ratio * advantage)
-    kl = masked_mean_square(v_theta - trace.v_old, mask)
-    total_weight = weight.sum().clamp_min(1e-12)
-    policy_loss = (weight * per_sample).sum() / total_weight
-    kl_term = (weight * kl).sum() / total_weight
-    loss = policy_loss + cfg.lambda_kl * kl_term
+    loss, policy_loss, kl_term = _episode_weighted_objective(per_sample, v_theta, trace.v_old, weight, mask,
+                                                             cfg.lambda_kl)
     with torch.no_grad():
         metrics = {'loss': loss.item(), 'policy_loss': policy_loss.item(), 'kl': kl_term.item(),
                    **_weighted_metrics(weight, clip_fraction=((ratio - 1.0).abs() > cfg.clip_ratio).float(),

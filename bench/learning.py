@@ -54,6 +54,14 @@ METHODS: dict[str, tuple[dict, dict]] = {
     'stepnft_target_kl': ({'target_kl': 1e-3}, {}),
     # the same optimizer steps per update, 8x the episodes behind each (about the measured noise scale)
     'stepnft_batch2048': ({'minibatch_size': 8192}, {'episodes_per_iteration': 2048}),
+    # Flow-SDE noise only at the recorded step k* (the update credits the outcome to it alone):
+    # bench/results/gradient_snr_recorded_a0.3.json halves the noise scale, so 1024 episodes per update;
+    # the every-step twin is the control at the same scale.
+    'stepnft_recorded_step': ({'minibatch_size': 4096},
+                              {'episodes_per_iteration': 1024, 'group_size': 1, 'labels': 'batch_mean',
+                               'sde_noise': 'recorded_step'}),
+    'stepnft_every_step_1024': ({'minibatch_size': 4096},
+                                {'episodes_per_iteration': 1024, 'group_size': 1, 'labels': 'batch_mean'}),
     # ablations of π-StepNFT, one change each
     'stepnft_terminal_binary': ({}, {'labels': 'terminal_binary', 'group_size': 1}),
     'stepnft_batch_mean': ({}, {'labels': 'batch_mean', 'group_size': 1}),

@@ -38,6 +38,8 @@ class OnlineConfig:
     """Episode labels: a scheme of algo/labels.py ('terminal_binary', 'batch_mean', 'group_mean')."""
     noise_level: float | None = None
     """a for the Flow-SDE rollouts; None uses the policy config's."""
+    sde_noise: str = 'every_step'
+    """Flow-SDE noise at every solver step, or only at the recorded step k* ('recorded_step')."""
     time_budget_s: float = float('inf')
     """Stop after the iteration that crosses this wall-clock budget (rollouts + updates)."""
     env_step_budget: int = 0
@@ -73,7 +75,8 @@ def run_online(env: Env | EnvPool, model: FlowVLA, online: OnlineConfig, algo: S
     history = list(history or [])
     done_iterations = history[-1]['iteration'] if history else 0
     explore = FlowPolicy(model, mode=algo.rollout, seed=online.seed + 7919 * done_iterations,
-                         noise_level=online.noise_level, fixed_step=algo.fixed_step(model.config.num_steps))
+                         noise_level=online.noise_level, fixed_step=algo.fixed_step(model.config.num_steps),
+                         sde_noise=online.sde_noise)
     evaluator = FlowPolicy(model, mode='ode')
 
     def evaluate_into(entry: dict) -> None:

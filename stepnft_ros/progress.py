@@ -87,6 +87,8 @@ class Progress:
         parts = [f'update {version}/{self.max_updates}' if self.max_updates else f'update {version}',
                  f"{int(record['episodes'])} episodes ({record.get('episodes_consumed', '?')} total)",
                  f"train success {record['train_success']:.2f}", f"loss {record.get('loss', float('nan')):.4f}"]
+        if 'holdout_preference_accuracy' in record:  # > 0.5: the update generalizes to episodes it did not see
+            parts.append(f"held-out pref acc {record['holdout_preference_accuracy']:.2f}")
         scored = [e for e in self.evals.read() if e['weights_version'] <= version]
         if scored:
             latest = max(scored, key=lambda e: e['weights_version'])

@@ -295,15 +295,18 @@ def test_policy_server_answers_and_hot_swaps_on_onnxruntime(tmp_path, probe):
         graph.stop_all()
 
 
-def test_policy_server_refuses_an_unknown_backend(tmp_path, ros_domain):
+@pytest.mark.parametrize('bad, message', [
+    ({'backend': 'tensorrt'}, "backend must be one of ('torch', 'onnxruntime')"),
+    ({'sde_noise': 'some_steps'}, "sde_noise must be one of ('every_step', 'recorded_step')")])
+def test_policy_server_refuses_an_unknown_backend_or_sampler(tmp_path, ros_domain, bad, message):
     from ros_harness import Graph, tiny_checkpoint
 
     graph = Graph(tmp_path / 'logs')
     try:
         server = graph.start('stepnft_ros.nodes.policy_server', 'policy_server', {
             'checkpoint': str(tiny_checkpoint(tmp_path / 'ckpt', state_dim=5, action_dim=2)), 'robots': ['arm'],
-            'mode': 'eval', 'backend': 'tensorrt'})
+            'mode': 'eval', **bad})
         assert server.proc.wait(60) == 2
-        assert "parameters 'backend' / 'device': backend must be one of ('torch', 'onnxruntime')" in server.output()
+        assert f"parameters 'backend' / 'device' / 'sde_noise': {message}" in server.output()
     finally:
         graph.stop_all()

@@ -38,6 +38,8 @@ def test_progress_prints_each_new_update_once_and_writes_the_summary(tmp_path):
     assert len(lines) == 1 and lines[0].startswith('[train] update 2/4, 4 episodes (8 total), train success 0.50, '
                                                    'loss 0.2500, eval 0.25 (v0), ')
     assert 'ETA ' in lines[0]
+    with_holdout = progress.update_line({**record(3, 0.5), 'holdout_preference_accuracy': 0.614}, 60.0)
+    assert 'loss 0.1667, held-out pref acc 0.61, ' in with_holdout
     evals.write_text(json.dumps([{'weights_version': 0, 'eval_success': 0.25, 'episodes': 48},
                                  {'weights_version': 4, 'eval_success': 0.5, 'episodes': 48}]))
     history.write_text(json.dumps([record(v, 0.5) for v in (1, 2, 3, 4)] + [{'garbage': True}]))

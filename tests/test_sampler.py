@@ -94,3 +94,36 @@ def test_sde_explores_and_ode_does_not_inject_noise():
     assert ode.a == 0.0 and sde.a > 0.0
     # same initial noise (same seed) -> the SDE chunk differs only by the injected noise
     assert not np.allclose(ode.infer_batch(obs).chunks, sde.infer_batch(obs).chunks)
+
+
+def test_recorded_step_noise_is_euler_everywhere_but_k_star():
+    velocity = lambda x, tau: 0.5 * x + tau[:, None, None]  # noqa: E731
+    noise = torch.randn(8, 5, 2, generator=torch.Generator().manual_seed(1))
+    k_star = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    x_final, trace = sample_chunk(velocity, noise, 4, a=0.4, generator=torch.Generator().manual_seed(2),
+                                  k_star=k_star, sde_noise='recorded_step')
+    # Replay: Euler up to k*, the recorded (noisy) step, Euler after it.
+    for i, k_i in enumerate(k_star.tolist()):
+        x = noise[i:i + 1]
+        for k in range(4):
+            tau_k, tau_next, delta_k = grid_at(torch.tensor([k]), 4)
+            if k == k_i:
+                assert torch.allclose(trace.x_k[i], x[0], atol=1e-6)
+                sigma = sde_sigma(tau_k, tau_next, 0.4)
+                mu = sde_mean(x, velocity(x, tau_k), tau_k, tau_next, sigma)
+                xi = (trace.x_next[i] - mu[0]) / sde_std(sigma, delta_k)
+                assert xi.abs().max() > 1e-3  # noise was injected at k*
+                x = trace.x_next[i:i + 1]
+            else:
+                x = euler_step(x, velocity(x, tau_k), delta_k)
+        assert torch.allclose(x_final[i], x[0], atol=1e-5)
+    ode_final, _ = sample_chunk(velocity, noise, 4, a=0.0)
+    assert not torch.allclose(x_final, ode_final)
+
+
+def test_unknown_sde_noise_is_refused():
+    with pytest.raises(ValueError, match='sde_noise'):
+        sample_chunk(lambda x, tau: x, torch.zeros(1, 2, 2), 4, a=0.3, sde_noise='some_steps')
+    with pytest.raises(ValueError, match='sde_noise'):
+        FlowPolicy(FlowVLA(PolicyConfig(state_dim=3, action_dim=2, horizon=4, d_model=32, n_heads=2)),
+                   sde_noise='some_steps')

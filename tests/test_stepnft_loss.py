@@ -7,6 +7,7 @@ import torch
 
 from stepnft_ros.algo.stepnft import (
     StepNFTConfig,
+    StepNFTTrainer,
     branch_errors,
     executed_mask,
     grpo_loss,
@@ -191,3 +192,45 @@ def test_grpo_loss_at_the_old_policy_is_minus_the_advantage_and_follows_it():
     logp_new = step_log_likelihood(step, trace, K, mask)
     assert logp_new[0] > logp_old[0] and logp_new[1] < logp_old[1]
     assert torch.allclose(v.grad[3], torch.zeros_like(v.grad[3]))  # zero advantage: no gradient
+
+
+def _toy_batch(flip_episodes=()):
+    """Six one-decision-per-step episodes of a tiny policy; labels of `flip_episodes` inverted."""
+    import numpy as np
+
+    from stepnft_ros.episodes import Decision, Episode, collate_episodes
+    from stepnft_ros.policy import FlowPolicy, FlowVLA, Observation, PolicyConfig
+
+    torch.manual_seed(0)
+    cfg = PolicyConfig(state_dim=2, action_dim=2, horizon=3, d_model=16, n_heads=2)
+    model = FlowVLA(cfg)
+    policy = FlowPolicy(model, seed=1)
+    episodes = []
+    for i in range(6):
+        obs = Observation(state=np.array([i, -i], np.float32))
+        decisions = [Decision(obs, *(lambda o: (o.chunks[0], o.trace))(policy.infer(obs))) for _ in range(4)]
+        episodes.append(Episode(f'e{i}', 0, decisions, success=(i % 2 == 0) != (i in flip_episodes)))
+    return model, collate_episodes(episodes, cfg)
+
+
+def test_held_out_episodes_do_not_move_the_policy_and_are_scored_after_the_update():
+    cfg = StepNFTConfig(lr=1e-2, epochs=3, minibatch_size=8, holdout_fraction=1 / 3)
+    model, batch = _toy_batch()
+    trainer = StepNFTTrainer(model, cfg, seed=5)
+    held = trainer._holdout(batch)
+    assert held.sum() == 8 and len(set(batch.episode_index[held].tolist())) == 2  # 2 of 6 episodes
+    held_episodes = set(batch.episode_index[held].tolist())
+
+    def trained(flip):
+        model, batch = _toy_batch(flip)
+        metrics = StepNFTTrainer(model, cfg, seed=5).update(batch)
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), metrics
+    params, metrics = trained(())
+    params_flipped, metrics_flipped = trained(held_episodes)  # only the held-out labels differ
+    assert torch.equal(params, params_flipped)
+    accuracy = metrics['holdout_preference_accuracy']
+    assert 0.0 <= accuracy <= 1.0
+    assert metrics_flipped['holdout_preference_accuracy'] == pytest.approx(1.0 - accuracy)
+    assert {f'policy_loss_k{k}' for k in range(4)} <= metrics.keys()
+    assert 'holdout_preference_accuracy' not in StepNFTTrainer(*_toy_batch()[:1], StepNFTConfig()).update(
+        _toy_batch()[1])

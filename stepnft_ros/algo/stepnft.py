@@ -78,6 +78,10 @@ class StepNFTConfig:
     target_kl: float = 0.0
     """Stop an update's remaining minibatches once the mean ||v_θ − v_old||² per executed element
     exceeds this (0: never). Unlike δ_max, this bounds how far one update moves the policy."""
+    holdout_fraction: float = 0.0
+    """Episodes of each batch kept out of its update (0: none). After the update, the preference
+    accuracy on their decisions (`holdout_preference_accuracy`) tells a gradient that generalizes
+    (> 0.5) from one that fits the batch's noise (≈ 0.5)."""
 
     def __post_init__(self) -> None:
         def check(ok: bool, msg: str) -> None:
@@ -100,6 +104,7 @@ class StepNFTConfig:
         check(self.algo in ALGOS, f'algo must be one of {ALGOS}, got {self.algo!r}')
         check(self.clip_ratio > 0, f'clip_ratio must be > 0, got {self.clip_ratio}')
         check(self.target_kl >= 0, f'target_kl must be >= 0, got {self.target_kl}')
+        check(0.0 <= self.holdout_fraction < 1.0, f'holdout_fraction must be in [0, 1), got {self.holdout_fraction}')
         check(self.step_selection == 'uniform' or self.step_selection.isdigit(),
               f"step_selection must be 'uniform' or a step index, got {self.step_selection!r}")
 
@@ -206,6 +211,8 @@ def stepnft_loss(v_theta: torch.Tensor, trace: Trace, y: torch.Tensor, r: torch.
         correct = (y * (e_plus - e_minus) < 0).float()
         metrics = {'loss': loss.item(), 'policy_loss': policy_loss.item(), 'kl': kl_term.item(),
                    **_weighted_metrics(weight * (y != 0), preference_accuracy=correct),
+                   **{f'policy_loss_k{k}': _weighted_metrics(weight * (trace.k == k), value=per_sample)['value']
+                      for k in range(num_steps)},
                    **_weighted_metrics(weight, e_plus=e_plus, e_minus=e_minus,
                                        clip_fraction=clipped.float(),
                                        delta_v_norm=((v_theta - trace.v_old) * mask[:, :, None]).flatten(1)
@@ -291,6 +298,8 @@ class StepNFTTrainer:
         mask = executed_mask(executed, horizon)
         if cfg.algo == 'filtered_bc':  # imitate the successful episodes only, each decision equally
             weight = weight * (y > 0)
+        held_out = self._holdout(batch)
+        weight = weight * ~held_out
         prefix = None
         if not cfg.train_prefix:  # frozen prefix: encode every observation once per update
             with torch.no_grad():
@@ -334,13 +343,41 @@ class StepNFTTrainer:
         model.eval()
         self.updates += 1
         out = {key: value / max(steps, 1) for key, value in sums.items()}
+        if held_out.any():
+            out['holdout_preference_accuracy'] = self._preference_accuracy(batch, prefix, mask, held_out)
         out['gradient_steps'] = float(steps)
         out['stopped_early'] = float(stopped_early)
         out['decisions'] = float(len(batch))
         out['episodes'] = float(batch.n_episodes)
         out['executed_fraction'] = float(mask.mean().item())
-        out['label_mean'] = float(y[batch.weight > 0].mean().item()) if (batch.weight > 0).any() else 0.0
+        labelled = batch.weight > 0
+        out['label_mean'] = float(y[labelled].mean().item()) if labelled.any() else 0.0
+        out['label_positive_fraction'] = float((y[labelled] > 0).float().mean().item()) if labelled.any() else 0.0
         return out
+
+    def _holdout(self, batch: DecisionBatch) -> torch.Tensor:
+        """(B,) bool: the decisions of the episodes this update keeps out (cfg.holdout_fraction)."""
+        n_out = int(round(self.cfg.holdout_fraction * batch.n_episodes))
+        if n_out == 0:
+            return torch.zeros(len(batch), dtype=torch.bool, device=batch.y.device)
+        episodes = torch.randperm(batch.n_episodes, generator=self.generator)[:n_out].to(batch.y.device)
+        return torch.isin(batch.episode_index, episodes)
+
+    @torch.no_grad()
+    def _preference_accuracy(self, batch: DecisionBatch, prefix, mask: torch.Tensor, held_out: torch.Tensor) -> float:
+        """Fraction of held-out decisions with y ≠ 0 that the updated policy ranks right, y·(E⁺ − E⁻) < 0."""
+        model, num_steps = self.model, self.model.config.num_steps
+        idx_all = torch.nonzero(held_out & (batch.y != 0) & (batch.weight > 0)).flatten()
+        correct = []
+        for start in range(0, len(idx_all), self.cfg.minibatch_size):
+            idx = idx_all[start:start + self.cfg.minibatch_size]
+            trace = batch.trace.index(idx)
+            mb_prefix = (prefix[0][idx], prefix[1][idx]) if prefix is not None \
+                else model.encode_prefix(batch.obs.index(idx.cpu()).to(idx.device))
+            v_theta = model.velocity(trace.x_k, grid_at(trace.k, num_steps)[0], mb_prefix)
+            e_plus, e_minus, _ = branch_errors(v_theta, trace, self.cfg, num_steps, mask[idx])
+            correct.append(batch.y[idx] * (e_plus - e_minus) < 0)
+        return torch.cat(correct).float().mean().item() if correct else 0.5
 
     def optimizer_tensors(self) -> dict[str, torch.Tensor]:
         """AdamW moments and step counts as flat tensors (safetensors-friendly) for resumable training."""

@@ -54,7 +54,8 @@ class LearnerNode(Node):
                                  target=p.get('target', 'next_step'), lambda_kl=p.get('lambda_kl', 1e-4),
                                  executed_only=p.get('executed_only', True), adam_beta1=p.get('adam_beta1', 0.9),
                                  adam_beta2=p.get('adam_beta2', 0.95), algo=p.get('algo', 'stepnft'),
-                                 clip_ratio=p.get('clip_ratio', 0.2), target_kl=p.get('target_kl', 0.0))
+                                 clip_ratio=p.get('clip_ratio', 0.2), target_kl=p.get('target_kl', 0.0),
+                                 holdout_fraction=p.get('holdout_fraction', 0.0))
             self.learner = Learner(self.work_dir, checkpoint, EpisodeStore(episode_dir), cfg, algo, device=device,
                                    log=self.get_logger().info)
         except (ValueError, CheckpointError) as err:

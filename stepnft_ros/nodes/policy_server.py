@@ -94,6 +94,7 @@ class PolicyServer(Node):
         self.max_batch = p.get('max_batch', 16)
         batch_window_s = p.get('batch_window_ms', 2.0) / 1000.0
         noise_level = p.get('noise_level', -1.0)
+        sde_noise = p.get('sde_noise', 'every_step')  # or 'recorded_step': noise only at the traced step
         self.seed = seed = p.get('seed', 0)
         device = p.get('device', 'cpu')
         backend = p.get('backend', 'torch')  # or 'onnxruntime' (device: cpu / cuda / auto = its provider)
@@ -118,9 +119,9 @@ class PolicyServer(Node):
         try:
             self.policy = make_policy(model, backend=backend, mode=MODES[self.mode], seed=seed, device=device,
                                       noise_level=None if noise_level < 0 else noise_level,
-                                      threads=torch.get_num_threads())
+                                      sde_noise=sde_noise, threads=torch.get_num_threads())
         except (ValueError, CheckpointError) as err:
-            raise ConfigError(f"parameters 'backend' / 'device': {err}") from None
+            raise ConfigError(f"parameters 'backend' / 'device' / 'sde_noise': {err}") from None
         self.action_names = action_names or [f'a{i}' for i in range(cfg.action_dim)]
         if len(self.action_names) != cfg.action_dim:
             raise ConfigError(f"parameter 'action_names' has {len(self.action_names)} names, "

@@ -44,6 +44,7 @@ from stepnft_ros.policy.checkpoint import WEIGHTS_FILE, CheckpointError, load_ch
 from stepnft_ros.policy.config import PolicyConfig
 from stepnft_ros.policy.modeling import FlowVLA
 from stepnft_ros.policy.policy import FlowPolicy, PolicyOutput, SamplingPolicy, check_sampling_mode
+from stepnft_ros.policy.sampler import check_sde_noise
 from stepnft_ros.policy.types import Observation, stack_observations
 
 if TYPE_CHECKING:
@@ -401,8 +402,10 @@ class OnnxFlowPolicy(SamplingPolicy):
     backend = 'onnxruntime'
 
     def __init__(self, source: FlowVLA | str | Path, mode: str = 'sde', noise_level: float | None = None,
-                 seed: int = 0, device: str = 'cpu', fixed_step: int | None = None, threads: int = 1) -> None:
+                 seed: int = 0, device: str = 'cpu', fixed_step: int | None = None, threads: int = 1,
+                 sde_noise: str = 'every_step') -> None:
         check_sampling_mode(mode)  # before the (slow) export
+        check_sde_noise(sde_noise)
         self.providers_wanted = select_providers(device)
         self.threads = threads
         self.export_dir: Path | None = None
@@ -417,7 +420,7 @@ class OnnxFlowPolicy(SamplingPolicy):
             self.export_dir = Path(source)
             self._install(_Sessions.from_dir(self.export_dir, self.providers_wanted, threads))
         # The sampler's tensors (and the torch model kept for hot swaps) live on the CPU.
-        self._init_sampling(self.config, mode, noise_level, seed, 'cpu', fixed_step)
+        self._init_sampling(self.config, mode, noise_level, seed, 'cpu', fixed_step, sde_noise)
         log.info('onnxruntime policy on %s (%d intra-op thread(s))', self.provider, threads)
 
     def _check_compatible(self, new: PolicyConfig) -> None:
@@ -566,7 +569,8 @@ def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
 
 def make_policy(source: FlowVLA | str | Path, backend: str = 'torch', mode: str = 'sde',
                 noise_level: float | None = None, seed: int = 0, device: str = 'cpu',
-                fixed_step: int | None = None, threads: int = 1) -> FlowPolicy | OnnxFlowPolicy:
+                fixed_step: int | None = None, threads: int = 1,
+                sde_noise: str = 'every_step') -> FlowPolicy | OnnxFlowPolicy:
     """A policy on `backend`: 'torch' (FlowPolicy) or 'onnxruntime' (OnnxFlowPolicy).
 
     `source`: a FlowVLA, a checkpoint directory, or (onnxruntime only) an export directory.
@@ -574,7 +578,8 @@ def make_policy(source: FlowVLA | str | Path, backend: str = 'torch', mode: str 
     """
     if backend not in BACKENDS:
         raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
-    kwargs = dict(mode=mode, noise_level=noise_level, seed=seed, device=device, fixed_step=fixed_step)
+    kwargs = dict(mode=mode, noise_level=noise_level, seed=seed, device=device, fixed_step=fixed_step,
+                  sde_noise=sde_noise)
     if backend == 'onnxruntime':
         if not isinstance(source, FlowVLA) and (Path(source) / MANIFEST_FILE).is_file():
             return OnnxFlowPolicy(source, threads=threads, **kwargs)

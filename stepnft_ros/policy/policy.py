@@ -10,7 +10,7 @@ import torch
 
 from stepnft_ros.policy.config import PolicyConfig
 from stepnft_ros.policy.modeling import FlowVLA
-from stepnft_ros.policy.sampler import sample_chunk
+from stepnft_ros.policy.sampler import check_sde_noise, sample_chunk
 from stepnft_ros.policy.types import Observation, Trace, stack_observations
 
 SAMPLING_MODES = ('sde', 'ode')
@@ -38,9 +38,11 @@ class SamplingPolicy:
     """
 
     def _init_sampling(self, cfg: PolicyConfig, mode: str, noise_level: float | None, seed: int,
-                       device: str | torch.device, fixed_step: int | None) -> None:
+                       device: str | torch.device, fixed_step: int | None, sde_noise: str = 'every_step') -> None:
         check_sampling_mode(mode)
+        check_sde_noise(sde_noise)
         self.mode = mode
+        self.sde_noise = sde_noise
         self.noise_level = cfg.noise_level if noise_level is None else noise_level
         self.device = torch.device(device)
         self.seed = seed
@@ -65,7 +67,8 @@ class SamplingPolicy:
         noise = initial_noise_for(batch_size, cfg, self.generator, self.device, initial_noise)
         k_star = None if self.fixed_step is None else torch.full(
             (batch_size,), self.fixed_step, dtype=torch.long, device=self.device)
-        return sample_chunk(velocity, noise, cfg.num_steps, self.a, generator=self.generator, k_star=k_star)
+        return sample_chunk(velocity, noise, cfg.num_steps, self.a, generator=self.generator, k_star=k_star,
+                            sde_noise=self.sde_noise)
 
     def infer_batch(self, observations: Sequence[Observation],
                     initial_noise: torch.Tensor | None = None) -> PolicyOutput:
@@ -79,10 +82,11 @@ class FlowPolicy(SamplingPolicy):
     """Samples action chunks from a FlowVLA: Flow-SDE (`sde`) to explore, Euler ODE (`ode`) to deploy."""
 
     def __init__(self, model: FlowVLA, mode: str = 'sde', noise_level: float | None = None,
-                 seed: int = 0, device: str | torch.device = 'cpu', fixed_step: int | None = None) -> None:
+                 seed: int = 0, device: str | torch.device = 'cpu', fixed_step: int | None = None,
+                 sde_noise: str = 'every_step') -> None:
         check_sampling_mode(mode)
         self.model = model.to(device).eval()
-        self._init_sampling(model.config, mode, noise_level, seed, device, fixed_step)
+        self._init_sampling(model.config, mode, noise_level, seed, device, fixed_step, sde_noise)
 
     @torch.no_grad()
     def infer_batch(self, observations: Sequence[Observation],

@@ -13,6 +13,16 @@ from stepnft_ros.policy.types import Trace
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B,H,D), τ (B,)) -> v (B,H,D)
 
+# Which solver steps of a Flow-SDE chunk get noise: every step (ALGORITHM.md §2), or only the
+# recorded step k* (the others are Euler steps). The update credits the outcome to k*'s noise
+# alone, so noise at the other steps only adds outcome variance the loss cannot attribute.
+SDE_NOISE = ('every_step', 'recorded_step')
+
+
+def check_sde_noise(sde_noise: str) -> None:
+    if sde_noise not in SDE_NOISE:
+        raise ValueError(f'sde_noise must be one of {SDE_NOISE}, got {sde_noise!r}')
+
 
 def time_grid(num_steps: int, device: torch.device | str | None = None) -> torch.Tensor:
     """τ_k = 1 − k/K for k = 0..K: (K+1,)."""
@@ -60,12 +70,14 @@ def euler_step(x: torch.Tensor, v: torch.Tensor, delta_k: torch.Tensor) -> torch
 @torch.no_grad()
 def sample_chunk(velocity: VelocityFn, noise: torch.Tensor, num_steps: int, a: float,
                  generator: torch.Generator | None = None,
-                 k_star: torch.Tensor | None = None) -> tuple[torch.Tensor, Trace]:
+                 k_star: torch.Tensor | None = None,
+                 sde_noise: str = 'every_step') -> tuple[torch.Tensor, Trace]:
     """Integrate from x_0 = ε (τ = 1) to x_K (τ = 0); a = 0 is the ODE sampler, a > 0 the Flow-SDE.
 
     noise: (B, H, D) the initial ε; k_star: (B,) steps to record (default: uniform per decision,
-    the paper's best choice). Returns x_K (B, H, D) and the trace of step k*.
+    the paper's best choice); sde_noise: see SDE_NOISE. Returns x_K (B, H, D) and the trace of step k*.
     """
+    check_sde_noise(sde_noise)
     b = noise.shape[0]
     device = noise.device
     if k_star is None:
@@ -86,6 +98,8 @@ def sample_chunk(velocity: VelocityFn, noise: torch.Tensor, num_steps: int, a: f
         else:
             x_new = euler_step(x, v, delta_k)
         chosen = (k_star == k).reshape(-1, 1, 1)
+        if a > 0.0 and sde_noise == 'recorded_step':
+            x_new = torch.where(chosen, x_new, euler_step(x, v, delta_k))
         x_k = torch.where(chosen, x, x_k)
         x_next = torch.where(chosen, x_new, x_next)
         v_old = torch.where(chosen, v, v_old)

@@ -46,11 +46,16 @@ CONFIGS = {
     'stepnft terminal_binary whole_chunk': ('terminal_binary', {'executed_only': False}),
     'grpo group_mean executed': ('group_mean', {'algo': 'grpo'}),
 }
+# The same gradient from the decisions whose recorded step k* is k, one solver step at a time
+# (--per-step): which steps' noise carries the outcome's signal.
+PER_STEP_LABELS = 'batch_mean'
 
 
-def group_gradients(model, episodes, labels: str, cfg: StepNFTConfig) -> torch.Tensor:
+
+def group_gradients(model, episodes, labels: str, cfg: StepNFTConfig, only_step: int | None = None) -> torch.Tensor:
     """(groups, parameters): the loss gradient over the action expert at θ = θold of each group's
-    decisions, with the labels computed on the whole batch (as an update sees them)."""
+    decisions (those with k* = only_step, if given), with the labels computed on the whole batch
+    (as an update sees them)."""
     batch = collate_episodes(episodes, model.config, labels)
     params = model.action_expert_parameters()
     num_steps = model.config.num_steps
@@ -62,7 +67,10 @@ def group_gradients(model, episodes, labels: str, cfg: StepNFTConfig) -> torch.T
     seeds = torch.tensor([e.seed for e in episodes if any(d.valid for d in e.decisions)])[batch.episode_index]
     rows = []
     for seed in seeds.unique():
-        idx = torch.nonzero(seeds == seed).flatten()
+        chosen = seeds == seed
+        if only_step is not None:
+            chosen &= batch.trace.k == only_step
+        idx = torch.nonzero(chosen).flatten()
         trace = batch.trace.index(idx)
         v_theta = model.velocity(trace.x_k, grid_at(trace.k, num_steps)[0], (prefix[0][idx], prefix[1][idx]))
         if cfg.algo == 'grpo':
@@ -115,6 +123,8 @@ def main() -> int:
     p.add_argument('--out', default=str(Path(__file__).resolve().parent / 'results' / 'gradient_snr.json'))
     p.add_argument('--cache', default='runs/gradient_snr/episodes', help='episode bags of the rollouts')
     p.add_argument('--null-draws', type=int, default=500, help='sign-flip draws of the no-signal null')
+    p.add_argument('--per-step', action='store_true',
+                   help=f'measure instead {PER_STEP_LABELS} labels from each recorded solver step k* alone')
     args = p.parse_args()
     torch.set_num_threads(1)
     model, _ = load_checkpoint(args.checkpoint)
@@ -126,9 +136,13 @@ def main() -> int:
         by_group.setdefault(e.seed, []).append(e)
     rng = random.Random(args.seed)
     results = {}
-    for name, (labels, overrides) in CONFIGS.items():
+    configs = [(name, labels, overrides, None) for name, (labels, overrides) in CONFIGS.items()]
+    if args.per_step:
+        configs = [(f'stepnft {PER_STEP_LABELS} executed, k* = {k}', PER_STEP_LABELS, {}, k)
+                    for k in range(model.config.num_steps)]
+    for name, labels, overrides, only_step in configs:
         cfg = replace(StepNFTConfig(), **overrides)
-        u = group_gradients(model, episodes, labels, cfg)
+        u = group_gradients(model, episodes, labels, cfg, only_step)
         point = noise_scale(u)
         # Sign-flip null: with no true gradient, u_j and −u_j are equally likely, so snr2 of randomly
         # flipped groups is its distribution under "the batch direction is pure noise".

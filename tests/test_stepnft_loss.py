@@ -145,6 +145,9 @@ def test_bad_config_values_are_named():
         StepNFTConfig(delta_max=0.0)
     with pytest.raises(ValueError, match='outside'):
         StepNFTConfig(step_selection='7').fixed_step(4)
+    with pytest.raises(ValueError, match="'uniform', 'last' or a step index"):
+        StepNFTConfig(step_selection='first')
+    assert [StepNFTConfig(step_selection=s).fixed_step(4) for s in ('uniform', 'last', '2')] == [None, 3, 2]
 
 
 def test_unexecuted_actions_get_no_gradient():

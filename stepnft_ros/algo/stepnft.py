@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from stepnft_ros.algo.sft import flow_matching_loss
 from stepnft_ros.policy.modeling import FlowVLA
-from stepnft_ros.policy.sampler import grid_at, sde_mean, sde_sigma, sde_std
+from stepnft_ros.policy.sampler import grid_at, recorded_step, sde_mean, sde_sigma, sde_std
 from stepnft_ros.policy.types import Trace
 
 if TYPE_CHECKING:  # episodes imports algo.labels; a runtime import here would be circular
@@ -61,7 +61,8 @@ class StepNFTConfig:
     rollout: str = 'sde'
     """Exploration sampler: 'sde' (Flow-SDE) or 'ode' (no exploration noise)."""
     step_selection: str = 'uniform'
-    """'uniform' random k* per decision, or a fixed step as a digit string, e.g. '0'."""
+    """'uniform' random k* per decision, 'last' (k* = K − 1, the step whose noise lands on the action
+    itself), or a fixed step as a digit string, e.g. '0'."""
     train_prefix: bool = False
     """Also train the prefix encoder (the paper freezes it and trains the action expert)."""
     executed_only: bool = True
@@ -105,17 +106,12 @@ class StepNFTConfig:
         check(self.clip_ratio > 0, f'clip_ratio must be > 0, got {self.clip_ratio}')
         check(self.target_kl >= 0, f'target_kl must be >= 0, got {self.target_kl}')
         check(0.0 <= self.holdout_fraction < 1.0, f'holdout_fraction must be in [0, 1), got {self.holdout_fraction}')
-        check(self.step_selection == 'uniform' or self.step_selection.isdigit(),
-              f"step_selection must be 'uniform' or a step index, got {self.step_selection!r}")
+        check(self.step_selection in ('uniform', 'last') or self.step_selection.isdigit(),
+              f"step_selection must be 'uniform', 'last' or a step index, got {self.step_selection!r}")
 
     def fixed_step(self, num_steps: int) -> int | None:
         """k* for fixed step selection (None for uniform); validated against K."""
-        if self.step_selection == 'uniform':
-            return None
-        k = int(self.step_selection)
-        if k >= num_steps:
-            raise ValueError(f'step_selection {k} is outside the K = {num_steps} solver steps')
-        return k
+        return recorded_step(self.step_selection, num_steps)
 
 
 def trust_region(delta_v: torch.Tensor, delta_max: float) -> tuple[torch.Tensor, torch.Tensor]:

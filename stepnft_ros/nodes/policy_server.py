@@ -49,6 +49,7 @@ from stepnft_ros.episodes.store import EpisodeStore
 from stepnft_ros.nodes.common import ConfigError, Params, run_node
 from stepnft_ros.policy import CheckpointError, load_checkpoint, make_policy
 from stepnft_ros.policy.onnx_backend import describe_backend
+from stepnft_ros.policy.sampler import recorded_step
 from stepnft_ros.policy.types import Observation, ObservationError, validate_observation
 
 MODES = {'train': 'sde', 'eval': 'ode', 'deploy': 'ode'}
@@ -95,6 +96,7 @@ class PolicyServer(Node):
         batch_window_s = p.get('batch_window_ms', 2.0) / 1000.0
         noise_level = p.get('noise_level', -1.0)
         sde_noise = p.get('sde_noise', 'every_step')  # or 'recorded_step': noise only at the traced step
+        step_selection = p.get('step_selection', 'uniform')  # the traced step k*: or 'last', or an index
         self.seed = seed = p.get('seed', 0)
         device = p.get('device', 'cpu')
         backend = p.get('backend', 'torch')  # or 'onnxruntime' (device: cpu / cuda / auto = its provider)
@@ -118,10 +120,11 @@ class PolicyServer(Node):
         cfg = model.config
         try:
             self.policy = make_policy(model, backend=backend, mode=MODES[self.mode], seed=seed, device=device,
-                                      noise_level=None if noise_level < 0 else noise_level,
-                                      sde_noise=sde_noise, threads=torch.get_num_threads())
+                                      noise_level=None if noise_level < 0 else noise_level, sde_noise=sde_noise,
+                                      fixed_step=recorded_step(step_selection, cfg.num_steps),
+                                      threads=torch.get_num_threads())
         except (ValueError, CheckpointError) as err:
-            raise ConfigError(f"parameters 'backend' / 'device' / 'sde_noise': {err}") from None
+            raise ConfigError(f"parameters 'backend' / 'device' / 'sde_noise' / 'step_selection': {err}") from None
         self.action_names = action_names or [f'a{i}' for i in range(cfg.action_dim)]
         if len(self.action_names) != cfg.action_dim:
             raise ConfigError(f"parameter 'action_names' has {len(self.action_names)} names, "

@@ -19,6 +19,23 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B,H,D),
 SDE_NOISE = ('every_step', 'recorded_step')
 
 
+def recorded_step(step_selection: str, num_steps: int) -> int | None:
+    """The fixed k* a step selection names, None for 'uniform' (a random k* per decision).
+
+    'last' is K − 1, the step whose noise lands on the executed action itself; a digit string is
+    that step. ValueError for anything else or a step outside the K solver steps.
+    """
+    if step_selection == 'uniform':
+        return None
+    if step_selection == 'last':
+        return num_steps - 1
+    if not step_selection.isdigit():
+        raise ValueError(f"step_selection must be 'uniform', 'last' or a step index, got {step_selection!r}")
+    if int(step_selection) >= num_steps:
+        raise ValueError(f'step_selection {step_selection} is outside the K = {num_steps} solver steps')
+    return int(step_selection)
+
+
 def check_sde_noise(sde_noise: str) -> None:
     if sde_noise not in SDE_NOISE:
         raise ValueError(f'sde_noise must be one of {SDE_NOISE}, got {sde_noise!r}')

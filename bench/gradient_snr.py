@@ -35,7 +35,7 @@ from stepnft_ros.env_pool import EnvPool  # noqa: E402
 from stepnft_ros.episodes.schema import collate_episodes  # noqa: E402
 from stepnft_ros.episodes.store import EpisodeStore  # noqa: E402
 from stepnft_ros.policy import FlowPolicy, load_checkpoint  # noqa: E402
-from stepnft_ros.policy.sampler import SDE_NOISE, grid_at  # noqa: E402
+from stepnft_ros.policy.sampler import SDE_NOISE, grid_at, recorded_step  # noqa: E402
 
 CONFIGS = {
     # name: (labels, StepNFTConfig overrides)
@@ -100,7 +100,8 @@ def collect(args: argparse.Namespace, model) -> list:
     episodes = cache.load_new(set())
     if len(episodes) >= args.episodes:
         return sorted(episodes, key=lambda e: e.episode_id)[:args.episodes]
-    policy = FlowPolicy(model, mode='sde', noise_level=args.noise_level, seed=args.seed, sde_noise=args.sde_noise)
+    policy = FlowPolicy(model, mode='sde', noise_level=args.noise_level, seed=args.seed, sde_noise=args.sde_noise,
+                        fixed_step=recorded_step(args.step_selection, model.config.num_steps))
     groups = args.episodes // args.group_size
     seeds = [5_000_000 + 1000 * args.seed + g for g in range(groups) for _ in range(args.group_size)]
     with EnvPool(partial(make_env, args.env_id, 100), num_workers=args.workers) as pool:
@@ -118,6 +119,7 @@ def main() -> int:
     p.add_argument('--group-size', type=int, default=8)
     p.add_argument('--noise-level', type=float, default=0.3)
     p.add_argument('--sde-noise', default='every_step', choices=SDE_NOISE)
+    p.add_argument('--step-selection', default='uniform', help="the recorded step k*: 'uniform', 'last' or an index")
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', default=str(Path(__file__).resolve().parent / 'results' / 'gradient_snr.json'))
@@ -160,7 +162,8 @@ def main() -> int:
     mixed = sum(0 < sum(bool(e.success) for e in g) < len(g) for g in by_group.values()) / len(by_group)
     report = {'benchmark': 'gradient_snr', 'checkpoint': args.checkpoint, 'env': args.env_id,
               'episodes': len(episodes), 'groups': len(by_group), 'group_size': args.group_size,
-              'noise_level': args.noise_level, 'sde_noise': args.sde_noise, 'sde_success': round(success, 4),
+              'noise_level': args.noise_level, 'sde_noise': args.sde_noise,
+              'step_selection': args.step_selection, 'sde_success': round(success, 4),
               'groups_with_mixed_outcomes': round(mixed, 4),
               'decisions': sum(len(e.decisions) for e in episodes), 'rollout_s': round(rollout_s, 1),
               'configs': results}

@@ -63,8 +63,8 @@ METHODS: dict[str, tuple[dict, dict]] = {
     'stepnft_every_step_1024': ({'minibatch_size': 4096},
                                 {'episodes_per_iteration': 1024, 'group_size': 1, 'labels': 'batch_mean'}),
     # ... and only at the last solver step, where bench/results/gradient_snr_recorded_a0.3_per_step.json
-    # finds all of the signal (noise at earlier steps is denoised away before it reaches the robot),
-    # with a larger a since that step's std is a·sqrt(Δ/3) (0.17 at a = 0.6).
+    # found the signal of the recorded-step rollouts, with a larger a since that step's std is only
+    # a·sqrt(Δ/3) (0.17 at a = 0.6). Measured: it costs success and learns no faster (README).
     'stepnft_last_step': ({'minibatch_size': 4096, 'step_selection': 'last'},
                           {'episodes_per_iteration': 1024, 'group_size': 1, 'labels': 'batch_mean',
                            'sde_noise': 'recorded_step', 'noise_level': 0.6}),

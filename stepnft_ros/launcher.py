@@ -102,17 +102,19 @@ def launch(specs: Sequence[NodeSpec], params_file: Path, run_dir: Path, stop_tim
         if announce:
             print(f'[launch] started {spec.full_name} (pid {proc.pid})', flush=True)
 
-    for spec in specs:
-        start(spec, announce=log_dir is None)
-    if log_dir is not None:
-        print(f'[launch] started {len(specs)} nodes; their output goes to {log_dir}/', flush=True)
-
     stop = {'signal': None}
 
     def on_signal(signum, _frame):
         stop['signal'] = signum
 
+    # Before any node starts: a handler resets to the default in the children on exec, whereas
+    # an ignored SIGINT (a launcher started from a background job or nohup) would be inherited
+    # and leave every node deaf to the SIGINT that asks it to finish its episode.
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    for spec in specs:
+        start(spec, announce=log_dir is None)
+    if log_dir is not None:
+        print(f'[launch] started {len(specs)} nodes; their output goes to {log_dir}/', flush=True)
     code = 0
     try:
         while stop['signal'] is None:
@@ -148,9 +150,11 @@ def launch(specs: Sequence[NodeSpec], params_file: Path, run_dir: Path, stop_tim
                     on_tick = None
             time.sleep(0.2)
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        stop_processes([p for _, p in procs.values()], stop_timeout_s)
+        try:  # still ours: a second signal must not kill the launcher and orphan its nodes
+            stop_processes([p for _, p in procs.values()], stop_timeout_s)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
     return code
 
 

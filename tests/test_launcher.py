@@ -121,3 +121,42 @@ def test_with_a_log_dir_node_output_goes_to_files_and_a_failure_shows_its_tail(t
     assert (tmp_path / 'run/logs/learner.log').read_text().count('success') == 30
     assert '[launch] /env0/bridge exited with code 1' in out
     assert 'loading the simulator' in out and 'simulator crashed' in out, 'a failed node\'s last lines are shown'
+
+
+def test_nodes_hear_sigint_even_when_the_launcher_was_started_with_it_ignored(tmp_path, monkeypatch, capfd):
+    """A launcher run from a background job or nohup inherits an ignored SIGINT; its nodes must not,
+    or the SIGINT that asks them to finish their episodes does nothing."""
+    import signal
+    import time
+
+    (tmp_path / 'listener.py').write_text(textwrap.dedent('''
+        import os, pathlib, signal, time
+        ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        pathlib.Path(os.environ['PIDS'], 'listener').write_text('ignored' if ignored else 'heard')
+        try:
+            time.sleep(120)
+        except KeyboardInterrupt:
+            pass
+    '''))
+    (tmp_path / 'ender.py').write_text(textwrap.dedent('''
+        import os, pathlib, time
+        deadline = time.monotonic() + 30
+        while not pathlib.Path(os.environ['PIDS'], 'listener').exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    '''))
+    monkeypatch.setenv('PYTHONPATH', str(tmp_path))
+    monkeypatch.setenv('PIDS', str(tmp_path))
+    params = tmp_path / 'params.yaml'
+    params.write_text('{}\n')
+    specs = [NodeSpec('bridge', 'bridge', 'listener', namespace='env0'),
+             NodeSpec('learner', 'learner', 'ender', ends_graph='exit')]
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        started = time.monotonic()
+        code = launch(specs, params, tmp_path / 'run', stop_timeout_s=30.0)
+        elapsed = time.monotonic() - started
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert code == 0, capfd.readouterr().out
+    assert (tmp_path / 'listener').read_text() == 'heard'
+    assert elapsed < 20, 'the listener ended on the first SIGINT, not after the 30 s escalation to SIGTERM'

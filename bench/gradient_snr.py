@@ -51,7 +51,6 @@ CONFIGS = {
 PER_STEP_LABELS = 'batch_mean'
 
 
-
 def group_gradients(model, episodes, labels: str, cfg: StepNFTConfig, only_step: int | None = None) -> torch.Tensor:
     """(groups, parameters): the loss gradient over the action expert at θ = θold of each group's
     decisions (those with k* = only_step, if given), with the labels computed on the whole batch

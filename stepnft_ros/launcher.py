@@ -111,12 +111,12 @@ def launch(specs: Sequence[NodeSpec], params_file: Path, run_dir: Path, stop_tim
     # an ignored SIGINT (a launcher started from a background job or nohup) would be inherited
     # and leave every node deaf to the SIGINT that asks it to finish its episode.
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    for spec in specs:
-        start(spec, announce=log_dir is None)
-    if log_dir is not None:
-        print(f'[launch] started {len(specs)} nodes; their output goes to {log_dir}/', flush=True)
     code = 0
-    try:
+    try:  # a node that fails to start still has the ones before it stopped and the handlers restored
+        for spec in specs:
+            start(spec, announce=log_dir is None)
+        if log_dir is not None:
+            print(f'[launch] started {len(specs)} nodes; their output goes to {log_dir}/', flush=True)
         while stop['signal'] is None:
             exited = [(name, spec, p.returncode) for name, (spec, p) in procs.items() if p.poll() is not None]
             for name, spec, rc in exited:

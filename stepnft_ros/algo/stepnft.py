@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from stepnft_ros.algo.sft import flow_matching_loss
 from stepnft_ros.policy.modeling import FlowVLA
-from stepnft_ros.policy.sampler import grid_at, recorded_step, sde_mean, sde_sigma, sde_std
+from stepnft_ros.policy.sampler import check_step_selection, grid_at, recorded_step, sde_mean, sde_sigma, sde_std
 from stepnft_ros.policy.types import Trace
 
 if TYPE_CHECKING:  # episodes imports algo.labels; a runtime import here would be circular
@@ -106,8 +106,7 @@ class StepNFTConfig:
         check(self.clip_ratio > 0, f'clip_ratio must be > 0, got {self.clip_ratio}')
         check(self.target_kl >= 0, f'target_kl must be >= 0, got {self.target_kl}')
         check(0.0 <= self.holdout_fraction < 1.0, f'holdout_fraction must be in [0, 1), got {self.holdout_fraction}')
-        check(self.step_selection in ('uniform', 'last') or self.step_selection.isdigit(),
-              f"step_selection must be 'uniform', 'last' or a step index, got {self.step_selection!r}")
+        check_step_selection(self.step_selection)
 
     def fixed_step(self, num_steps: int) -> int | None:
         """k* for fixed step selection (None for uniform); validated against K."""
@@ -315,10 +314,7 @@ class StepNFTTrainer:
                                               generator=self.generator)
                     metrics = {'loss': loss.item(), 'policy_loss': loss.item()}
                 else:
-                    mb_prefix = (prefix[0][idx], prefix[1][idx]) if prefix is not None \
-                        else model.encode_prefix(obs.index(idx.cpu()).to(device))
-                    tau_k = grid_at(mb_trace.k, num_steps)[0]
-                    v_theta = model.velocity(mb_trace.x_k, tau_k, mb_prefix)  # the one forward pass
+                    v_theta = self._velocity(obs, prefix, mb_trace, idx)  # the one forward pass
                     if cfg.algo == 'grpo':
                         loss, metrics = grpo_loss(v_theta, mb_trace, y[idx], weight[idx], cfg, num_steps, mb_mask)
                     else:
@@ -351,6 +347,13 @@ class StepNFTTrainer:
         out['label_positive_fraction'] = float((y[labelled] > 0).float().mean().item()) if labelled.any() else 0.0
         return out
 
+    def _velocity(self, obs, prefix, trace: Trace, idx: torch.Tensor) -> torch.Tensor:
+        """v_θ(x_k*, τ_k*, o) of the decisions idx, from the update's cached prefix when there is one."""
+        model = self.model
+        mb_prefix = (prefix[0][idx], prefix[1][idx]) if prefix is not None \
+            else model.encode_prefix(obs.index(idx.cpu()).to(idx.device))
+        return model.velocity(trace.x_k, grid_at(trace.k, model.config.num_steps)[0], mb_prefix)
+
     def _holdout(self, batch: DecisionBatch) -> torch.Tensor:
         """(B,) bool: the decisions of the episodes this update keeps out (cfg.holdout_fraction)."""
         n_out = int(round(self.cfg.holdout_fraction * batch.n_episodes))
@@ -362,15 +365,13 @@ class StepNFTTrainer:
     @torch.no_grad()
     def _preference_accuracy(self, batch: DecisionBatch, prefix, mask: torch.Tensor, held_out: torch.Tensor) -> float:
         """Fraction of held-out decisions with y ≠ 0 that the updated policy ranks right, y·(E⁺ − E⁻) < 0."""
-        model, num_steps = self.model, self.model.config.num_steps
+        num_steps = self.model.config.num_steps
         idx_all = torch.nonzero(held_out & (batch.y != 0) & (batch.weight > 0)).flatten()
         correct = []
         for start in range(0, len(idx_all), self.cfg.minibatch_size):
             idx = idx_all[start:start + self.cfg.minibatch_size]
             trace = batch.trace.index(idx)
-            mb_prefix = (prefix[0][idx], prefix[1][idx]) if prefix is not None \
-                else model.encode_prefix(batch.obs.index(idx.cpu()).to(idx.device))
-            v_theta = model.velocity(trace.x_k, grid_at(trace.k, num_steps)[0], mb_prefix)
+            v_theta = self._velocity(batch.obs, prefix, trace, idx)
             e_plus, e_minus, _ = branch_errors(v_theta, trace, self.cfg, num_steps, mask[idx])
             correct.append(batch.y[idx] * (e_plus - e_minus) < 0)
         return torch.cat(correct).float().mean().item() if correct else 0.5

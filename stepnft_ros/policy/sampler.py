@@ -25,15 +25,20 @@ def recorded_step(step_selection: str, num_steps: int) -> int | None:
     'last' is K − 1, the step whose noise lands on the executed action itself; a digit string is
     that step. ValueError for anything else or a step outside the K solver steps.
     """
+    check_step_selection(step_selection)
     if step_selection == 'uniform':
         return None
     if step_selection == 'last':
         return num_steps - 1
-    if not step_selection.isdigit():
-        raise ValueError(f"step_selection must be 'uniform', 'last' or a step index, got {step_selection!r}")
     if int(step_selection) >= num_steps:
         raise ValueError(f'step_selection {step_selection} is outside the K = {num_steps} solver steps')
     return int(step_selection)
+
+
+def check_step_selection(step_selection: str) -> None:
+    """ValueError unless 'uniform', 'last' or a step index (checked against K by recorded_step)."""
+    if step_selection not in ('uniform', 'last') and not step_selection.isdigit():
+        raise ValueError(f"step_selection must be 'uniform', 'last' or a step index, got {step_selection!r}")
 
 
 def check_sde_noise(sde_noise: str) -> None:

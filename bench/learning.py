@@ -1,10 +1,10 @@
 """Learning benchmark: π-StepNFT, its ablations and the baselines from one SFT start, at equal env steps.
 
 Each (method, task, training seed) run is its own resumable job: the model, the optimizer and the
-history are saved after every update under <work>/<task>/<method>/s<seed>/, and a restarted run
-continues from there. Its result JSON lands in bench/results/learning/. `summarize` merges every
-result into bench/results/learning_summary.json and plots success against env steps and wall-clock
-with Wilson 95 % bands.
+history are saved after every update under <work>/<task>/<method>/s<seed>/ (TensorBoard scalars in its
+tensorboard/), and a restarted run continues from there. Its result JSON lands in
+bench/results/learning/. `summarize` merges every result into bench/results/learning_summary.json
+and plots success against env steps and wall-clock with Wilson 95 % bands.
 
     python bench/learning.py run --method stepnft --seed 0 --env-steps 300000 --workers 2
     python bench/learning.py summarize
@@ -33,6 +33,7 @@ from sim_bridge.maniskill_env import ManiSkillEnv, ManiSkillEnvConfig  # noqa: E
 from stepnft_ros.algo.stepnft import StepNFTConfig, StepNFTTrainer  # noqa: E402
 from stepnft_ros.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
 from stepnft_ros.env_pool import EnvPool  # noqa: E402
+from stepnft_ros.monitoring import EVENTS_DIR, ScalarLog  # noqa: E402
 from stepnft_ros.online import OnlineConfig, run_online  # noqa: E402
 from stepnft_ros.pipeline import DefaultSFT, ensure_sft_checkpoint  # noqa: E402
 from stepnft_ros.policy import load_checkpoint, save_checkpoint  # noqa: E402
@@ -60,6 +61,11 @@ METHODS: dict[str, tuple[dict, dict]] = {
     'stepnft_recorded_step': ({'minibatch_size': 4096},
                               {'episodes_per_iteration': 1024, 'group_size': 1, 'labels': 'batch_mean',
                                'sde_noise': 'recorded_step'}),
+    # the lr sweep at that scale: with the update's direction about half signal at 1024 episodes, how far
+    # one update may move before noise damage outweighs the gain
+    'stepnft_recorded_step_lr3e-4': ({'minibatch_size': 4096, 'lr': 3e-4},
+                                     {'episodes_per_iteration': 1024, 'group_size': 1, 'labels': 'batch_mean',
+                                      'sde_noise': 'recorded_step'}),
     'stepnft_every_step_1024': ({'minibatch_size': 4096},
                                 {'episodes_per_iteration': 1024, 'group_size': 1, 'labels': 'batch_mean'}),
     # ... and only at the last solver step, where bench/results/gradient_snr_recorded_a0.3_per_step.json
@@ -132,7 +138,10 @@ def run_one(args: argparse.Namespace) -> dict:
         atomic_write_bytes(state_dir / 'optimizer.safetensors', safetensors.torch.save(tr.optimizer_tensors()))
         atomic_write_text(state_dir / 'history.json', json.dumps(hist))
 
+    scalars = ScalarLog(run_dir / EVENTS_DIR, resume_after=history[-1]['iteration'] if history else None)
+
     def progress(e: dict) -> None:
+        scalars.write('train', e, e['iteration'])
         ev = f' eval {e["eval_success"]:.3f}' if 'eval_success' in e else ''
         log(f'{args.method} s{args.seed} it {e["iteration"]}: env_steps {e["env_steps"]} '
             f'train {e.get("train_success", float("nan")):.3f}{ev} steps/s {e.get("rollout_steps_per_s", 0)} '
@@ -143,6 +152,7 @@ def run_one(args: argparse.Namespace) -> dict:
         history = run_online(pool, model, online, algo, log=progress, history=history, trainer=trainer,
                              on_iteration=checkpoint)
         restarts = pool.restarts
+    scalars.close()
     evals = [h for h in history if 'eval_success' in h]
     result = {
         'task': args.task, 'method': args.method, 'seed': args.seed, 'test_seeds': args.test_seeds,

@@ -5,7 +5,8 @@ deterministic ODE policy of every `every_n_versions`-th version on the same held
 seeds in its own ManiSkill environment, and publishes /evaluation/success_rate
 (std_msgs/Float32) and /evaluation/result (std_msgs/String JSON). It keeps
 <out_dir>/eval_history.json and redraws <out_dir>/success.png with the learner's training
-success (read from `learner_history`) beside it. After the version marked final by the
+success (read from `learner_history`) beside it, and TensorBoard scalars eval/* under
+<out_dir>/evaluator/tensorboard. After the version marked final by the
 learner it exits, which ends the train_sim graph.
 """
 
@@ -23,8 +24,10 @@ from sim_bridge.maniskill_env import ManiSkillEnv, ManiSkillEnvConfig
 from stepnft_ros import ros_io
 from stepnft_ros.atomic import atomic_write_text
 from stepnft_ros.learner import plot_history
+from stepnft_ros.monitoring import EVENTS_DIR, ScalarLog
 from stepnft_ros.nodes.common import ConfigError, Params, finish, run_node
 from stepnft_ros.policy import CheckpointError, FlowPolicy, load_checkpoint
+from stepnft_ros.progress import rate_interval
 from stepnft_ros.rollout import evaluate
 
 
@@ -53,6 +56,7 @@ class ManiSkillEvaluator(Node):
         history_path = self.out_dir / 'eval_history.json'
         self.history = json.loads(history_path.read_text()) if history_path.exists() else []
         self.done_versions = {h['weights_version'] for h in self.history}
+        self.scalars = ScalarLog(self.out_dir / 'evaluator' / EVENTS_DIR) if p.get('tensorboard', True) else None
         self.rate_pub = self.create_publisher(Float32, ros_io.EVALUATION_SUCCESS_RATE, ros_io.RELIABLE_QOS)
         self.result_pub = self.create_publisher(String, ros_io.EVALUATION_RESULT, ros_io.RELIABLE_QOS)
         self.create_subscription(String, ros_io.POLICY_WEIGHTS, self._on_weights, ros_io.LATCHED_QOS)
@@ -88,6 +92,9 @@ class ManiSkillEvaluator(Node):
         self.history.append(record)
         self.done_versions.add(announced.version)
         atomic_write_text(self.out_dir / 'eval_history.json', json.dumps(self.history, indent=1) + '\n')
+        if self.scalars is not None:
+            low, high = rate_interval(record)
+            self.scalars.write('eval', {**record, 'success_low95': low, 'success_high95': high}, announced.version)
         self.rate_pub.publish(Float32(data=float(success)))
         self.result_pub.publish(String(data=json.dumps(record)))
         train = []
@@ -99,6 +106,8 @@ class ManiSkillEvaluator(Node):
 
     def close(self) -> None:
         self.env.close()
+        if self.scalars is not None:
+            self.scalars.close()
 
 
 def main(args: list[str] | None = None) -> int:

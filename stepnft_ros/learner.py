@@ -25,6 +25,7 @@ from stepnft_ros.algo.stepnft import StepNFTConfig, StepNFTTrainer
 from stepnft_ros.atomic import atomic_publish_dir, atomic_write_bytes, atomic_write_text
 from stepnft_ros.episodes.schema import Episode, collate_episodes
 from stepnft_ros.episodes.store import EpisodeStore
+from stepnft_ros.monitoring import EVENTS_DIR, ScalarLog
 from stepnft_ros.policy import CheckpointError, load_checkpoint, save_checkpoint
 
 OFF_POLICY_RULES = ('drop', 'downweight')
@@ -47,6 +48,8 @@ class LearnerConfig:
     max_updates: int = 0
     """Stop after this many updates in total (0: never)."""
     seed: int = 0
+    tensorboard: bool = True
+    """Write each update's record as TensorBoard scalars under work_dir/tensorboard (stepnft_ros.monitoring)."""
 
     def __post_init__(self) -> None:
         if self.episodes_per_update < 1 or self.max_version_lag < 0 or self.max_updates < 0:
@@ -80,7 +83,8 @@ class Learner:
             self.trainer.load_optimizer_tensors(opt)
         self.seen: set[str] = set(self.consumed)
         self.buffer: list[Episode] = []
-        self.started = time.monotonic()
+        self.started = self._last_update = time.monotonic()
+        self.scalars = ScalarLog(self.work_dir / EVENTS_DIR, resume_after=self.version) if cfg.tensorboard else None
 
     # ---- checkpoints -----------------------------------------------------------------------
 
@@ -186,11 +190,19 @@ class Learner:
             'env_steps': sum(e.env_steps for e in episodes),
             'update_s': round(time.perf_counter() - start, 3),
             'wall_s': round(time.monotonic() - self.started, 1),
+            'episodes_per_s': round(len(episodes) / max(time.monotonic() - self._last_update, 1e-9), 3),
             **{k: round(v, 6) for k, v in metrics.items()},
         }
         self.history.append(record)
         self._save(record)
+        self._last_update = time.monotonic()
+        if self.scalars is not None:  # after the commit: the curves never show an update a restart would redo
+            self.scalars.write('train', record, self.version)
         return record
+
+    def close(self) -> None:
+        if self.scalars is not None:
+            self.scalars.close()
 
 
 def plot_history(history: list[dict], path: str | Path, title: str = 'π-StepNFT online training',

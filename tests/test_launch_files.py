@@ -138,3 +138,24 @@ def test_launch_file_builds_its_graph(monkeypatch, tmp_path, name, overrides, ex
 def test_launch_file_refuses_a_missing_checkpoint(monkeypatch, tmp_path):
     with pytest.raises(Exception, match='checkpoint'):
         _run_launch_file(monkeypatch, 'deploy_real', {'checkpoint': str(tmp_path / 'nope')})
+
+
+def test_the_foxglove_layout_shows_topics_the_train_sim_graph_publishes():
+    import json
+
+    from stepnft_ros import ros_io
+    layout = json.loads((REPO / 'config/foxglove_train_sim.json').read_text())
+
+    def leaves(node):
+        return [node] if isinstance(node, str) else leaves(node['first']) + leaves(node['second'])
+    panels = layout['configById']
+    assert sorted(leaves(layout['layout'])) == sorted(panels), 'every panel placed once, none missing'
+    topics = set()
+    for config in panels.values():
+        topics.update(path['value'].split('.', 1)[0] for path in config.get('paths', []))
+        topics.update(config[key] for key in ('topicPath', 'topicToRender') if key in config)
+        topics.update(filter(None, [config.get('imageMode', {}).get('imageTopic')]))
+    published = {ros_io.LEARNER_SUCCESS_RATE, ros_io.EVALUATION_SUCCESS_RATE, ros_io.LEARNER_METRICS,
+                 ros_io.POLICY_WEIGHTS, ros_io.DIAGNOSTICS, f'/env0/{ros_io.JOINT_STATES}',
+                 f'/env0/{ros_io.camera_topic("base_camera")}'}
+    assert topics == published

@@ -10,6 +10,7 @@ from toy_env import PointReach
 from stepnft_ros.algo.stepnft import StepNFTConfig
 from stepnft_ros.episodes.store import EpisodeStore
 from stepnft_ros.learner import Learner, LearnerConfig, plot_history
+from stepnft_ros.monitoring import ScalarLog, read_scalars
 from stepnft_ros.policy import FlowPolicy, load_checkpoint
 from stepnft_ros.rollout import run_episode
 
@@ -58,6 +59,35 @@ def test_updates_consume_each_episode_once_and_survive_restarts(setup):
     assert [r['weights_version'] for r in records] == [3]
     history = json.loads((tmp_path / 'learner/history.json').read_text())
     assert sum(h['episodes'] for h in history) == 9 == len(again.consumed) == len(store.episode_ids())
+
+
+def test_updates_are_tensorboard_scalars_and_a_restart_purges_what_its_predecessor_did_not_commit(setup):
+    tmp_path, ckpt, store, add = setup
+    add(6)
+    learner, _ = make(tmp_path, ckpt, store, max_version_lag=10)
+    records = learner.poll()
+    learner.close()
+    events = tmp_path / 'learner/tensorboard'
+    scalars = read_scalars(events)
+    assert [step for step, _ in scalars['train/train_success']] == [1, 2]
+    assert [v for _, v in scalars['train/loss']] == pytest.approx([r['loss'] for r in records], rel=1e-6)
+    assert scalars['train/episodes'] == [(1, 3.0), (2, 3.0)]
+    # A predecessor that crashed after logging update 3 but before committing it: its scalar is stale.
+    stale = ScalarLog(events)
+    stale.write('train', {'train_success': 123.0}, 3)
+    stale.close()
+    add(3)
+    again, _ = make(tmp_path, ckpt, store, max_version_lag=10)
+    [record] = again.poll()
+    again.close()
+    assert read_scalars(events)['train/train_success'][2:] == [(3, pytest.approx(record['train_success']))]
+
+
+def test_scalar_log_keeps_only_finite_numbers(tmp_path):
+    log = ScalarLog(tmp_path)
+    assert log.write('x', {'a': 1, 'b': 2.5, 'flag': True, 'name': 'v1', 'bad': float('nan'), 'list': [1]}, 7) == 2
+    log.close()
+    assert read_scalars(tmp_path) == {'x/a': [(7, 1.0)], 'x/b': [(7, 2.5)]}
 
 
 def test_a_torn_newest_checkpoint_falls_back_to_the_previous_one(setup):

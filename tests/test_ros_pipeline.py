@@ -19,6 +19,7 @@ from ros_harness import REPO, Graph, spin_until, tiny_checkpoint  # noqa: E402
 
 from stepnft_ros import ros_io  # noqa: E402
 from stepnft_ros.episodes.store import EpisodeStore  # noqa: E402
+from stepnft_ros.monitoring import read_scalars  # noqa: E402
 from stepnft_ros.policy.checkpoint import read_header  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -102,6 +103,14 @@ def test_train_sim_records_bags_updates_and_hot_swaps(tmp_path, ros_domain):
     assert all(h['episodes'] == 2 and 0 <= h['eval_success'] <= 1 for h in evaluated)
     assert (run / 'success.png').read_bytes()[:4] == b'\x89PNG'
     assert 'final version 2 evaluated' in logs['maniskill_evaluator.log']
+    # The live view: TensorBoard scalars of every update and every evaluation, by weights version.
+    train = read_scalars(run / 'learner/tensorboard')
+    assert [step for step, _ in train['train/train_success']] == [1, 2]
+    assert [v for _, v in train['train/loss']] == pytest.approx([h['loss'] for h in meta['learner']['history']])
+    scored = read_scalars(run / 'evaluator/tensorboard')
+    assert {step for step, _ in scored['eval/eval_success']} == {h['weights_version'] for h in evaluated}
+    assert all(low <= rate for (_, low), (_, rate) in zip(scored['eval/success_low95'], scored['eval/eval_success'],
+                                                         strict=True))
 
 
 def test_camera_images_flow_through_bridge_and_policy_server(tmp_path, graph):

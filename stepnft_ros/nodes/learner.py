@@ -4,7 +4,7 @@ in   /episode_written (std_msgs/String: an episode id; a periodic scan of the st
      notification missed while the learner was down or busy)
 out  /policy_weights (std_msgs/String JSON {version, checkpoint}, latched),
      /learner/metrics (std_msgs/String JSON per update), /learner/success_rate (std_msgs/Float32)
-files  <work_dir>/checkpoints/vNNNNNN, history.json, success.png
+files  <work_dir>/checkpoints/vNNNNNN, history.json, success.png, tensorboard/ (train/* scalars per update)
 
 `labels: group_mean` compares episodes that started from the same reset seed. Real arms have no
 seeds, so the deploy_real graph sets `seeded_resets: false` and the learner refuses group_mean
@@ -47,7 +47,7 @@ class LearnerNode(Node):
                                 labels=labels,
                                 max_version_lag=p.get('max_version_lag', 1), off_policy=p.get('off_policy', 'drop'),
                                 stale_weight=p.get('stale_weight', 0.5), max_updates=p.get('max_updates', 0),
-                                seed=p.get('seed', 0))
+                                seed=p.get('seed', 0), tensorboard=p.get('tensorboard', True))
             algo = StepNFTConfig(lr=p.get('lr', 1e-4), epochs=p.get('epochs', 2),
                                  minibatch_size=p.get('minibatch_size', 4096), beta=p.get('beta', 1.0),
                                  delta_max=p.get('delta_max', 0.5), loss_form=p.get('loss_form', 'ranking'),
@@ -92,6 +92,10 @@ class LearnerNode(Node):
             self.get_logger().info(f'reached max_updates={self.learner.cfg.max_updates}; plot at '
                                    f'{self.work_dir / "success.png"}')
             finish(self)
+
+
+    def close(self) -> None:
+        self.learner.close()
 
 
 def main(args: list[str] | None = None) -> int:

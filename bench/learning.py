@@ -42,7 +42,7 @@ from stepnft_ros.progress import wilson  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / 'results'
 FIRST_TEST_SEED = 10_000  # demos use seeds from 200 and 3000, training episodes from 1000000
 
-# The regime every method shares unless it says otherwise (see README, "Learning results").
+# The regime every method shares unless it says otherwise (see docs/benchmarks-and-results.md).
 BASE_ALGO = dict(lr=1e-4, epochs=4, minibatch_size=1024, executed_only=True, adam_beta1=0.9, adam_beta2=0.95)
 BASE_ONLINE = dict(episodes_per_iteration=256, group_size=8, labels='group_mean', noise_level=0.3)
 METHODS: dict[str, tuple[dict, dict]] = {
@@ -50,7 +50,7 @@ METHODS: dict[str, tuple[dict, dict]] = {
     'stepnft': ({}, {}),
     'grpo': ({'algo': 'grpo', 'lambda_kl': 0.0}, {}),
     'filtered_bc': ({'algo': 'filtered_bc', 'epochs': 1}, {'labels': 'terminal_binary', 'group_size': 1}),
-    # how far one update may move the policy (the regime's open question; see README)
+    # how far one update may move the policy (the regime's open question; see docs/benchmarks-and-results.md)
     'stepnft_lr3e-5': ({'lr': 3e-5}, {}),
     'stepnft_target_kl': ({'target_kl': 1e-3}, {}),
     # the same optimizer steps per update, 8x the episodes behind each (about the measured noise scale)
@@ -70,7 +70,7 @@ METHODS: dict[str, tuple[dict, dict]] = {
                                 {'episodes_per_iteration': 1024, 'group_size': 1, 'labels': 'batch_mean'}),
     # ... and only at the last solver step, where bench/results/gradient_snr_recorded_a0.3_per_step.json
     # found the signal of the recorded-step rollouts, with a larger a since that step's std is only
-    # a·sqrt(Δ/3) (0.17 at a = 0.6). Measured: it costs success and learns no faster (README).
+    # a·sqrt(Δ/3) (0.17 at a = 0.6). Measured: it costs success and learns no faster (docs/benchmarks-and-results.md).
     'stepnft_last_step': ({'minibatch_size': 4096, 'step_selection': 'last'},
                           {'episodes_per_iteration': 1024, 'group_size': 1, 'labels': 'batch_mean',
                            'sde_noise': 'recorded_step', 'noise_level': 0.6}),

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from array import array
 
-from rcl_interfaces.msg import ParameterDescriptor
-
 from sim_bridge.bridge_node import BridgeTask, SimBridge
 from sim_bridge.libero_env import LiberoEnv, LiberoEnvConfig, suite_tasks
 from stepnft_ros.nodes.common import Params, run_node
@@ -46,7 +44,7 @@ class LiberoBridge(SimBridge):
         suite = p.get('suite', 'libero_spatial')
         task_id = p.get('task_id', 0)
         # Either integers or strings: declared with dynamic typing so both forms load.
-        listed = self.declare_parameter('task_ids', None, ParameterDescriptor(dynamic_typing=True)).value
+        listed = p.untyped('task_ids')
         episodes_per_task = p.get('episodes_per_task', 0)
         common = dict(obs_mode=p.get('obs_mode', 'rgb'), image_size=p.get('image_size', 128),
                       max_episode_steps=p.get('max_episode_steps', 0) or None,

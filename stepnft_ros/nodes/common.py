@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import rclpy
+from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -46,6 +47,20 @@ class Params:
                               f'or pass --ros-args -p {name}:=...')
         self._check_type(name, value, kind)
         return value
+
+    def untyped(self, name: str) -> Any:
+        """An optional parameter of any type (None when unset), for values YAML may write in several forms."""
+        return self.node.declare_parameter(name, None, ParameterDescriptor(dynamic_typing=True)).value
+
+    def number_list(self, name: str) -> list[float]:
+        """An optional numeric array ([] when unset); YAML may write integers ([0, 1]) or floats."""
+        value = self.untyped(name)
+        if value is None:
+            return []
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                            for v in value):
+            raise ConfigError(f"parameter '{name}' must be a list of numbers, got {value!r}")
+        return [float(v) for v in value]
 
     @staticmethod
     def _check_type(name: str, value: Any, kind: type) -> None:

@@ -18,7 +18,6 @@ import time
 
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseStamped, TwistStamped
-from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.node import Node
 from std_msgs.msg import Bool
 
@@ -29,17 +28,6 @@ from stepnft_ros.nodes.common import ConfigError, Params, run_node
 from stepnft_ros.policy.types import ObservationError
 
 
-def float_list(node: Node, name: str) -> list[float]:
-    """An optional numeric array parameter ([] when unset); YAML may write integers ([0, 1]) or floats."""
-    value = node.declare_parameter(name, None, ParameterDescriptor(dynamic_typing=True)).value
-    if value is None:
-        return []
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                        for v in value):
-        raise ConfigError(f"parameter '{name}' must be a list of numbers, got {value!r}")
-    return [float(v) for v in value]
-
-
 class SafetyLayer(Node):
     def __init__(self) -> None:
         super().__init__('safety_layer')
@@ -48,13 +36,13 @@ class SafetyLayer(Node):
         try:
             self.cfg = SafetyConfig(
                 joint_names=tuple(p.get('joint_names', [])),
-                position_lower=float_list(self, 'position_lower'),
-                position_upper=float_list(self, 'position_upper'),
-                max_velocity=float_list(self, 'max_velocity'),
+                position_lower=p.number_list('position_lower'),
+                position_upper=p.number_list('position_upper'),
+                max_velocity=p.number_list('max_velocity'),
                 max_joint_step=max_step if max_step > 0 else float('inf'),
-                max_linear=float_list(self, 'max_linear'), max_angular=float_list(self, 'max_angular'),
-                workspace_lower=float_list(self, 'workspace_lower'),
-                workspace_upper=float_list(self, 'workspace_upper'),
+                max_linear=p.number_list('max_linear'), max_angular=p.number_list('max_angular'),
+                workspace_lower=p.number_list('workspace_lower'),
+                workspace_upper=p.number_list('workspace_upper'),
                 workspace_lookahead_s=p.get('workspace_lookahead_s', 0.1),
                 command_timeout_s=p.get('command_timeout_s', 0.5),
                 joint_state_timeout_s=p.get('joint_state_timeout_s', 0.5),

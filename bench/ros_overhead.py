@@ -157,10 +157,11 @@ class Graph:
         self.stop()
 
 
-def start_server(graph: Graph, checkpoint: Path, robots: list[str], episode_dir: Path) -> NodeProc:
+def start_server(graph: Graph, checkpoint: Path, robots: list[str], episode_dir: Path,
+                 device: str = 'cpu') -> NodeProc:
     return graph.start('stepnft_ros.nodes.policy_server', 'policy_server',
                        {'checkpoint': str(checkpoint), 'episode_dir': str(episode_dir), 'robots': robots,
-                        'mode': 'train'})
+                        'mode': 'train', 'device': device})
 
 
 def spin_until(executor, graph: Graph, condition, timeout_s: float, what: str) -> None:
@@ -194,10 +195,10 @@ def measure_overhead(n_envs: int, args, checkpoint: Path, model: FlowVLA, work: 
 
     robots = [f'env{i}' for i in range(n_envs)]
     noise_level = graph_params()['policy_server']['noise_level']
-    policy = FlowPolicy(model, mode='sde', noise_level=noise_level, seed=1)
+    policy = FlowPolicy(model, mode='sde', noise_level=noise_level, seed=1, device=args.device)
     rng = np.random.default_rng(0)
     with Graph(work) as graph:
-        server = start_server(graph, checkpoint, robots, work / f'episodes_overhead_{n_envs}')
+        server = start_server(graph, checkpoint, robots, work / f'episodes_overhead_{n_envs}', args.device)
         node = rclpy.create_node(f'overhead_bench_{n_envs}')
         executor = SingleThreadedExecutor()
         executor.add_node(node)
@@ -602,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--checkpoint', default='',
                    help='policy checkpoint (e.g. runs/learning_pickcube/sft); default: an untrained one of the '
                         'default size')
+    p.add_argument('--device', default='cpu', help="the policy server's and the in-process reference's device")
     p.add_argument('--out', default=str(REPO / 'bench' / 'results' / 'ros_overhead.json'))
     p.add_argument('--keep-work', action='store_true', help='keep node logs and recorded episodes')
     args = p.parse_args(argv)

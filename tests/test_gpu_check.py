@@ -1,0 +1,34 @@
+"""bench/gpu_check.py runs where no GPU is: the checks a GPU session will run first must not be broken code."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+from ros_harness import REPO
+
+
+def load_gpu_check():
+    spec = importlib.util.spec_from_file_location('gpu_check', REPO / 'bench' / 'gpu_check.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_checks_run_on_cpu_and_one_that_breaks_does_not_hide_the_others(tmp_path, monkeypatch):
+    gpu_check = load_gpu_check()
+
+    def broken(args, device):
+        raise RuntimeError('no such provider')
+    monkeypatch.setitem(gpu_check.CHECKS, 'onnxruntime_cuda', broken)
+    out = tmp_path / 'gpu_check.json'
+    code = gpu_check.main(['--device', 'cpu', '--quick', '--checks', 'cuda,onnxruntime_cuda,learner_update',
+                           '--configs', 'state_default', '--out', str(out)])
+    report = json.loads(out.read_text())
+    checks = report['checks']
+    assert code == 1 and report['device'] == 'cpu'
+    assert checks['onnxruntime_cuda']['status'] == 'error' and 'no such provider' in checks['onnxruntime_cuda']['error']
+    assert checks['cuda']['status'] == 'ok' and checks['cuda']['torch']
+    rows = checks['learner_update']['rows']
+    assert checks['learner_update']['status'] == 'ok' and {r['precision'] for r in rows} == {'fp32', 'bf16'}
+    assert all(r['decisions'] == 8 * 24 and r['decisions_per_s'] > 0 for r in rows)

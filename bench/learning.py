@@ -37,7 +37,7 @@ from stepnft_ros.monitoring import EVENTS_DIR, ScalarLog  # noqa: E402
 from stepnft_ros.online import OnlineConfig, run_online  # noqa: E402
 from stepnft_ros.pipeline import DefaultSFT, ensure_sft_checkpoint  # noqa: E402
 from stepnft_ros.policy import load_checkpoint, save_checkpoint  # noqa: E402
-from stepnft_ros.progress import wilson  # noqa: E402
+from stepnft_ros.progress import mcnemar_exact, wilson  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 FIRST_TEST_SEED = 10_000  # demos use seeds from 200 and 3000, training episodes from 1000000
@@ -163,6 +163,7 @@ def run_one(args: argparse.Namespace) -> dict:
         'rl_wall_min': round(history[-1]['rl_wall_s'] / 60.0, 2), 'worker_restarts': restarts,
         'curve': [{k: h[k] for k in ('iteration', 'env_steps', 'rl_wall_s', 'eval_success')} for h in evals],
         'history': [{k: v for k, v in h.items() if k != 'eval_outcomes'} for h in history],
+        'start_outcomes': evals[0]['eval_outcomes'],
         'final_outcomes': evals[-1]['eval_outcomes'],
     }
     out = RESULTS / 'learning' / f'{args.task}_{args.method}_s{args.seed}.json'
@@ -178,11 +179,12 @@ def summarize(args: argparse.Namespace) -> dict:
     for r in runs:
         entry = summary['tasks'].setdefault(r['task'], {}).setdefault(
             r['method'], {'seeds': [], 'start': [], 'final': [], 'best': [], 'env_steps': [], 'wall_min': [],
-                          'final_interval': []})
+                          'final_interval': [], 'paired_vs_start': []})
         n = r['test_seeds']
         for key in ('seed', 'start', 'final', 'best', 'env_steps', 'wall_min'):
             entry['seeds' if key == 'seed' else key].append(r[key])
         entry['final_interval'].append([round(x, 4) for x in wilson(round(r['final'] * n), n)])
+        entry['paired_vs_start'].append(paired_vs_start(r))
     primary = args.task
     summary['task'] = primary
     summary.update(summary['tasks'].get(primary, {}))
@@ -195,6 +197,17 @@ def summarize(args: argparse.Namespace) -> dict:
     atomic_write_text(RESULTS / 'learning_summary.json', json.dumps(summary, indent=1))
     plot(runs, RESULTS / 'learning_curves.png')
     return summary
+
+
+def paired_vs_start(run: dict) -> dict | None:
+    """The final version against the start on the same test seeds (deterministic ODE episodes):
+    seeds gained and lost, and the exact McNemar p-value. None for results written without the
+    start's per-seed outcomes."""
+    if 'start_outcomes' not in run:
+        return None
+    gained = sum(not a and b for a, b in zip(run['start_outcomes'], run['final_outcomes'], strict=True))
+    lost = sum(a and not b for a, b in zip(run['start_outcomes'], run['final_outcomes'], strict=True))
+    return {'gained': gained, 'lost': lost, 'p_value': round(mcnemar_exact(gained, lost), 4)}
 
 
 def plot(runs: list[dict], path: Path) -> None:

@@ -30,6 +30,18 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def mcnemar_exact(gained: int, lost: int) -> float:
+    """Two-sided exact McNemar p-value for paired binary outcomes on the same seeds: `gained` seeds
+    fail before and succeed after, `lost` the reverse (under no change both are equally likely).
+    Far more sensitive than comparing two intervals: the seeds that go the same way both times
+    carry no noise."""
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
 def rate_interval(record: dict) -> list[float]:
     """The 95 % Wilson interval of an eval_history record (its rate over its `episodes`)."""
     n = int(record['episodes'])

@@ -8,7 +8,7 @@ import pytest
 
 from stepnft_ros.launch_description import NodeSpec
 from stepnft_ros.launcher import node_parameter
-from stepnft_ros.progress import Progress, wilson
+from stepnft_ros.progress import Progress, mcnemar_exact, wilson
 
 
 def test_wilson_interval():
@@ -78,3 +78,10 @@ def test_node_parameter_follows_spec_then_file_sections(tmp_path):
     assert node_parameter(specs, params, '/env0/maniskill_bridge', 'group_size', 1) == 2
     assert node_parameter(specs, params, '/env0/maniskill_bridge', 'first_seed', 0) == 5
     assert node_parameter(specs, params, '/learner', 'nope', 'default') == 'default'
+
+
+def test_mcnemar_exact_matches_the_binomial_tail():
+    assert mcnemar_exact(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 2**12)  # 2 P(X <= 2), X ~ Bin(12, 1/2)
+    assert mcnemar_exact(2, 10) == mcnemar_exact(10, 2)
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(3, 3) == 1.0
+    assert mcnemar_exact(20, 0) < 1e-5

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
 from bench.learning import make_env  # noqa: E402
-from stepnft_ros.algo.stepnft import StepNFTConfig, executed_mask, grpo_loss, stepnft_loss  # noqa: E402
+from stepnft_ros.algo.stepnft import StepNFTConfig, batch_mask, grpo_loss, stepnft_loss  # noqa: E402
 from stepnft_ros.atomic import atomic_write_text  # noqa: E402
 from stepnft_ros.env_pool import EnvPool  # noqa: E402
 from stepnft_ros.episodes.schema import collate_episodes  # noqa: E402
@@ -60,9 +60,7 @@ def group_gradients(model, episodes, labels: str, cfg: StepNFTConfig, only_step:
     num_steps = model.config.num_steps
     with torch.no_grad():
         prefix = model.encode_prefix(batch.obs)
-    horizon = batch.trace.x_k.shape[1]
-    executed = batch.executed if cfg.executed_only else torch.full_like(batch.executed, horizon)
-    mask = executed_mask(executed, horizon)
+    mask = batch_mask(batch, cfg.executed_only)
     seeds = torch.tensor([e.seed for e in episodes if any(d.valid for d in e.decisions)])[batch.episode_index]
     rows = []
     for seed in seeds.unique():

@@ -32,8 +32,8 @@ JOINT_STATES = 'joint_states'
 TASK_STATE = 'task_state'
 INSTRUCTION = 'instruction'
 ACTION_CHUNK = 'action_chunk'
-# trajectory_msgs/JointTrajectory, optional: an answered chunk cut to the leading actions the robot
-# executed, stamped like the chunk; the policy server records the count with the decision.
+# trajectory_msgs/JointTrajectory, optional: an answered chunk cut to the actions the robot executed
+# (points keep their time_from_start), stamped like the chunk; the policy server records which ran.
 EXECUTED_CHUNK = 'executed_chunk'
 EPISODE_OUTCOME = 'episode_outcome'  # std_srvs/SetBool, true = success
 RESET = 'reset'                      # std_srvs/Trigger
@@ -181,17 +181,24 @@ def trajectory_to_chunk(msg: JointTrajectory, action_dim: int) -> tuple[int, np.
     return stamp_to_ns(msg.header.stamp), chunk
 
 
-def executed_report(chunk: JointTrajectory, executed: int) -> JointTrajectory:
-    """The received chunk message cut to its first `executed` points (0 allowed): what EXECUTED_CHUNK carries."""
-    if not 0 <= executed <= len(chunk.points):
-        raise ValueError(f'{executed} actions executed of a chunk of {len(chunk.points)}')
+def executed_report(chunk: JointTrajectory, executed: int, first: int = 0) -> JointTrajectory:
+    """What EXECUTED_CHUNK carries: the received chunk message cut to the `executed` points the robot ran,
+    from point `first` on (0 points allowed). The points keep their time_from_start, which says where
+    in the chunk they were."""
+    if not (0 <= first and 0 <= executed and first + executed <= len(chunk.points)):
+        raise ValueError(f'{executed} actions executed from action {first} of a chunk of {len(chunk.points)}')
     return JointTrajectory(header=chunk.header, joint_names=list(chunk.joint_names),
-                           points=list(chunk.points[:executed]))
+                           points=list(chunk.points[first:first + executed]))
 
 
-def executed_count(msg: JointTrajectory) -> tuple[int, int]:
-    """An EXECUTED_CHUNK report -> (stamp_ns of the answered observation, actions executed)."""
-    return stamp_to_ns(msg.header.stamp), len(msg.points)
+def executed_range(msg: JointTrajectory, control_period: float) -> tuple[int, int, int]:
+    """An EXECUTED_CHUNK report -> (stamp_ns of the answered observation, first executed action, actions
+    executed). The first point's time_from_start, (i + 1)·control_period as chunk_to_trajectory wrote
+    it, gives its index i."""
+    first = 0
+    if msg.points:
+        first = max(0, round(duration_to_seconds(msg.points[0].time_from_start) / control_period) - 1)
+    return stamp_to_ns(msg.header.stamp), first, len(msg.points)
 
 
 # ---- episode seeds ------------------------------------------------------------------------

@@ -41,7 +41,7 @@ ROS_STAMP = 1_700_000_000_123_456_789  # a realistic ROS time: needs both sec an
 
 
 def make_decision(rng: np.random.Generator, stamp_ns=0, cameras=(), valid=True, weights_version=None,
-                  executed=None) -> Decision:
+                  executed=None, executed_from=0) -> Decision:
     def tensor(*shape):
         return torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
     trace = Trace(x_k=tensor(1, H, D), x_next=tensor(1, H, D), v_old=tensor(1, H, D),
@@ -49,13 +49,14 @@ def make_decision(rng: np.random.Generator, stamp_ns=0, cameras=(), valid=True, 
     images = {c: rng.integers(0, 256, (6, 5, 3), dtype=np.uint8) for c in cameras}
     obs = Observation(state=rng.standard_normal(4).astype(np.float32), images=images, instruction='pick the cube ✓')
     return Decision(observation=obs, chunk=rng.standard_normal((H, D)).astype(np.float32), trace=trace,
-                    valid=valid, stamp_ns=stamp_ns, weights_version=weights_version, executed=executed)
+                    valid=valid, stamp_ns=stamp_ns, weights_version=weights_version, executed=executed,
+                    executed_from=executed_from)
 
 
 def state_episode(episode_id='ep-state', seed=0) -> Episode:
     rng = np.random.default_rng(seed)
     decisions = [make_decision(rng, executed=H), make_decision(rng, valid=False),
-                 make_decision(rng, weights_version=4, executed=1)]
+                 make_decision(rng, weights_version=4, executed=1, executed_from=2)]  # a late chunk
     return Episode(episode_id, weights_version=3, decisions=decisions, success=False, env_steps=11, seed=None)
 
 
@@ -72,8 +73,8 @@ def assert_same_episode(got: Episode, want: Episode) -> None:
         assert getattr(got, field) == getattr(want, field), field
     assert len(got.decisions) == len(want.decisions)
     for g, w in zip(got.decisions, want.decisions, strict=True):
-        assert (g.valid, g.stamp_ns, g.weights_version, g.executed) == \
-            (w.valid, w.stamp_ns, w.weights_version, w.executed)
+        assert (g.valid, g.stamp_ns, g.weights_version, g.executed, g.executed_from) == \
+            (w.valid, w.stamp_ns, w.weights_version, w.executed, w.executed_from)
         assert g.observation.instruction == w.observation.instruction
         for got_array, want_array in [(g.chunk, w.chunk), (g.observation.state, w.observation.state)]:
             assert got_array.dtype == want_array.dtype and np.array_equal(got_array, want_array)
@@ -191,6 +192,8 @@ def test_unfinished_and_malformed_episodes_are_rejected(tmp_path):
         write_episode(Episode('c', 0, [make_decision(rng, cameras=('wrist cam',))], success=True), tmp_path)
     with pytest.raises(ValueError, match=r'executed must be an integer in \[0, 3\], got 4'):
         write_episode(Episode('d', 0, [make_decision(rng, executed=H + 1)], success=True), tmp_path)
+    with pytest.raises(ValueError, match=r'executed_from must be an integer in \[0, 1\], got 2'):
+        write_episode(Episode('d', 0, [make_decision(rng, executed=2, executed_from=2)], success=True), tmp_path)
     assert os.listdir(tmp_path) == []
 
 
@@ -226,6 +229,12 @@ def overlong_executed(topic, msg):
     return msg
 
 
+def executed_past_the_end(topic, msg):
+    if topic == '/episode/trace':
+        msg.executed, msg.executed_from = 2, 2
+    return msg
+
+
 def short_trace(topic, msg):
     if topic == '/episode/trace':
         msg.x_next = msg.x_next[:-1]
@@ -252,9 +261,10 @@ CORRUPTIONS = {
     'missing_part': (drop_first_scene_image, f'decision at stamp {ROS_STAMP} has no /episode/images/scene record'),
     'nan_trace': (nan_trace, 'trace v_old has non-finite values'),
     'size_mismatch': (short_trace, r'trace x_next has 5 values, expected 3x2'),
-    'bad_executed': (overlong_executed, 'trace says 7 actions executed of a chunk of 3'),
+    'bad_executed': (overlong_executed, 'trace says 7 actions executed from action 0 of a chunk of 3'),
+    'bad_executed_from': (executed_past_the_end, 'trace says 2 actions executed from action 2 of a chunk of 3'),
 }
-MESSAGE_EDITS = {'no_info', 'missing_part', 'nan_trace', 'size_mismatch', 'bad_executed'}
+MESSAGE_EDITS = {'no_info', 'missing_part', 'nan_trace', 'size_mismatch', 'bad_executed', 'bad_executed_from'}
 
 
 def make_corrupt(root, name):

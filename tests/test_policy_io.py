@@ -186,14 +186,15 @@ def test_collate_groups_by_seed_and_carries_executed_counts():
     cfg = PolicyConfig(state_dim=2, action_dim=2, horizon=3, d_model=16, n_heads=2)
     out = FlowPolicy(FlowVLA(cfg)).infer(Observation(state=np.zeros(2, np.float32)))
 
-    def episode(name, seed, success, executed):
+    def episode(name, seed, success, executed, first=0):
         return Episode(name, 0, [Decision(Observation(state=np.zeros(2, np.float32)), out.chunks[0], out.trace,
-                                          executed=n) for n in executed], success=success, seed=seed)
+                                          executed=n, executed_from=first) for n in executed],
+                       success=success, seed=seed)
     batch = collate_episodes([episode('a', 7, True, [3, 1]), episode('b', 7, False, [None]),
-                              episode('c', 8, True, [5])], cfg, 'group_mean')
-    assert batch.y.tolist() == pytest.approx([0.5, 0.5, -0.5, 0.0])
-    # None (an old bag) counts as the whole chunk; a count past the horizon is capped
-    assert batch.executed.tolist() == [3, 1, 3, 3]
+                              episode('c', 8, True, [5]), episode('d', 8, False, [2], first=1)], cfg, 'group_mean')
+    assert batch.y.tolist() == pytest.approx([0.5, 0.5, -0.5, 0.5, -0.5])
+    # None (an old bag) counts as the whole chunk; a count past the horizon is capped; a late chunk keeps its start
+    assert batch.executed.tolist() == [3, 1, 3, 3, 2] and batch.executed_from.tolist() == [0, 0, 0, 0, 1]
 
 
 def test_pretrained_text_encoder_from_a_local_directory(tmp_path):

@@ -73,22 +73,22 @@ def test_temporal_ensembling_averages_overlapping_chunks_with_exponential_weight
     assert plain.action(2)[0] == pytest.approx((11 + 20) / 2)  # m = 0: a plain mean
 
 
-def test_executed_counts_are_the_prefix_each_chunk_was_used_for_and_final_once_it_leaves():
+def test_executed_ranges_are_the_actions_each_chunk_ran_and_final_once_it_leaves():
     s = ChunkScheduler(actions_per_chunk=3)
     s.requested(0)
     s.add_chunk(0, chunk(10))
     assert [s.action(k)[0] for k in (1, 2, 3)] == [10, 11, 12] and s.finished() == []  # still scheduled
     s.requested(3)
     s.add_chunk(3, chunk(20))  # replaces chunk@0: 3 of its 4 actions ran
-    assert s.finished() == [(0, 3)]
+    assert s.finished() == [(0, 0, 3)]
     assert s.action(4)[0] == 20
     s.reset()  # the episode ends one action into chunk@3
-    assert s.finished() == [(3, 1)] and s.finished() == []
+    assert s.finished() == [(3, 0, 1)] and s.finished() == []
     s.requested(10)
     s.add_chunk(10, chunk(30))
-    assert s.action(12)[0] == 31  # late: action 0's tick passed; the prefix still counts it
+    assert s.action(12)[0] == 31  # late: action 0's tick passed, so it never ran and is not counted
     s.reset()
-    assert s.finished() == [(10, 2)]
+    assert s.finished() == [(10, 1, 1)]
 
     ensemble = ChunkScheduler(actions_per_chunk=1, temporal_ensemble=True)
     for k in (0, 1):
@@ -96,9 +96,52 @@ def test_executed_counts_are_the_prefix_each_chunk_was_used_for_and_final_once_i
         ensemble.add_chunk(k, chunk(10.0 * (k + 1), horizon=3))
     for k in (2, 3, 4):
         ensemble.action(k)
-    assert ensemble.finished() == [(0, 3)]  # ran out after predicting ticks 1..3 (used for 2, 3)
+    assert ensemble.finished() == [(0, 1, 2)]  # ran out after predicting ticks 1..3 (used for 2, 3)
     ensemble.reset()
-    assert ensemble.finished() == [(1, 3)]
+    assert ensemble.finished() == [(1, 0, 3)]
+
+
+def test_latency_hiding_observes_early_so_the_arm_never_waits_and_records_what_ran():
+    s = ChunkScheduler(actions_per_chunk=4, latency_hiding=True)
+    s.set_latency(1.6)  # measured: under 2 ticks -> observe 1 tick before the last planned action
+    assert s.lead == 1
+    s.requested(0)
+    s.add_chunk(0, chunk(0, horizon=8))
+    assert [s.action(k)[0] for k in (1, 2)] == [0, 1]
+    assert not s.should_request(2) and s.should_request(3)  # 1 tick before tick 4, the last planned one
+    s.requested(3)
+    assert s.action(3)[0] == 2 and s.action(4)[0] == 3  # the running chunk goes on while the policy thinks
+    s.add_chunk(3, chunk(100, horizon=8))  # arrives in time: waits for the running chunk's plan to end
+    assert s.finished() == []
+    assert s.action(5)[0] == 101  # tick 5 = action 1 of chunk@3; its action 0 (tick 4) never ran
+    assert s.finished() == [(0, 0, 4)]
+    assert [s.action(k)[0] for k in (6, 7, 8)] == [102, 103, 104]
+    s.reset()
+    assert s.finished() == [(3, 1, 4)]
+
+
+def test_a_late_answer_under_latency_hiding_continues_the_old_plan_then_skips_and_blends():
+    s = ChunkScheduler(actions_per_chunk=2, latency_hiding=True, blend_actions=2)
+    s.requested(0)
+    s.add_chunk(0, chunk(0, horizon=6))
+    assert [s.action(k)[0] for k in (1, 2)] == [0, 1] and s.should_request(2)
+    s.requested(2)
+    assert s.action(3)[0] == 2 and s.action(4)[0] == 3  # answer late: chunk@0 goes past its plan, no pause
+    s.add_chunk(2, chunk(100, horizon=6))
+    # Tick 5: chunk@2's action 2 (its actions 0, 1 had their ticks pass) cross-faded with chunk@0's action 4.
+    assert s.action(5)[0] == pytest.approx(2 / 3 * 4 + 1 / 3 * 102)
+    assert s.action(6)[0] == pytest.approx(1 / 3 * 5 + 2 / 3 * 103)
+    assert s.should_request(6)
+    s.requested(6)
+    assert s.action(7)[0] == 104 and s.finished() == [(0, 0, 4)]  # chunk@0 left after the blend: 0..3 ran
+    s.reset()
+    assert s.finished() == [(2, 2, 3)]
+    without = ChunkScheduler(actions_per_chunk=2)
+    without.requested(0)
+    without.add_chunk(0, chunk(0, horizon=6))
+    assert [without.action(k)[0] for k in (1, 2)] == [0, 1] and without.action(3) is None  # synchronous: it holds
+    with pytest.raises(ValueError, match='needs latency_hiding'):
+        ChunkScheduler(actions_per_chunk=2, blend_actions=1)
 
 
 # ---- command adapters ---------------------------------------------------------------------------
@@ -592,7 +635,7 @@ def test_arm_bridge_reports_the_executed_prefix_of_each_chunk(tmp_path, probe):
 
         node.create_subscription(ros_io.JointState, '/arm/joint_states', answer, ros_io.SENSOR_QOS)
         node.create_subscription(ros_io.JointTrajectory, '/arm/' + ros_io.EXECUTED_CHUNK,
-                                 lambda m: reports.append(ros_io.executed_count(m)), ros_io.RELIABLE_QOS)
+                                 lambda m: reports.append(ros_io.executed_range(m, 0.1)), ros_io.RELIABLE_QOS)
         active = node.create_publisher(Bool, '/arm/' + ros_io.EPISODE_ACTIVE, ros_io.LATCHED_QOS)
         bridge.wait_for('waiting for episode_active', timeout=60)
         active.publish(Bool(data=True))
@@ -603,8 +646,10 @@ def test_arm_bridge_reports_the_executed_prefix_of_each_chunk(tmp_path, probe):
         before = len(reports)
         active.publish(Bool(data=False))  # ... until the episode stops
         spin_until(executor, lambda: len(reports) > before, 10, 'the last chunk\'s report')
-        stamps = [s for s, _ in reports]
+        stamps = [s for s, _, _ in reports]
         assert stamps == sorted(set(stamps)) and set(stamps) <= set(answered), 'one report per answered chunk'
-        assert stamps[-1] == answered[-1] and [n for _, n in reports] == [2] * len(reports), reports
+        # each chunk ran 2 actions, from its first unless its answer came after that action's tick
+        assert stamps[-1] == answered[-1] and [n for _, _, n in reports] == [2] * len(reports), reports
+        assert all(first in (0, 1) for _, first, _ in reports), reports
     finally:
         graph.stop_all()

@@ -339,8 +339,8 @@ def test_executed_reports_that_come_after_the_outcome_still_count(tmp_path, grap
     last = decide(2_000)
     first_id = end(True)
     executed_pub.publish(ros_io.executed_report(last, 1))
-    # Episode 2: the last report never comes.
-    executed_pub.publish(ros_io.executed_report(decide(3_000), 3))
+    # Episode 2: a chunk that took over late (its first action's tick had passed); the last report never comes.
+    executed_pub.publish(ros_io.executed_report(decide(3_000), 3, first=1))
     decide(4_000)
     second_id = end(False)
     server.wait_for(f'no executed_chunk report for the last decision of {second_id} within 1 s')
@@ -351,6 +351,7 @@ def test_executed_reports_that_come_after_the_outcome_still_count(tmp_path, grap
     first, second = store.load(first_id), store.load(second_id)
     assert [d.executed for d in first.decisions] == [4, 1] and first.env_steps == 5
     assert [d.executed for d in second.decisions] == [3, None] and second.env_steps == 3 + 4  # None: actions_per_chunk
+    assert [d.executed_from for d in first.decisions + second.decisions] == [0, 0, 1, 0]
 
 
 def test_each_episode_seed_heard_labels_one_episode_and_its_bag(tmp_path, graph, probe):

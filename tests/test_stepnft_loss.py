@@ -154,7 +154,8 @@ def test_unexecuted_actions_get_no_gradient():
     trace = make_trace(b=4)
     v_theta = (trace.v_old + 0.05 * torch.randn_like(trace.v_old)).requires_grad_(True)
     y, w = torch.tensor([1.0, -1.0, 1.0, -1.0]), torch.ones(4)
-    mask = executed_mask(torch.tensor([2, 5, 0, 3]), 5)
+    mask = executed_mask(torch.tensor([0, 0, 0, 1]), torch.tensor([2, 5, 0, 3]), 5)
+    assert mask[3].tolist() == [0, 1, 1, 1, 0], 'a late chunk: its skipped first action did not run'
     loss, _ = stepnft_loss(v_theta, trace, y, (y + 1) / 2, w, StepNFTConfig(), K, mask)
     loss.backward()
     grad_per_action = v_theta.grad.abs().sum(-1)  # (B, H)
@@ -169,7 +170,7 @@ def test_unexecuted_actions_get_no_gradient():
 def test_grpo_step_log_likelihood_is_the_closed_form_gaussian():
     trace = make_trace(b=6)
     v = trace.v_old + 0.1 * torch.randn_like(trace.v_old)
-    mask = executed_mask(torch.tensor([5, 5, 3, 1, 5, 2]), 5)
+    mask = executed_mask(torch.zeros(6, dtype=torch.int64), torch.tensor([5, 5, 3, 1, 5, 2]), 5)
     tau_k, tau_next, delta_k = grid_at(trace.k, K)
     sigma = sde_sigma(tau_k, tau_next, trace.a)
     s = sde_std(sigma, delta_k)

@@ -139,9 +139,18 @@ def step_error(target: torch.Tensor, prediction: torch.Tensor, s: torch.Tensor, 
     return squared.flatten(1).sum(1) / variance
 
 
-def executed_mask(executed: torch.Tensor, horizon: int) -> torch.Tensor:
-    """(B,) executed-action counts -> (B, H) float mask of each chunk's leading executed actions."""
-    return (torch.arange(horizon, device=executed.device)[None, :] < executed[:, None]).float()
+def executed_mask(executed_from: torch.Tensor, executed: torch.Tensor, horizon: int) -> torch.Tensor:
+    """(B,) first executed actions and counts -> (B, H) float mask of the actions each chunk executed."""
+    index = torch.arange(horizon, device=executed.device)[None, :]
+    return ((index >= executed_from[:, None]) & (index < (executed_from + executed)[:, None])).float()
+
+
+def batch_mask(batch: DecisionBatch, executed_only: bool) -> torch.Tensor:
+    """(B, H) mask of the actions a batch's loss covers: the executed ones, or every action (the ablation)."""
+    horizon = batch.trace.x_k.shape[1]
+    if executed_only:
+        return executed_mask(batch.executed_from, batch.executed, horizon)
+    return torch.ones(len(batch), horizon, device=batch.executed.device)
 
 
 def masked_mean_square(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -288,9 +297,7 @@ class StepNFTTrainer:
         num_steps = model.config.num_steps
         batch = batch.to(device)
         trace, y, r, weight, obs = batch.trace, batch.y, batch.r, batch.weight, batch.obs
-        horizon = trace.x_k.shape[1]
-        executed = batch.executed if cfg.executed_only else torch.full_like(batch.executed, horizon)
-        mask = executed_mask(executed, horizon)
+        mask = batch_mask(batch, cfg.executed_only)
         if cfg.algo == 'filtered_bc':  # imitate the successful episodes only, each decision equally
             weight = weight * (y > 0)
         held_out = self._holdout(batch)

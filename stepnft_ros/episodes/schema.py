@@ -28,8 +28,11 @@ class Decision:
     weights_version: int | None = None
     """Weights version that sampled this decision; None: the episode's `weights_version`."""
     executed: int | None = None
-    """How many leading actions of the chunk the robot executed; None: unknown (bags written before
-    the count was recorded), treated as the whole chunk."""
+    """How many actions of the chunk the robot executed, from action `executed_from` on; None: unknown
+    (bags written before the count was recorded), treated as the whole chunk."""
+    executed_from: int = 0
+    """The first executed action: > 0 when the chunk took over late (inference latency; a robot that
+    hides it runs the previous chunk meanwhile) and its leading actions' ticks had passed."""
 
 
 @dataclass
@@ -66,8 +69,9 @@ class DecisionBatch:
     obs: B observations; trace: Trace (B, ...); y: (B,) labels ±1; r: (B,) preference in [0, 1];
     weight: (B,) per-episode averaging weights: mask / (valid decisions of its episode), so that
     Σ weight·ℓ / n_episodes averages over decisions within each episode, then over episodes;
-    episode_index: (B,) which episode each decision came from; executed: (B,) int64 how many leading
-    actions of each chunk the robot executed (the whole horizon where unknown).
+    episode_index: (B,) which episode each decision came from; executed_from, executed: (B,) int64 the
+    first executed action of each chunk and how many ran from there (0 and the whole horizon where
+    unknown).
     """
 
     obs: ObservationBatch
@@ -78,18 +82,20 @@ class DecisionBatch:
     episode_index: torch.Tensor
     n_episodes: int
     executed: torch.Tensor
+    executed_from: torch.Tensor
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
     def index(self, idx: torch.Tensor) -> DecisionBatch:
         return DecisionBatch(self.obs.index(idx), self.trace.index(idx), self.y[idx], self.r[idx],
-                             self.weight[idx], self.episode_index[idx], self.n_episodes, self.executed[idx])
+                             self.weight[idx], self.episode_index[idx], self.n_episodes, self.executed[idx],
+                             self.executed_from[idx])
 
     def to(self, device: torch.device | str) -> DecisionBatch:
         return DecisionBatch(self.obs.to(device), self.trace.to(device), self.y.to(device), self.r.to(device),
                              self.weight.to(device), self.episode_index.to(device), self.n_episodes,
-                             self.executed.to(device))
+                             self.executed.to(device), self.executed_from.to(device))
 
 
 def collate_episodes(episodes: Sequence[Episode], cfg: PolicyConfig, labels: str = 'terminal_binary',
@@ -113,7 +119,7 @@ def collate_episodes(episodes: Sequence[Episode], cfg: PolicyConfig, labels: str
         raise ValueError('no episode has a valid decision')
     if labels == 'group_mean' and (unseeded := [e.episode_id for e in kept if e.seed is None]):
         raise ValueError(f'group_mean labels group episodes by reset seed; these have none: {unseeded[:5]}')
-    decisions, y, r, weight, ep_index, executed = [], [], [], [], [], []
+    decisions, y, r, weight, ep_index, executed, executed_from = [], [], [], [], [], [], []
     ep_labels = episode_labels([bool(e.success) for e in kept], labels,
                                groups=[e.seed for e in kept])
     for i, (ep, (ep_r, ep_y)) in enumerate(zip(kept, ep_labels, strict=True)):
@@ -124,9 +130,12 @@ def collate_episodes(episodes: Sequence[Episode], cfg: PolicyConfig, labels: str
             r.append(ep_r)
             weight.append((scale[ep.episode_id] / n_valid) if d.valid else 0.0)
             ep_index.append(i)
-            executed.append(cfg.horizon if d.executed is None else min(int(d.executed), cfg.horizon))
+            first = 0 if d.executed is None else min(int(d.executed_from), cfg.horizon)
+            executed_from.append(first)
+            executed.append(cfg.horizon if d.executed is None else min(int(d.executed), cfg.horizon - first))
     return DecisionBatch(
         obs=stack_observations([d.observation for d in decisions], cfg),
         trace=Trace.cat([d.trace for d in decisions]),
         y=torch.tensor(y), r=torch.tensor(r), weight=torch.tensor(weight),
-        episode_index=torch.tensor(ep_index), n_episodes=len(kept), executed=torch.tensor(executed))
+        episode_index=torch.tensor(ep_index), n_episodes=len(kept), executed=torch.tensor(executed),
+        executed_from=torch.tensor(executed_from))

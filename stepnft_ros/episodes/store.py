@@ -58,7 +58,7 @@ IMAGE_TYPE = 'sensor_msgs/msg/Image'
 ACTION_TYPE = 'trajectory_msgs/msg/JointTrajectory'
 
 FORMAT_KEY = 'stepnft_ros.episode_format'
-FORMAT_VERSION = '2'  # 2: DecisionTrace.executed
+FORMAT_VERSION = '3'  # 2: DecisionTrace.executed; 3: DecisionTrace.executed_from
 SYNTHETIC_STAMPS_KEY = 'stepnft_ros.synthetic_stamps'
 BAG_VERSION = 9  # rosbag2 metadata version of Jazzy/Kilted
 TEMP_PREFIX = '.tmp-'
@@ -160,6 +160,7 @@ def _check_episode(episode: Episode, action_names: Sequence[str] | None, control
         _check_range(f'{where}: weights_version', episode.decision_version(decision), 0, _UINT32_MAX)
         if decision.executed is not None:
             _check_range(f'{where}: executed', decision.executed, 0, horizon)
+        _check_range(f'{where}: executed_from', decision.executed_from, 0, horizon - (decision.executed or 0))
         state = decision.observation.state
         if state is not None and np.asarray(state).ndim != 1:
             raise ValueError(f'{where}: state has shape {np.asarray(state).shape}, expected (S,)')
@@ -259,6 +260,7 @@ def _write_bag(path: Path, episode: Episode, layout: _Layout) -> None:
             write(trace_conn, stamp, types[TRACE_TYPE](
                 header=_header(ts, stamp), weights_version=episode.decision_version(decision),
                 valid=bool(decision.valid), executed=-1 if decision.executed is None else int(decision.executed),
+                executed_from=int(decision.executed_from),
                 k=int(trace.k[0]), a=float(trace.a[0]), horizon=horizon,
                 action_dim=action_dim, **flat))
 
@@ -397,14 +399,16 @@ def _decode(records: dict[str, list[Any]], synthetic_stamps: bool) -> Episode:
         images = {c: _decode_image(by_stamp[IMAGE_TOPIC_PREFIX + c][stamp], c, where) for c in cameras}
         version = int(trace_msg.weights_version)
         executed = int(getattr(trace_msg, 'executed', -1))  # absent in bags of format 1
-        if not -1 <= executed <= horizon:
-            raise _Problem(f'{where}: trace says {executed} actions executed of a chunk of {horizon}')
+        executed_from = int(getattr(trace_msg, 'executed_from', 0))  # absent before format 3
+        if not (-1 <= executed <= horizon and 0 <= executed_from <= horizon - max(executed, 0)):
+            raise _Problem(f'{where}: trace says {executed} actions executed from action {executed_from} '
+                           f'of a chunk of {horizon}')
         decisions.append(Decision(
             observation=Observation(state=state, images=images, instruction=obs_msg.instruction),
             chunk=chunk, trace=trace, valid=bool(trace_msg.valid), stamp_ns=0 if synthetic_stamps else stamp,
             # the writer stores the effective version; None is how the schema says "the episode's"
             weights_version=None if version == info.weights_version else version,
-            executed=None if executed == -1 else executed))
+            executed=None if executed == -1 else executed, executed_from=executed_from))
     return Episode(episode_id=info.episode_id, weights_version=int(info.weights_version), decisions=decisions,
                    success=bool(info.success), env_steps=int(info.env_steps),
                    seed=None if info.seed == -1 else int(info.seed), robot=info.robot)

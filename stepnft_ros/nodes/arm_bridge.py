@@ -10,11 +10,13 @@ In its namespace <ns> (which must not be the root):
   out  the policy contract: <ns>/joint_states (`joint_names` in order), <ns>/camera/<cam>/image_raw,
        <ns>/instruction (latched), all parts of one observation with one stamp;
        proposed commands on <ns>/safety/joint_trajectory_in or <ns>/safety/twist_in;
-       <ns>/executed_chunk: each answered chunk cut to its executed prefix, once it is out of use
-       (ChunkScheduler says how that prefix is counted; with temporal ensembling it ends at the
-       last action whose prediction went into a command)
-At `control_rate_hz` it executes the chunks (stepnft_ros.control.ChunkScheduler: chunked or
-temporally ensembled) through a command adapter (joint trajectory or end-effector twist).
+       <ns>/executed_chunk: each answered chunk cut to the actions that ran, once it is out of use
+       (ChunkScheduler says how they are counted: actions skipped because their tick had passed
+       are not among them)
+At `control_rate_hz` it executes the chunks (stepnft_ros.control.ChunkScheduler: chunked, with
+or without `latency_hiding`, or temporally ensembled) through a command adapter (joint
+trajectory or end-effector twist). With latency hiding it observes early by the measured
+observation -> chunk latency, so a slow policy does not pause the arm between chunks.
 While the episode is not active it sends no observation and commands nothing; an observation
 with a missing, stale or bad part is not sent (the arm then gets no new command and holds).
 """
@@ -35,6 +37,7 @@ from stepnft_ros.nodes.common import ConfigError, Params, run_node
 from stepnft_ros.policy.types import ObservationError
 
 COMMAND_TYPES = ('joint_trajectory', 'twist')
+LATENCY_WINDOW = 20  # recent chunks whose latency (90th percentile) sets how early latency hiding observes
 
 
 class ArmBridge(Node):
@@ -55,6 +58,10 @@ class ArmBridge(Node):
         actions_per_chunk = p.get('actions_per_chunk', 4)
         temporal_ensemble = p.get('temporal_ensemble', False)
         ensemble_decay = p.get('ensemble_decay', 0.01)
+        # Observe early by the measured inference latency and keep the running chunk going while the
+        # answer is late, cross-fading the new chunk's first actions in (stepnft_ros.control.scheduler).
+        latency_hiding = p.get('latency_hiding', False)
+        blend_actions = p.get('blend_actions', 2 if latency_hiding else 0)
         request_timeout_s = p.get('request_timeout_s', 1.0)
         self.command_type = p.get('command_type', 'joint_trajectory')
         command_joint_names = p.get('command_joint_names', []) or list(self.joint_names)
@@ -85,7 +92,8 @@ class ArmBridge(Node):
             self.joiner = ObservationJoiner(self.joint_names, camera_names, image_size, max_age_s,
                                             require_velocity='joint_velocity' in state_sources)
             self.scheduler = ChunkScheduler(actions_per_chunk, temporal_ensemble, ensemble_decay,
-                                            request_timeout_ticks=max(1, round(request_timeout_s * rate_hz)))
+                                            request_timeout_ticks=max(1, round(request_timeout_s * rate_hz)),
+                                            latency_hiding=latency_hiding, blend_actions=blend_actions)
             if self.command_type == 'joint_trajectory':
                 if joint_targets == 'delta' and set(command_joint_names) - set(self.joint_names):
                     raise ValueError('delta joint targets need every command joint among joint_names (measured)')
@@ -137,6 +145,8 @@ class ArmBridge(Node):
         self.create_timer(self.period, self._on_tick)
         cameras = dict(zip(camera_names, camera_topics, strict=True))
         schedule = 'temporal ensembling' if temporal_ensemble else f'{actions_per_chunk} actions per chunk'
+        if latency_hiding:
+            schedule += f', latency hiding (blending {blend_actions} actions)'
         self.get_logger().info(
             f'bridging {joint_states_topic} ({len(self.joint_names)} joints) and cameras {cameras} at '
             f'{rate_hz:g} Hz; {self.command_type} commands ({schedule}); '
@@ -173,10 +183,10 @@ class ArmBridge(Node):
         self.sent_at.clear()
 
     def _report_executed(self) -> None:
-        for tick, executed in self.scheduler.finished():
+        for tick, first, executed in self.scheduler.finished():
             answer = self.answers.pop(tick, None)
             if answer is not None:
-                self.executed_pub.publish(ros_io.executed_report(answer, executed))
+                self.executed_pub.publish(ros_io.executed_report(answer, executed, first))
 
     # ---- control loop ----------------------------------------------------------------------
 
@@ -246,6 +256,8 @@ class ArmBridge(Node):
         self.answers[tick] = msg
         self._report_executed()  # chunked: the chunk this one replaced
         self.latencies.append(time.monotonic() - self.sent_at.pop(stamp_ns))
+        recent = list(self.latencies)[-LATENCY_WINDOW:]
+        self.scheduler.set_latency(float(np.percentile(recent, 90)) / self.period)
 
     def close(self) -> None:
         """Log what the run did; the policy latency tells whether the control rate is realistic."""

@@ -3,9 +3,10 @@
 Per robot namespace <ns> (parameter `robots`):
   in   <ns>/joint_states, <ns>/task_state (sensor_msgs/JointState), <ns>/camera/<cam>/image_raw
        (sensor_msgs/Image, sensor-data QoS), <ns>/instruction (std_msgs/String, latched),
-       <ns>/executed_chunk (trajectory_msgs/JointTrajectory, optional: how many actions of a
-       chunk the robot executed; recorded with the decision), <ns>/episode_seed (std_msgs/Int64,
-       latched, optional: the reset seed of the episode the robot is about to start; sims only)
+       <ns>/executed_chunk (trajectory_msgs/JointTrajectory, optional: the points of a chunk the
+       robot executed, their time_from_start saying which; recorded with the decision),
+       <ns>/episode_seed (std_msgs/Int64, latched, optional: the reset seed of the episode the robot
+       is about to start; sims only)
   out  <ns>/action_chunk (trajectory_msgs/JointTrajectory, header.stamp = the observation's)
   srv  <ns>/episode_outcome (std_srvs/SetBool, true = success): ends and writes the episode
        <ns>/episode_discard (std_srvs/Trigger): drops the running episode unwritten (operator)
@@ -204,7 +205,7 @@ class PolicyServer(Node):
             robot.next_seed = seed
 
     def _on_executed(self, robot: Robot, msg: ros_io.JointTrajectory) -> None:
-        stamp_ns, executed = ros_io.executed_count(msg)
+        stamp_ns, first, executed = ros_io.executed_range(msg, self.control_period)
         robot.reports_executed = True
         episodes = [robot.episode] + [e for _, r, e in self.closing if r is robot]
         for episode in (e for e in episodes if e is not None):
@@ -213,11 +214,12 @@ class PolicyServer(Node):
                 if decision.stamp_ns != stamp_ns:
                     continue
                 horizon = len(decision.chunk)
-                if executed > horizon:
-                    self.get_logger().warning(f'{robot.namespace}: executed_chunk reports {executed} actions of a '
-                                              f'chunk of {horizon}: ignored', throttle_duration_sec=1.0)
+                if first + executed > horizon:
+                    self.get_logger().warning(f'{robot.namespace}: executed_chunk reports {executed} actions from '
+                                              f'action {first} of a chunk of {horizon}: ignored',
+                                              throttle_duration_sec=1.0)
                     return
-                episode.decisions[i] = dataclasses.replace(decision, executed=executed)
+                episode.decisions[i] = dataclasses.replace(decision, executed=executed, executed_from=first)
                 if episode is not robot.episode and i == len(episode.decisions) - 1:
                     self._write_closing(lambda _deadline, e, done=episode: e is done)
                 return

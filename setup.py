@@ -35,6 +35,7 @@ setup(
             'eval_recorder = sim_bridge.eval_recorder:main',
             'arm_bridge = stepnft_ros.nodes.arm_bridge:main',
             'safety_layer = stepnft_ros.nodes.safety_layer:main',
+            'lifecycle_manager = stepnft_ros.nodes.lifecycle_manager:main',
             'standin_arm = sim_bridge.standin_arm:main',
         ],
     },

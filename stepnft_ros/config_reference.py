@@ -35,6 +35,7 @@ NODES: dict[str, tuple[str, ...]] = {
     'safety_layer': ('stepnft_ros/nodes/safety_layer.py',),
     'episode_operator': ('stepnft_ros/nodes/episode_operator.py',),
     'standin_arm': ('sim_bridge/standin_arm.py',),
+    'lifecycle_manager': ('stepnft_ros/nodes/lifecycle_manager.py',),
 }
 
 

@@ -269,23 +269,31 @@ class DeployRealArgs:
 
 
 def deploy_real(args: DeployRealArgs) -> list[NodeSpec]:
-    """safety_layer + arm_bridge (namespace `robot`), policy_server, episode_operator, optionally learner and stand-in.
+    """safety_layer + arm_bridge (namespace `robot`), policy_server, episode_operator, lifecycle_manager,
+    optionally learner and stand-in.
 
-    The safety layer's exit ends the graph: the arm must never be commanded without it."""
+    The safety layer's exit ends the graph: the arm must never be commanded without it. The three
+    nodes on the command path are managed (lifecycle) nodes: lifecycle_manager activates the
+    safety layer first, then the policy server, then the arm bridge, so nothing can command the
+    arm before the safety layer filters; its failure to bring them up ends the graph."""
     run = Path(args.run_dir).resolve()
     episodes = str(run / 'episodes')
-    server = {'checkpoint': args.checkpoint, 'robots': [args.robot], 'mode': args.mode}
+    server = {'checkpoint': args.checkpoint, 'robots': [args.robot], 'mode': args.mode, 'managed': True}
     if args.mode == 'train':
         server['episode_dir'] = episodes
     specs = [
         NodeSpec('safety_layer', 'safety_layer', 'stepnft_ros.nodes.safety_layer', namespace=args.robot,
-                 ends_graph='exit'),
+                 ends_graph='exit', parameters={'managed': True}),
         NodeSpec('policy_server', 'policy_server', 'stepnft_ros.nodes.policy_server', ends_graph='failure',
                  parameters=server),
         NodeSpec('arm_bridge', 'arm_bridge', 'stepnft_ros.nodes.arm_bridge', namespace=args.robot,
-                 ends_graph='failure', parameters={'image_size': args.image_size} if args.image_size else {}),
+                 ends_graph='failure',
+                 parameters={'managed': True, **({'image_size': args.image_size} if args.image_size else {})}),
         NodeSpec('episode_operator', 'episode_operator', 'stepnft_ros.nodes.episode_operator', ends_graph='failure',
                  parameters={'robots': [args.robot]}),
+        NodeSpec('lifecycle_manager', 'lifecycle_manager', 'stepnft_ros.nodes.lifecycle_manager', ends_graph='failure',
+                 parameters={'node_names': [f'/{args.robot}/safety_layer', '/policy_server',
+                                            f'/{args.robot}/arm_bridge']}),
     ]
     if args.learn:
         # seeded_resets: a real arm's episodes have no reset seed, so group_mean labels cannot work here.

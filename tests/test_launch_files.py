@@ -87,7 +87,8 @@ def _console_scripts() -> set[str]:
     ('eval_sim', {'suite': 'libero_goal', 'task_ids': '0,1,2', 'episodes_per_task': '3', 'envs_per_split': '2'},
      {'eval_recorder', 'policy_server', 'libero_bridge'}),
     ('deploy_real', {'mode': 'train', 'learn': 'true', 'standin': 'true'},
-     {'safety_layer', 'policy_server', 'arm_bridge', 'episode_operator', 'learner', 'standin_arm'}),
+     {'safety_layer', 'policy_server', 'arm_bridge', 'episode_operator', 'learner', 'standin_arm',
+      'lifecycle_manager'}),
 ])
 def test_launch_file_builds_its_graph(monkeypatch, tmp_path, name, overrides, expected_nodes):
     checkpoint = tiny_checkpoint(tmp_path / 'ckpt')

@@ -522,6 +522,11 @@ def test_stepnft_launch_deploy_real_standin_dry_run(tmp_path, probe):
     for name in ('/arm/safety_layer', '/arm/arm_bridge', '/policy_server', '/episode_operator', '/standin_arm'):
         assert f'started {name}' in out
     assert 'guarding 8 joints' in out and "'fr3_joint1'" in out
+    # Managed bring-up: the safety layer is active before anything that can command the arm.
+    order = [out.index(f'[lifecycle_manager]: {name} active')
+             for name in ('/arm/safety_layer', '/policy_server', '/arm/arm_bridge')]
+    assert order == sorted(order) and '[lifecycle_manager]: all 3 nodes active' in out, out[-3000:]
+
 
 
 @pytest.mark.slow
@@ -651,5 +656,71 @@ def test_arm_bridge_reports_the_executed_prefix_of_each_chunk(tmp_path, probe):
         # each chunk ran 2 actions, from its first unless its answer came after that action's tick
         assert stamps[-1] == answered[-1] and [n for _, _, n in reports] == [2] * len(reports), reports
         assert all(first in (0, 1) for _, first, _ in reports), reports
+    finally:
+        graph.stop_all()
+
+
+def test_a_managed_safety_layer_forwards_nothing_until_active_and_holds_when_deactivated(tmp_path, probe):
+    """Lifecycle: inactive, a command is dropped; active, it passes (filtered); deactivated, the arm holds."""
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+    from ros_harness import Graph, spin_until
+
+    from stepnft_ros import ros_io
+
+    node, executor = probe
+    graph = Graph(tmp_path / 'logs')
+    out = []
+    try:
+        safety = graph.start('stepnft_ros.nodes.safety_layer', 'safety_layer', {
+            'joint_names': ['j1', 'j2'], 'managed': True, 'command_timeout_s': 30.0}, namespace='arm')
+        joints = node.create_publisher(ros_io.JointState, '/joint_states', ros_io.SENSOR_QOS)
+        node.create_timer(0.05, lambda: joints.publish(
+            ros_io.arrays_to_joint_state(['j1', 'j2'], np.array([0.1, 0.2]), None, time.time_ns())))
+        node.create_subscription(ros_io.JointTrajectory, '/joint_trajectory_controller/joint_trajectory',
+                                 out.append, ros_io.RELIABLE_QOS)
+        commands = node.create_publisher(ros_io.JointTrajectory, '/arm/' + ros_io.SAFETY_JOINT_TRAJECTORY_IN,
+                                         ros_io.RELIABLE_QOS)
+        change = node.create_client(ChangeState, '/arm/safety_layer/change_state')
+        safety.wait_for('managed: inactive until lifecycle_manager', timeout=60)
+        spin_until(executor, lambda: change.service_is_ready() and commands.get_subscription_count() > 0, 30,
+                   'the safety layer')
+
+        def command():
+            msg = ros_io.JointTrajectory(joint_names=['j1', 'j2'])
+            msg.points.append(ros_io.JointTrajectoryPoint(positions=[0.11, 0.21],
+                                                          time_from_start=ros_io.seconds_to_duration(0.1)))
+            commands.publish(msg)
+
+        def transition(tid):
+            future = change.call_async(ChangeState.Request(transition=Transition(id=tid)))
+            spin_until(executor, future.done, 10, f'transition {tid}')
+            assert future.result().success
+
+        for _ in range(5):
+            command()
+            executor.spin_once(timeout_sec=0.1)
+        assert out == [], 'inactive: nothing reaches the controllers'
+        transition(Transition.TRANSITION_CONFIGURE)
+        transition(Transition.TRANSITION_ACTIVATE)
+        spin_until(executor, lambda: (command(), bool(out))[1], 10, 'a forwarded command')
+        assert out[-1].points[0].positions.tolist() == pytest.approx([0.11, 0.21])
+        forwarded = len(out)
+        transition(Transition.TRANSITION_DEACTIVATE)
+        spin_until(executor, lambda: len(out) > forwarded, 10, 'the hold on deactivation')
+        assert out[-1].points[0].positions.tolist() == pytest.approx([0.1, 0.2]), 'held at the measured position'
+    finally:
+        graph.stop_all()
+
+
+def test_lifecycle_manager_stops_the_bring_up_when_a_node_never_comes(tmp_path, ros_domain):
+    from ros_harness import Graph
+
+    graph = Graph(tmp_path / 'logs')
+    try:
+        manager = graph.start('stepnft_ros.nodes.lifecycle_manager', 'lifecycle_manager', {
+            'node_names': ['/arm/safety_layer'], 'service_timeout_s': 2.0})
+        assert manager.proc.wait(60) == 1
+        assert 'bring-up stopped: /arm/safety_layer did not come up within 2 s' in manager.output()
     finally:
         graph.stop_all()

@@ -28,19 +28,18 @@ from collections import deque
 
 import numpy as np
 from geometry_msgs.msg import TwistStamped
-from rclpy.node import Node
 from std_msgs.msg import Bool, String
 
 from stepnft_ros import ros_io, ros_io_arm
 from stepnft_ros.control import ChunkScheduler, JointTrajectoryAdapter, ObservationJoiner, TwistAdapter
-from stepnft_ros.nodes.common import ConfigError, Params, run_node
+from stepnft_ros.nodes.common import ConfigError, ManagedNode, Params, run_node
 from stepnft_ros.policy.types import ObservationError
 
 COMMAND_TYPES = ('joint_trajectory', 'twist')
 LATENCY_WINDOW = 20  # recent chunks whose latency (90th percentile) sets how early latency hiding observes
 
 
-class ArmBridge(Node):
+class ArmBridge(ManagedNode):
     def __init__(self) -> None:
         super().__init__('arm_bridge')
         if self.get_namespace() == '/':
@@ -151,6 +150,7 @@ class ArmBridge(Node):
             f'bridging {joint_states_topic} ({len(self.joint_names)} joints) and cameras {cameras} at '
             f'{rate_hz:g} Hz; {self.command_type} commands ({schedule}); '
             f'{"waiting for episode_active" if self.require_active else "active without an operator"}')
+        self.start_lifecycle(p.get('managed', False))
 
     # ---- sensors ---------------------------------------------------------------------------
 
@@ -176,6 +176,12 @@ class ArmBridge(Node):
 
     def _set_active(self, active: bool) -> None:
         self.active = active
+        self._drop_schedule()
+
+    def on_hold(self) -> None:  # deactivated (lifecycle): nothing planned survives
+        self._drop_schedule()
+
+    def _drop_schedule(self) -> None:
         self.scheduler.reset()  # a new episode never executes the last one's chunks
         self._report_executed()  # before the operator's label closes the episode
         self.answers.clear()
@@ -192,6 +198,8 @@ class ArmBridge(Node):
 
     def _on_tick(self) -> None:
         self.tick += 1
+        if not self.acting:  # lifecycle: not activated (yet), or deactivated
+            return
         if (self.active and self.require_active and self.active_timeout_s > 0
                 and time.monotonic() - self.active_heard > self.active_timeout_s):
             self._set_active(False)

@@ -11,6 +11,7 @@ from typing import Any
 import rclpy
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
@@ -67,6 +68,44 @@ class Params:
         ok = isinstance(value, kind) or (kind is float and isinstance(value, int) and not isinstance(value, bool))
         if not ok:
             raise ConfigError(f"parameter '{name}' must be {kind.__name__}, got {value!r}")
+
+
+class ManagedNode(LifecycleNode):
+    """A lifecycle (managed) node, as Nav2 and ros2_control drivers are: `lifecycle_manager` (or
+    `ros2 lifecycle set`) configures and activates it, and only an active node acts.
+
+    Parameters are read and checked, and checkpoints loaded, when the process starts: a bad one
+    exits 2 there, as in every node, so `configure` cannot fail on them. Activation is what the
+    lifecycle gates: an inactive node acts on nothing (subclasses check `self.acting`), and
+    deactivation calls `on_hold()` (e.g. the safety layer holds the arm). With `managed: false`
+    (the default outside deploy_real) a node configures and activates itself at start-up.
+    """
+
+    def __init__(self, node_name: str) -> None:
+        super().__init__(node_name)
+        self.acting = False
+
+    def start_lifecycle(self, managed: bool) -> None:
+        """Call last in the subclass's __init__, with its `managed` parameter."""
+        if managed:
+            self.get_logger().info('managed: inactive until lifecycle_manager configures and activates it')
+            return
+        self.trigger_configure()
+        self.trigger_activate()
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.acting = True
+        self.get_logger().info('active')
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.acting = False
+        self.on_hold()
+        self.get_logger().info('inactive: holding')
+        return super().on_deactivate(state)
+
+    def on_hold(self) -> None:
+        """What deactivation does beyond not acting (default: nothing)."""
 
 
 def make_executor():

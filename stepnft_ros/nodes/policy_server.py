@@ -40,14 +40,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
-from rclpy.node import Node
 from std_msgs.msg import Bool, String
 from std_srvs.srv import SetBool, Trigger
 
 from stepnft_ros import ros_io
 from stepnft_ros.episodes.schema import Decision, Episode
 from stepnft_ros.episodes.store import EpisodeStore
-from stepnft_ros.nodes.common import ConfigError, Params, run_node
+from stepnft_ros.nodes.common import ConfigError, ManagedNode, Params, run_node
 from stepnft_ros.policy import CheckpointError, load_checkpoint, make_policy
 from stepnft_ros.policy.onnx_backend import describe_backend
 from stepnft_ros.policy.sampler import recorded_step
@@ -79,7 +78,7 @@ class Robot:
     next_seed: int | None = None  # the reset seed heard for the episode the robot starts next
 
 
-class PolicyServer(Node):
+class PolicyServer(ManagedNode):
     def __init__(self) -> None:
         super().__init__('policy_server')
         p = Params(self)
@@ -164,6 +163,7 @@ class PolicyServer(Node):
         self.get_logger().info(
             f'serving {len(robots)} robot(s) {robots} in {self.mode} mode ({MODES[self.mode]} sampler, '
             f'a={self.policy.a:g}, {describe_backend(self.policy)}), weights version {self.version} from {checkpoint}')
+        self.start_lifecycle(p.get('managed', False))
 
     # ---- inputs ----------------------------------------------------------------------------
 
@@ -227,6 +227,8 @@ class PolicyServer(Node):
         self.get_logger().debug(f'{robot.namespace}: executed report for no recorded decision ({stamp_ns} ns)')
 
     def _on_part(self, robot: Robot, topic: str, add, msg, resend: bool) -> None:
+        if not self.acting:  # lifecycle: inactive servers answer nothing (the robots hold)
+            return
         stamp_ns = ros_io.stamp_to_ns(msg.header.stamp)
         if robot.last_answer is not None and stamp_ns == robot.last_answer[0]:
             if resend and not self.estopped:  # the robot re-requests: same chunk, no new sample or record

@@ -18,17 +18,16 @@ import time
 
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseStamped, TwistStamped
-from rclpy.node import Node
 from std_msgs.msg import Bool
 
 from stepnft_ros import ros_io, ros_io_arm
 from stepnft_ros.control import SafetyConfig, SafetyFilter
 from stepnft_ros.control.safety import ERROR, OK, Verdict
-from stepnft_ros.nodes.common import ConfigError, Params, run_node
+from stepnft_ros.nodes.common import ConfigError, ManagedNode, Params, run_node
 from stepnft_ros.policy.types import ObservationError
 
 
-class SafetyLayer(Node):
+class SafetyLayer(ManagedNode):
     def __init__(self) -> None:
         super().__init__('safety_layer')
         p = Params(self)
@@ -68,13 +67,14 @@ class SafetyLayer(Node):
         if ee_pose_topic:
             self.create_subscription(PoseStamped, ee_pose_topic, self._on_pose, ros_io.SENSOR_QOS)
         self.create_subscription(Bool, ros_io.EMERGENCY_STOP, self._on_estop, ros_io.LATCHED_QOS)
-        self.create_timer(p.get('watchdog_period_s', 0.05), lambda: self._apply(self.filter.watchdog(self._now())))
+        self.create_timer(p.get('watchdog_period_s', 0.05), self._on_watchdog)
         self.forwarded = 0
         self._logged: dict[tuple[str, str], float] = {}
         self.get_logger().info(
             f'guarding {len(self.cfg.joint_names)} joints {list(self.cfg.joint_names)}, '
             f'workspace {self._box()}; '
             f'out: {self.joint_out.topic_name}, {self.twist_out.topic_name}')
+        self.start_lifecycle(p.get('managed', False))
 
     def _box(self) -> str:
         if not self.cfg.has_workspace:
@@ -95,7 +95,21 @@ class SafetyLayer(Node):
     def _on_estop(self, msg: Bool) -> None:
         self._apply(self.filter.set_estop(bool(msg.data), self._now()))
 
+    def _on_watchdog(self) -> None:
+        if self.acting:
+            self._apply(self.filter.watchdog(self._now()))
+
+    def on_hold(self) -> None:
+        self._publish_hold(self.get_clock().now().nanoseconds)
+
+    def _inactive(self, what: str) -> bool:
+        if not self.acting:
+            self.get_logger().warning(f'inactive: {what} dropped', throttle_duration_sec=self.log_throttle_s)
+        return not self.acting
+
     def _on_joint_cmd(self, msg: ros_io.JointTrajectory) -> None:
+        if self._inactive('joint command'):
+            return
         try:
             cmd = ros_io_arm.joint_trajectory_to_command(msg)
         except (ObservationError, ValueError) as err:
@@ -104,6 +118,8 @@ class SafetyLayer(Node):
         self._apply(self.filter.filter_joint(cmd, self._now()))
 
     def _on_twist_cmd(self, msg: TwistStamped) -> None:
+        if self._inactive('twist command'):
+            return
         self._apply(self.filter.filter_twist(ros_io_arm.twist_to_command(msg), self._now()))
 
     def _apply(self, verdict: Verdict) -> None:

@@ -30,6 +30,9 @@ class NodeSpec:
     parameters: dict[str, Any] = field(default_factory=dict)
     ends_graph: str = 'never'
     """When this node's exit stops the whole graph: 'exit' (any exit), 'failure' (non-zero exit) or 'never'."""
+    stops_first: bool = False
+    """The pip-only launcher stops it, and waits for it, before the other nodes (lifecycle_manager: it
+    deactivates the managed nodes while they still run)."""
     respawn: bool = False
     """Restart it when it dies (non-zero exit), after RESPAWN_DELAY_S, at most MAX_RESPAWNS times. Only
     for nodes whose restart loses nothing but their running episode: training sim bridges (the policy
@@ -292,7 +295,7 @@ def deploy_real(args: DeployRealArgs) -> list[NodeSpec]:
         NodeSpec('episode_operator', 'episode_operator', 'stepnft_ros.nodes.episode_operator', ends_graph='failure',
                  parameters={'robots': [args.robot]}),
         NodeSpec('lifecycle_manager', 'lifecycle_manager', 'stepnft_ros.nodes.lifecycle_manager', ends_graph='failure',
-                 parameters={'node_names': [f'/{args.robot}/safety_layer', '/policy_server',
+                 stops_first=True, parameters={'node_names': [f'/{args.robot}/safety_layer', '/policy_server',
                                             f'/{args.robot}/arm_bridge']}),
     ]
     if args.learn:

@@ -151,7 +151,8 @@ def launch(specs: Sequence[NodeSpec], params_file: Path, run_dir: Path, stop_tim
             time.sleep(0.2)
     finally:
         try:  # still ours: a second signal must not kill the launcher and orphan its nodes
-            stop_processes([p for _, p in procs.values()], stop_timeout_s)
+            stop_processes([p for spec, p in procs.values() if spec.stops_first], stop_timeout_s)
+            stop_processes([p for spec, p in procs.values() if not spec.stops_first], stop_timeout_s)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)

@@ -526,6 +526,10 @@ def test_stepnft_launch_deploy_real_standin_dry_run(tmp_path, probe):
     order = [out.index(f'[lifecycle_manager]: {name} active')
              for name in ('/arm/safety_layer', '/policy_server', '/arm/arm_bridge')]
     assert order == sorted(order) and '[lifecycle_manager]: all 3 nodes active' in out, out[-3000:]
+    # Stopped: the manager goes first and deactivates them, last first; the safety layer then holds.
+    deactivated = [out.index(f'[lifecycle_manager]: {name} deactivated')
+                   for name in ('/arm/arm_bridge', '/policy_server', '/arm/safety_layer')]
+    assert deactivated == sorted(deactivated), out[-3000:]
 
 
 

@@ -48,6 +48,8 @@ class LearnerConfig:
     max_updates: int = 0
     """Stop after this many updates in total (0: never)."""
     seed: int = 0
+    intervention_negatives: bool = True
+    """Decisions that led into a person's takeover (real arms) are trained on as failures."""
     tensorboard: bool = True
     """Write each update's record as TensorBoard scalars under work_dir/tensorboard (stepnft_ros.monitoring)."""
 
@@ -176,7 +178,8 @@ class Learner:
 
     def _update(self, episodes: list[Episode], scale: list[float]) -> dict:
         start = time.perf_counter()
-        batch = collate_episodes(episodes, self.trainer.model.config, self.cfg.labels, episode_scale=scale)
+        batch = collate_episodes(episodes, self.trainer.model.config, self.cfg.labels, episode_scale=scale,
+                                 intervention_negatives=self.cfg.intervention_negatives)
         metrics = self.trainer.update(batch)
         self.version += 1
         self.consumed.update(e.episode_id for e in episodes)

@@ -33,8 +33,10 @@ KEYS = {'s': ('start', Trigger, ros_io.OPERATOR_START, None),
         'x': ('stop', Trigger, ros_io.OPERATOR_STOP, None),
         'y': ('success', SetBool, ros_io.OPERATOR_LABEL, True),
         'n': ('failure', SetBool, ros_io.OPERATOR_LABEL, False),
-        'd': ('discard', Trigger, ros_io.OPERATOR_DISCARD, None)}
-HELP = 'keys: s start, x stop, y success, n failure, d discard, q quit'
+        'd': ('discard', Trigger, ros_io.OPERATOR_DISCARD, None),
+        't': ('takeover', Trigger, ros_io.OPERATOR_TAKEOVER, None),
+        'h': ('hand back', Trigger, ros_io.OPERATOR_HAND_BACK, None)}
+HELP = 'keys: s start, x stop, y success, n failure, d discard, t take over, h hand back, q quit'
 QUIT = ('q', '\x03', '\x04')  # q, and Ctrl-C / Ctrl-D should a terminal deliver them as characters
 
 

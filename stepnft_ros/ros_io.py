@@ -39,6 +39,9 @@ EPISODE_OUTCOME = 'episode_outcome'  # std_srvs/SetBool, true = success
 RESET = 'reset'                      # std_srvs/Trigger
 EPISODE_DISCARD = 'episode_discard'  # std_srvs/Trigger: drop the running episode's record (operator)
 EPISODE_ACTIVE = 'episode_active'    # std_msgs/Bool, latched: the operator lets the arm act (real arms)
+# std_msgs/Bool, latched: a person has taken the arm over (teleop into <ns>/safety/*); the arm bridge
+# sends the policy nothing meanwhile, and the policy server records the span with the episode.
+INTERVENTION_ACTIVE = 'intervention_active'
 # std_msgs/Int64, latched, optional (simulators): the reset seed of the episode about to start,
 # published before every reset, also when it repeats; the policy server records it with that episode.
 EPISODE_SEED = 'episode_seed'
@@ -48,6 +51,8 @@ OPERATOR_START = 'operator/start'      # std_srvs/Trigger
 OPERATOR_STOP = 'operator/stop'        # std_srvs/Trigger: the episode then awaits its label
 OPERATOR_LABEL = 'operator/label'      # std_srvs/SetBool, true = success
 OPERATOR_DISCARD = 'operator/discard'  # std_srvs/Trigger
+OPERATOR_TAKEOVER = 'operator/takeover'    # std_srvs/Trigger: a person takes the arm over
+OPERATOR_HAND_BACK = 'operator/hand_back'  # std_srvs/Trigger: ... and gives it back to the policy
 OPERATOR_STATUS = 'operator/status'    # std_msgs/String JSON, latched: counts and success rate
 # Real arms (nodes/arm_bridge.py -> nodes/safety_layer.py): proposed commands, checked before the arm.
 SAFETY_JOINT_TRAJECTORY_IN = 'safety/joint_trajectory_in'  # trajectory_msgs/JointTrajectory

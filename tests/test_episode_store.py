@@ -41,7 +41,7 @@ ROS_STAMP = 1_700_000_000_123_456_789  # a realistic ROS time: needs both sec an
 
 
 def make_decision(rng: np.random.Generator, stamp_ns=0, cameras=(), valid=True, weights_version=None,
-                  executed=None, executed_from=0) -> Decision:
+                  executed=None, executed_from=0, led_to_intervention=False) -> Decision:
     def tensor(*shape):
         return torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
     trace = Trace(x_k=tensor(1, H, D), x_next=tensor(1, H, D), v_old=tensor(1, H, D),
@@ -50,14 +50,15 @@ def make_decision(rng: np.random.Generator, stamp_ns=0, cameras=(), valid=True, 
     obs = Observation(state=rng.standard_normal(4).astype(np.float32), images=images, instruction='pick the cube ✓')
     return Decision(observation=obs, chunk=rng.standard_normal((H, D)).astype(np.float32), trace=trace,
                     valid=valid, stamp_ns=stamp_ns, weights_version=weights_version, executed=executed,
-                    executed_from=executed_from)
+                    executed_from=executed_from, led_to_intervention=led_to_intervention)
 
 
 def state_episode(episode_id='ep-state', seed=0) -> Episode:
     rng = np.random.default_rng(seed)
-    decisions = [make_decision(rng, executed=H), make_decision(rng, valid=False),
+    decisions = [make_decision(rng, executed=H), make_decision(rng, valid=False, led_to_intervention=True),
                  make_decision(rng, weights_version=4, executed=1, executed_from=2)]  # a late chunk
-    return Episode(episode_id, weights_version=3, decisions=decisions, success=False, env_steps=11, seed=None)
+    return Episode(episode_id, weights_version=3, decisions=decisions, success=False, env_steps=11, seed=None,
+                   interventions=[(ROS_STAMP, ROS_STAMP + 2_000_000_000), (ROS_STAMP + 5_000_000_000, -1)])
 
 
 def image_episode(episode_id='ep.images_1') -> Episode:
@@ -69,12 +70,12 @@ def image_episode(episode_id='ep.images_1') -> Episode:
 
 
 def assert_same_episode(got: Episode, want: Episode) -> None:
-    for field in ('episode_id', 'weights_version', 'success', 'env_steps', 'seed', 'robot'):
+    for field in ('episode_id', 'weights_version', 'success', 'env_steps', 'seed', 'robot', 'interventions'):
         assert getattr(got, field) == getattr(want, field), field
     assert len(got.decisions) == len(want.decisions)
     for g, w in zip(got.decisions, want.decisions, strict=True):
-        assert (g.valid, g.stamp_ns, g.weights_version, g.executed, g.executed_from) == \
-            (w.valid, w.stamp_ns, w.weights_version, w.executed, w.executed_from)
+        assert (g.valid, g.stamp_ns, g.weights_version, g.executed, g.executed_from, g.led_to_intervention) == \
+            (w.valid, w.stamp_ns, w.weights_version, w.executed, w.executed_from, w.led_to_intervention)
         assert g.observation.instruction == w.observation.instruction
         for got_array, want_array in [(g.chunk, w.chunk), (g.observation.state, w.observation.state)]:
             assert got_array.dtype == want_array.dtype and np.array_equal(got_array, want_array)

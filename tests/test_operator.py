@@ -39,16 +39,19 @@ def graph(tmp_path, ros_domain):
 
 class FakeArm:
     """A robot on the policy contract that sends observations and executes chunks only while
-    <ns>/episode_active is true. Per active period it keeps the stamps it sent and executed."""
+    <ns>/episode_active is true and no person has taken it over (<ns>/intervention_active, as the
+    arm bridge). Per active period it keeps the stamps it sent and executed."""
 
     def __init__(self, node, ns: str) -> None:
-        self.node, self.active = node, False
+        self.node, self.active, self.taken_over = node, False, False
         self.sent: list[set[int]] = []
         self.executed: list[list[int]] = []
         self.outstanding: tuple[int, float] | None = None  # (stamp, monotonic time sent)
         self.position = np.zeros(2)
         self.pub = node.create_publisher(ros_io.JointState, f'{ns}/{ros_io.JOINT_STATES}', ros_io.SENSOR_QOS)
         node.create_subscription(Bool, f'{ns}/{ros_io.EPISODE_ACTIVE}', self._on_active, ros_io.LATCHED_QOS)
+        node.create_subscription(Bool, f'{ns}/{ros_io.INTERVENTION_ACTIVE}',
+                                 lambda m: setattr(self, 'taken_over', bool(m.data)), ros_io.LATCHED_QOS)
         node.create_subscription(ros_io.JointTrajectory, f'{ns}/{ros_io.ACTION_CHUNK}', self._on_chunk,
                                  ros_io.RELIABLE_QOS)
         node.create_timer(0.02, self._tick)
@@ -69,7 +72,7 @@ class FakeArm:
             self.outstanding = None
 
     def _tick(self) -> None:
-        if not self.active:
+        if not self.active or self.taken_over:
             return
         if self.outstanding is None:
             self.outstanding = (self.node.get_clock().now().nanoseconds, time.monotonic())
@@ -88,7 +91,8 @@ class Operator:
         self.executor = executor
         self.clients = {name: node.create_client(srv, f'{ns}/{topic}') for name, srv, topic in (
             ('start', Trigger, ros_io.OPERATOR_START), ('stop', Trigger, ros_io.OPERATOR_STOP),
-            ('label', SetBool, ros_io.OPERATOR_LABEL), ('discard', Trigger, ros_io.OPERATOR_DISCARD))}
+            ('label', SetBool, ros_io.OPERATOR_LABEL), ('discard', Trigger, ros_io.OPERATOR_DISCARD),
+            ('takeover', Trigger, ros_io.OPERATOR_TAKEOVER), ('hand_back', Trigger, ros_io.OPERATOR_HAND_BACK))}
         self.status: dict = {}
         self.received = 0
         node.create_subscription(String, f'{ns}/{ros_io.OPERATOR_STATUS}', self._on_status, ros_io.LATCHED_QOS)
@@ -224,6 +228,42 @@ def test_operator_labels_reach_the_policy_server_and_the_learner(tmp_path, graph
     ok, msg = op('start')
     assert not ok and 'awaits its label' in msg
     assert operator_node.proc.poll() is None and len(store.episode_ids()) == 3
+
+
+def test_a_takeover_marks_the_decisions_that_led_into_it_and_is_recorded_with_the_episode(tmp_path, graph, probe):
+    node, executor = probe
+    ckpt = tiny_checkpoint(tmp_path / 'sft', state_dim=4, action_dim=ACTION_DIM)
+    episodes = tmp_path / 'episodes'
+    server = graph.start('stepnft_ros.nodes.policy_server', 'policy_server', {
+        'checkpoint': str(ckpt), 'episode_dir': str(episodes), 'robots': ['arm'], 'mode': 'train',
+        'state_sources': ['joint_position', 'joint_velocity'], 'intervention_window_s': 0.5})
+    graph.start('stepnft_ros.nodes.episode_operator', 'episode_operator', {'robots': ['arm'], 'server_timeout_s': 2.0})
+    arm, op = FakeArm(node, 'arm'), Operator(node, executor, 'arm')
+    server.wait_for('serving 1 robot')
+    assert op('takeover') == (False, 'arm: no active episode to take over: start one first')
+    assert op('start')[0]
+    spin_until(executor, lambda: len(arm.executed[-1]) >= 12, 30, 'the policy to act for a while')
+    ok, msg = op('takeover')
+    assert ok and 'TAKEN OVER in episode 1' in msg and op.status['intervening']
+    assert op('takeover')[0] is False, 'already taken over'
+    server.wait_for(r'taken over in \S+: \d+ decision\(s\) of the last 0.5 s count as failures')
+    during = len(arm.executed[-1])
+    quiet_until = time.monotonic() + 0.6
+    spin_until(executor, lambda: time.monotonic() > quiet_until, 5, 'the takeover to last a while')
+    assert len(arm.executed[-1]) == during, 'taken over: the policy is not asked'
+    assert op('hand_back')[0] and not op.status['intervening']
+    spin_until(executor, lambda: len(arm.executed[-1]) >= during + 3, 30, 'the policy to act again')
+    ok, msg = op('label', True)
+    assert ok
+    store = EpisodeStore(episodes)
+    spin_until(executor, lambda: len(store.episode_ids()) == 1, 20, 'the episode bag')
+    episode = store.load(store.episode_ids()[0])
+    [(start, end)] = episode.interventions
+    assert 0 < start < end, 'the span a person had the arm'
+    marked = [d.stamp_ns for d in episode.decisions if d.led_to_intervention]
+    assert marked and all(start - 0.5e9 <= s < start for s in marked), 'only the decisions of the window before it'
+    assert all(not d.led_to_intervention for d in episode.decisions if d.stamp_ns > end)
+    assert op.status['interventions'] == 1
 
 
 def test_terminal_mode_is_raw_and_restored_on_quit_and_on_ctrl_c(tmp_path, ros_domain):

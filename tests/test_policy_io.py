@@ -197,6 +197,17 @@ def test_collate_groups_by_seed_and_carries_executed_counts():
     assert batch.executed.tolist() == [3, 1, 3, 3, 2] and batch.executed_from.tolist() == [0, 0, 0, 0, 1]
 
 
+def test_decisions_that_led_into_a_takeover_are_failures_whatever_the_outcome():
+    cfg = PolicyConfig(state_dim=2, action_dim=2, horizon=3, d_model=16, n_heads=2)
+    out = FlowPolicy(FlowVLA(cfg)).infer(Observation(state=np.zeros(2, np.float32)))
+    decisions = [Decision(Observation(state=np.zeros(2, np.float32)), out.chunks[0], out.trace, led_to_intervention=led)
+                 for led in (False, True, False)]
+    episode = Episode('a', 0, decisions, success=True, interventions=[(5, 9)])
+    batch = collate_episodes([episode], cfg)
+    assert batch.y.tolist() == [1.0, -1.0, 1.0] and batch.r.tolist() == [1.0, 0.0, 1.0]
+    assert collate_episodes([episode], cfg, intervention_negatives=False).y.tolist() == [1.0, 1.0, 1.0]
+
+
 def test_pretrained_text_encoder_from_a_local_directory(tmp_path):
     import transformers
 

@@ -728,3 +728,43 @@ def test_lifecycle_manager_stops_the_bring_up_when_a_node_never_comes(tmp_path, 
         assert 'bring-up stopped: /arm/safety_layer did not come up within 2 s' in manager.output()
     finally:
         graph.stop_all()
+
+
+def test_a_taken_over_arm_bridge_neither_asks_the_policy_nor_commands_until_handed_back(tmp_path, probe):
+    from ros_harness import Graph, spin_until
+    from std_msgs.msg import Bool
+
+    from stepnft_ros import ros_io
+
+    node, executor = probe
+    graph = Graph(tmp_path / 'logs')
+    try:
+        bridge = graph.start('stepnft_ros.nodes.arm_bridge', 'arm_bridge', {
+            'joint_names': ['j1', 'j2'], 'control_rate_hz': 20.0, 'actions_per_chunk': 2,
+            'require_active': False, 'max_observation_age_s': 1.0}, namespace='arm')
+        joints = node.create_publisher(ros_io.JointState, '/joint_states', ros_io.SENSOR_QOS)
+        node.create_timer(0.02, lambda: joints.publish(
+            ros_io.arrays_to_joint_state(['j1', 'j2'], np.zeros(2), None, time.time_ns())))
+        chunks = node.create_publisher(ros_io.JointTrajectory, '/arm/' + ros_io.ACTION_CHUNK, ros_io.RELIABLE_QOS)
+        observed, commanded = [], []
+
+        def answer(observation) -> None:
+            stamp = ros_io.stamp_to_ns(observation.header.stamp)
+            observed.append(stamp)
+            chunks.publish(ros_io.chunk_to_trajectory(np.zeros((4, 2)), ['j1', 'j2'], stamp, 0.05))
+
+        node.create_subscription(ros_io.JointState, '/arm/joint_states', answer, ros_io.SENSOR_QOS)
+        node.create_subscription(ros_io.JointTrajectory, '/arm/' + ros_io.SAFETY_JOINT_TRAJECTORY_IN,
+                                 commanded.append, ros_io.RELIABLE_QOS)
+        takeover = node.create_publisher(Bool, '/arm/' + ros_io.INTERVENTION_ACTIVE, ros_io.LATCHED_QOS)
+        spin_until(executor, lambda: len(commanded) >= 5, 60, 'the policy to command the arm')
+        takeover.publish(Bool(data=True))
+        bridge.wait_for('TAKEN OVER', timeout=10)
+        seen, sent = len(observed), len(commanded)
+        quiet_until = time.monotonic() + 1.0
+        spin_until(executor, lambda: time.monotonic() > quiet_until, 5, 'a second of takeover')
+        assert len(observed) <= seen + 1 and len(commanded) <= sent + 1, 'at most what was in flight'
+        takeover.publish(Bool(data=False))
+        spin_until(executor, lambda: len(commanded) >= sent + 5, 30, 'the policy to command again')
+    finally:
+        graph.stop_all()

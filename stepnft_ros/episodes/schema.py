@@ -33,6 +33,9 @@ class Decision:
     executed_from: int = 0
     """The first executed action: > 0 when the chunk took over late (inference latency; a robot that
     hides it runs the previous chunk meanwhile) and its leading actions' ticks had passed."""
+    led_to_intervention: bool = False
+    """A person took the arm over shortly after this decision (within the policy server's
+    `intervention_window_s`): the update counts it as a failure whatever the episode's outcome."""
 
 
 @dataclass
@@ -48,6 +51,8 @@ class Episode:
     seed: int | None = None
     robot: str = ''
     """Namespace of the robot/env that produced it ('' outside ROS)."""
+    interventions: list[tuple[int, int]] = field(default_factory=list)
+    """(start, end) stamps in ns of each span a person had the arm (end -1: until the episode ended)."""
 
     @property
     def finished(self) -> bool:
@@ -99,13 +104,16 @@ class DecisionBatch:
 
 
 def collate_episodes(episodes: Sequence[Episode], cfg: PolicyConfig, labels: str = 'terminal_binary',
-                     episode_scale: Sequence[float] | None = None) -> DecisionBatch:
+                     episode_scale: Sequence[float] | None = None,
+                     intervention_negatives: bool = True) -> DecisionBatch:
     """Flatten finished episodes into one batch; every decision gets its episode's label (ALGORITHM.md §3).
 
     labels: a scheme of algo/labels.py; 'group_mean' groups episodes by their reset seed (the same
     initial state).
     episode_scale: optional per-episode factor on the averaging weights (e.g. < 1 down-weights
     episodes collected with older weights).
+    intervention_negatives: decisions that led into a person's takeover get the failure label
+    (y = -1, r = 0) whatever their episode's.
     """
     if episode_scale is not None and len(episode_scale) != len(episodes):
         raise ValueError(f'episode_scale has {len(episode_scale)} entries for {len(episodes)} episodes')
@@ -126,8 +134,9 @@ def collate_episodes(episodes: Sequence[Episode], cfg: PolicyConfig, labels: str
         n_valid = sum(d.valid for d in ep.decisions)
         for d in ep.decisions:
             decisions.append(d)
-            y.append(ep_y)
-            r.append(ep_r)
+            negative = intervention_negatives and d.led_to_intervention
+            y.append(-1.0 if negative else ep_y)
+            r.append(0.0 if negative else ep_r)
             weight.append((scale[ep.episode_id] / n_valid) if d.valid else 0.0)
             ep_index.append(i)
             first = 0 if d.executed is None else min(int(d.executed_from), cfg.horizon)

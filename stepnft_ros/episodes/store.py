@@ -58,7 +58,7 @@ IMAGE_TYPE = 'sensor_msgs/msg/Image'
 ACTION_TYPE = 'trajectory_msgs/msg/JointTrajectory'
 
 FORMAT_KEY = 'stepnft_ros.episode_format'
-FORMAT_VERSION = '3'  # 2: DecisionTrace.executed; 3: DecisionTrace.executed_from
+FORMAT_VERSION = '4'  # 2: DecisionTrace.executed; 3: .executed_from; 4: interventions
 SYNTHETIC_STAMPS_KEY = 'stepnft_ros.synthetic_stamps'
 BAG_VERSION = 9  # rosbag2 metadata version of Jazzy/Kilted
 TEMP_PREFIX = '.tmp-'
@@ -260,7 +260,7 @@ def _write_bag(path: Path, episode: Episode, layout: _Layout) -> None:
             write(trace_conn, stamp, types[TRACE_TYPE](
                 header=_header(ts, stamp), weights_version=episode.decision_version(decision),
                 valid=bool(decision.valid), executed=-1 if decision.executed is None else int(decision.executed),
-                executed_from=int(decision.executed_from),
+                executed_from=int(decision.executed_from), led_to_intervention=bool(decision.led_to_intervention),
                 k=int(trace.k[0]), a=float(trace.a[0]), horizon=horizon,
                 action_dim=action_dim, **flat))
 
@@ -269,7 +269,9 @@ def _write_bag(path: Path, episode: Episode, layout: _Layout) -> None:
             episode_id=episode.episode_id, robot=episode.robot, success=bool(episode.success),
             env_steps=episode.env_steps, seed=-1 if episode.seed is None else episode.seed,
             weights_version=episode.weights_version, num_decisions=len(episode.decisions),
-            camera_names=layout.cameras, action_names=layout.action_names))
+            camera_names=layout.cameras, action_names=layout.action_names,
+            intervention_start_ns=np.array([s for s, _ in episode.interventions], np.int64),
+            intervention_end_ns=np.array([e for _, e in episode.interventions], np.int64)))
 
 
 def _header(ts: Typestore, stamp_ns: int, frame_id: str = '') -> Any:
@@ -408,10 +410,14 @@ def _decode(records: dict[str, list[Any]], synthetic_stamps: bool) -> Episode:
             chunk=chunk, trace=trace, valid=bool(trace_msg.valid), stamp_ns=0 if synthetic_stamps else stamp,
             # the writer stores the effective version; None is how the schema says "the episode's"
             weights_version=None if version == info.weights_version else version,
-            executed=None if executed == -1 else executed, executed_from=executed_from))
+            executed=None if executed == -1 else executed, executed_from=executed_from,
+            led_to_intervention=bool(getattr(trace_msg, 'led_to_intervention', False))))  # absent before format 4
     return Episode(episode_id=info.episode_id, weights_version=int(info.weights_version), decisions=decisions,
                    success=bool(info.success), env_steps=int(info.env_steps),
-                   seed=None if info.seed == -1 else int(info.seed), robot=info.robot)
+                   seed=None if info.seed == -1 else int(info.seed), robot=info.robot,
+                   interventions=[(int(s), int(e)) for s, e in zip(getattr(info, 'intervention_start_ns', []),
+                                                                    getattr(info, 'intervention_end_ns', []),
+                                                                    strict=True)])
 
 
 def _index_by_stamp(topic: str, messages: list[Any]) -> dict[int, Any]:

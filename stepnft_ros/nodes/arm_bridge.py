@@ -5,7 +5,8 @@ In its namespace <ns> (which must not be the root):
        over several publishers), `camera_topics` (sensor_msgs/Image, or CompressedImage (jpeg/png)
        for topics ending in /compressed; any size: centre-cropped and
        resized to `image_size`), <ns>/episode_active (std_msgs/Bool, latched; the operator, whose
-       repeats must keep coming when `active_timeout_s` > 0),
+       repeats must keep coming when `active_timeout_s` > 0), <ns>/intervention_active
+       (std_msgs/Bool, latched: a person has taken the arm over; nothing is sent or commanded),
        <ns>/action_chunk (the policy server's answer)
   out  the policy contract: <ns>/joint_states (`joint_names` in order), <ns>/camera/<cam>/image_raw,
        <ns>/instruction (latched), all parts of one observation with one stamp;
@@ -114,6 +115,7 @@ class ArmBridge(ManagedNode):
         self.create_subscription(ros_io.JointTrajectory, ros_io.ACTION_CHUNK, self._on_chunk, ros_io.RELIABLE_QOS)
         self.executed_pub = self.create_publisher(ros_io.JointTrajectory, ros_io.EXECUTED_CHUNK, ros_io.RELIABLE_QOS)
         self.create_subscription(Bool, ros_io.EPISODE_ACTIVE, self._on_active, ros_io.LATCHED_QOS)
+        self.create_subscription(Bool, ros_io.INTERVENTION_ACTIVE, self._on_intervention, ros_io.LATCHED_QOS)
         # Arm side.
         self.create_subscription(ros_io.JointState, joint_states_topic, self._on_joint_state, ros_io.SENSOR_QOS)
         for cam, topic in zip(camera_names, camera_topics, strict=True):
@@ -133,6 +135,7 @@ class ArmBridge(ManagedNode):
             self.get_logger().warning(f'twist control: action dims 7..{self.action_dim} (e.g. the gripper) are not '
                                       'part of a twist and are not sent')
         self.active = not self.require_active
+        self.intervening = False  # a person has the arm: the policy is neither asked nor obeyed
         self.active_heard = time.monotonic()
         self.tick = 0
         self.stamp_to_tick: dict[int, int] = {}
@@ -174,6 +177,14 @@ class ArmBridge(ManagedNode):
             self._set_active(bool(msg.data))
             self.get_logger().info(f'episode {"ACTIVE: acting" if self.active else "inactive: holding"}')
 
+    def _on_intervention(self, msg: Bool) -> None:
+        if bool(msg.data) == self.intervening:
+            return
+        self.intervening = bool(msg.data)
+        self._drop_schedule()  # after a hand-back the policy plans from a fresh observation
+        self.get_logger().info('TAKEN OVER: no policy commands until handed back' if self.intervening
+                               else 'handed back: the policy acts again')
+
     def _set_active(self, active: bool) -> None:
         self.active = active
         self._drop_schedule()
@@ -205,7 +216,7 @@ class ArmBridge(ManagedNode):
             self._set_active(False)
             self.get_logger().error(f'no episode_active from the operator for {self.active_timeout_s:g} s: '
                                     'episode stopped, holding')
-        if not self.active:
+        if not self.active or self.intervening:
             return
         action = self.scheduler.action(self.tick)
         self._report_executed()

@@ -2,8 +2,12 @@
 
 Per robot namespace <ns> (parameter `robots`, as the policy server's):
   srv  <ns>/operator/start, <ns>/operator/stop, <ns>/operator/discard (std_srvs/Trigger),
-       <ns>/operator/label (std_srvs/SetBool, true = success; stops the episode first if active)
+       <ns>/operator/label (std_srvs/SetBool, true = success; stops the episode first if active),
+       <ns>/operator/takeover, <ns>/operator/hand_back (std_srvs/Trigger): a person takes the arm
+       over during an episode (teleop into <ns>/safety/*) and gives it back
   out  <ns>/episode_active (std_msgs/Bool, latched): the arm may act only while it is true
+       <ns>/intervention_active (std_msgs/Bool, latched): a person has the arm (the policy is not
+       asked); it ends with the episode at the latest
        <ns>/operator/status (std_msgs/String JSON, latched): phase, counts, success rate
   calls the policy server's <ns>/episode_outcome (SetBool: it writes the episode) and
        <ns>/episode_discard (Trigger: it forgets the episode)
@@ -48,6 +52,9 @@ class EpisodeLedger:
     last_label: str = ''
     last_episode_id: str = ''
     seq: int = 0
+    intervening: bool = False
+    interventions: int = 0
+    """Takeovers over all episodes."""
 
     def refuse_start(self) -> str:
         if self.busy:
@@ -69,11 +76,25 @@ class EpisodeLedger:
             return f'{self.robot}: episode {self.episode} is already stopped: label or discard it'
         return ''
 
+    def refuse_takeover(self, take: bool) -> str:
+        """Why a takeover (take) or hand-back cannot apply now; '' if it can."""
+        if take and self.phase != ACTIVE:
+            return f'{self.robot}: no active episode to take over: start one first'
+        if take and self.intervening:
+            return f'{self.robot}: already taken over: hand it back first'
+        if not take and not self.intervening:
+            return f'{self.robot}: nothing to hand back: no takeover is active'
+        return ''
+
+    def took_over(self, take: bool) -> None:
+        self.intervening = take
+        self.interventions += take
+
     def started(self) -> None:
         self.phase, self.episode = ACTIVE, self.episode + 1
 
     def stopped(self) -> None:
-        self.phase = AWAITING_LABEL
+        self.phase, self.intervening = AWAITING_LABEL, False  # the person's segment ends with the episode
 
     def labelled(self, success: bool, episode_id: str) -> None:
         self.phase = IDLE
@@ -96,7 +117,8 @@ class EpisodeLedger:
                 'awaiting_label': self.phase == AWAITING_LABEL, 'busy': self.busy, 'episode': self.episode,
                 'labelled': n, 'successes': self.successes, 'failures': self.failures,
                 'discarded': self.discarded, 'success_rate': self.successes / n if n else None,
-                'last_label': self.last_label, 'last_episode_id': self.last_episode_id}
+                'last_label': self.last_label, 'last_episode_id': self.last_episode_id,
+                'intervening': self.intervening, 'interventions': self.interventions}
 
 
 def format_status(status: dict) -> str:
@@ -105,7 +127,8 @@ def format_status(status: dict) -> str:
     line = (f"{status['robot']}: {status['labelled']} labelled ({status['successes']} success, "
             f"{status['failures']} failure), success rate {'-' if rate is None else f'{100 * rate:.0f} %'}, "
             f"{status['discarded']} discarded")
-    phase = {ACTIVE: f"episode {status['episode']} ACTIVE", AWAITING_LABEL: f"episode {status['episode']} awaits "
+    phase = {ACTIVE: f"episode {status['episode']} ACTIVE" + (' (TAKEN OVER)' if status.get('intervening') else ''),
+             AWAITING_LABEL: f"episode {status['episode']} awaits "
              'its label', IDLE: 'idle'}.get(status['phase'], status['phase'])
     return f'{line}; {phase}'
 
@@ -114,6 +137,7 @@ class _Robot:
     def __init__(self, node: EpisodeOperator, ns: str, group: ReentrantCallbackGroup) -> None:
         self.ledger = EpisodeLedger(ns)
         self.active_pub = node.create_publisher(Bool, f'{ns}/{ros_io.EPISODE_ACTIVE}', ros_io.LATCHED_QOS)
+        self.intervention_pub = node.create_publisher(Bool, f'{ns}/{ros_io.INTERVENTION_ACTIVE}', ros_io.LATCHED_QOS)
         self.status_pub = node.create_publisher(String, f'{ns}/{ros_io.OPERATOR_STATUS}', ros_io.LATCHED_QOS)
         self.outcome = node.create_client(SetBool, f'{ns}/{ros_io.EPISODE_OUTCOME}', callback_group=group)
         self.discard = node.create_client(Trigger, f'{ns}/{ros_io.EPISODE_DISCARD}', callback_group=group)
@@ -149,7 +173,9 @@ class EpisodeOperator(Node):
             for srv_type, name, handler in ((Trigger, ros_io.OPERATOR_START, self._on_start),
                                             (Trigger, ros_io.OPERATOR_STOP, self._on_stop),
                                             (SetBool, ros_io.OPERATOR_LABEL, self._on_label),
-                                            (Trigger, ros_io.OPERATOR_DISCARD, self._on_discard)):
+                                            (Trigger, ros_io.OPERATOR_DISCARD, self._on_discard),
+                                            (Trigger, ros_io.OPERATOR_TAKEOVER, partial(self._on_takeover, True)),
+                                            (Trigger, ros_io.OPERATOR_HAND_BACK, partial(self._on_takeover, False))):
                 # partial, not a lambda: executors await a callback only if it is a coroutine function
                 self.create_service(srv_type, f'{ns}/{name}', partial(handler, robot), callback_group=self.group)
             self._publish(robot)  # latched "not active": an arm that joins (or an operator restart) holds still
@@ -197,6 +223,15 @@ class EpisodeOperator(Node):
                                 f'{message}; it still awaits its label (or discard it)')
         led.labelled(success, message)
         return self._answer(robot, response, True, f'{led.robot}: episode {led.episode} labelled {label}: {message}')
+
+    async def _on_takeover(self, take: bool, robot: _Robot, _req, response: Trigger.Response) -> Trigger.Response:
+        led = robot.ledger
+        if refusal := led.refuse_takeover(take):
+            return self._answer(robot, response, False, refusal)
+        led.took_over(take)
+        return self._answer(robot, response, True, f'{led.robot}: ' + (
+            f'TAKEN OVER in episode {led.episode}: the policy does not command the arm; teleop into '
+            f'{led.robot}/safety/*' if take else f'handed back in episode {led.episode}: the policy acts again'))
 
     async def _on_discard(self, robot: _Robot, _req, response: Trigger.Response) -> Trigger.Response:
         led = robot.ledger
@@ -278,6 +313,7 @@ class EpisodeOperator(Node):
         led = robot.ledger
         led.seq += 1
         robot.active_pub.publish(Bool(data=led.phase == ACTIVE))
+        robot.intervention_pub.publish(Bool(data=led.intervening))
         robot.status_pub.publish(String(data=json.dumps(led.status())))
 
     def _on_heartbeat(self) -> None:

@@ -6,7 +6,9 @@ Per robot namespace <ns> (parameter `robots`):
        <ns>/executed_chunk (trajectory_msgs/JointTrajectory, optional: the points of a chunk the
        robot executed, their time_from_start saying which; recorded with the decision),
        <ns>/episode_seed (std_msgs/Int64, latched, optional: the reset seed of the episode the robot
-       is about to start; sims only)
+       is about to start; sims only), <ns>/intervention_active (std_msgs/Bool, latched: a person
+       took the arm over; decisions of the last `intervention_window_s` are marked as having led
+       into it, and the span is recorded with the episode)
   out  <ns>/action_chunk (trajectory_msgs/JointTrajectory, header.stamp = the observation's)
   srv  <ns>/episode_outcome (std_srvs/SetBool, true = success): ends and writes the episode
        <ns>/episode_discard (std_srvs/Trigger): drops the running episode unwritten (operator)
@@ -76,6 +78,7 @@ class Robot:
     noise: torch.Generator | None = None  # eval / deploy: this robot's own ODE noise stream
     reports_executed: bool = False  # it publishes executed_chunk: its episodes wait for the last report
     next_seed: int | None = None  # the reset seed heard for the episode the robot starts next
+    intervening: bool = False  # a person has the arm (the operator's takeover)
 
 
 class PolicyServer(ManagedNode):
@@ -103,6 +106,8 @@ class PolicyServer(ManagedNode):
         self.max_observation_age_s = p.get('max_observation_age_s', 0.0)
         # Topics and services are not ordered: the last chunk's executed report may follow the outcome.
         self.executed_wait_s = p.get('executed_wait_s', 1.0)
+        # Decisions answered this long before a person takes the arm over led into the takeover.
+        self.intervention_window_s = p.get('intervention_window_s', 2.0)
         if self.executed_wait_s < 0:
             raise ConfigError(f"parameter 'executed_wait_s' must be >= 0, got {self.executed_wait_s}")
         torch.set_num_threads(max(1, p.get('torch_threads', 1)))
@@ -189,6 +194,33 @@ class PolicyServer(ManagedNode):
                 ros_io.RELIABLE_QOS))
             robot.subscriptions.append(self.create_subscription(
                 ros_io.Int64, f'{ns}/{ros_io.EPISODE_SEED}', lambda m: self._on_seed(robot, m), ros_io.LATCHED_QOS))
+            robot.subscriptions.append(self.create_subscription(
+                Bool, f'{ns}/{ros_io.INTERVENTION_ACTIVE}', lambda m: self._on_intervention(robot, m),
+                ros_io.LATCHED_QOS))
+
+    def _on_intervention(self, robot: Robot, msg: Bool) -> None:
+        """A takeover marks the decisions of the last `intervention_window_s` as having led into it
+        and opens a span in the episode; the hand-back closes it."""
+        take = bool(msg.data)
+        if take == robot.intervening:
+            return
+        robot.intervening, episode = take, robot.episode
+        now_ns = self.get_clock().now().nanoseconds
+        if episode is None:
+            return  # no decision recorded yet: nothing led into it
+        if take:
+            since = now_ns - int(self.intervention_window_s * 1e9)
+            marked = 0
+            for i, d in enumerate(episode.decisions):
+                if d.stamp_ns >= since:
+                    episode.decisions[i] = dataclasses.replace(d, led_to_intervention=True)
+                    marked += 1
+            episode.interventions.append((now_ns, -1))
+            self.get_logger().info(f'{robot.namespace}: taken over in {episode.episode_id}: {marked} decision(s) '
+                                   f'of the last {self.intervention_window_s:g} s count as failures')
+        elif episode.interventions and episode.interventions[-1][1] == -1:
+            episode.interventions[-1] = (episode.interventions[-1][0], now_ns)
+            self.get_logger().info(f'{robot.namespace}: handed back in {episode.episode_id}')
 
     def _on_seed(self, robot: Robot, msg: ros_io.Int64) -> None:
         try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -135,14 +136,25 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     from stepnft_ros.offline import train_from_bags
 
     algo = StepNFTConfig(epochs=args.epochs, lr=args.lr)
-    start = time.perf_counter()
-    report = train_from_bags(args.bags, args.checkpoint, args.out, algo, labels=args.labels,
-                             max_version_lag=args.max_version_lag, seed=args.seed)
-    report['wall_s'] = round(time.perf_counter() - start, 1)
-    print(json.dumps(report, indent=2))
+    # Under torchrun (WORLD_SIZE > 1) the ranks split each minibatch (StepNFTTrainer); rank 0 writes.
+    distributed = int(os.environ.get('WORLD_SIZE', '1')) > 1
+    if distributed:
+        dist.init_process_group('gloo')  # the offline update runs on the CPU
+    try:
+        start = time.perf_counter()
+        report = train_from_bags(args.bags, args.checkpoint, args.out, algo, labels=args.labels,
+                                 max_version_lag=args.max_version_lag, seed=args.seed, distributed=distributed)
+        report['wall_s'] = round(time.perf_counter() - start, 1)
+        if not distributed or dist.get_rank() == 0:
+            print(json.dumps(report, indent=2))
+    finally:
+        if distributed:
+            dist.destroy_process_group()
     return 0
 
 

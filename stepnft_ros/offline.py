@@ -15,11 +15,13 @@ from stepnft_ros.policy.config import PolicyConfig
 
 def train_from_bags(bags_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
                     algo: StepNFTConfig, labels: str = 'terminal_binary', max_version_lag: int | None = None,
-                    seed: int = 0) -> dict[str, Any]:
+                    seed: int = 0, distributed: bool = False) -> dict[str, Any]:
     """Update the checkpoint once on every readable episode in `bags_dir`; save it to `out_dir` as version + 1.
 
     max_version_lag: drop episodes whose oldest acting weights version is more than this many
     versions behind the checkpoint's (too off-policy). Corrupt bags are skipped and counted.
+    distributed: a data-parallel update over the initialized torch.distributed group (every rank
+    reads the same bags; the ranks split each minibatch); rank 0 writes the checkpoint.
     Raises FileNotFoundError for a missing `bags_dir`, ValueError when nothing is left to train on.
     """
     bags_dir = Path(bags_dir)
@@ -39,10 +41,12 @@ def train_from_bags(bags_dir: str | os.PathLike, checkpoint_dir: str | os.PathLi
                          f'{len(episodes) - len(kept)} older than the allowed version lag)')
     _check_fits(kept, model.config)
 
-    trainer = StepNFTTrainer(model, algo, seed=seed)
+    trainer = StepNFTTrainer(model, algo, seed=seed, distributed=distributed)
     metrics = trainer.update(collate_episodes(kept, model.config, labels))
-    path = save_checkpoint(out_dir, model, {'stage': 'offline_stepnft', 'weights_version': version + 1,
-                                            'episodes': len(kept)})
+    path = Path(out_dir)
+    if trainer.rank == 0:
+        path = save_checkpoint(out_dir, model, {'stage': 'offline_stepnft', 'weights_version': version + 1,
+                                                'episodes': len(kept), 'ranks': trainer.world_size})
     return {'checkpoint': str(path), 'weights_version': version + 1, 'episodes': len(kept),
             'decisions': sum(len(e.decisions) for e in kept), 'dropped_stale': len(episodes) - len(kept),
             'corrupt': len(corrupt), 'corrupt_bags': corrupt, 'metrics': metrics}

@@ -393,7 +393,7 @@ def test_stepnft_train_from_bags(tmp_path, capsys):
     assert (report['weights_version'], report['episodes'], report['corrupt'], report['dropped_stale']) == (1, 4, 1, 0)
     assert report['metrics']['gradient_steps'] >= 1 and np.isfinite(report['metrics']['loss'])
     trained, meta = load_checkpoint(tmp_path / 'v1', expected=TOY)
-    assert meta == {'stage': 'offline_stepnft', 'weights_version': 1, 'episodes': 4}
+    assert meta == {'stage': 'offline_stepnft', 'weights_version': 1, 'episodes': 4, 'ranks': 1}
     assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), model.state_dict().values(),
                                                      strict=True))
 
@@ -401,6 +401,23 @@ def test_stepnft_train_from_bags(tmp_path, capsys):
     rollout_store(store.root, trained, seeds=[100], weights_version=1)
     result = train_from_bags(store.root, tmp_path / 'v1', tmp_path / 'v2', StepNFTConfig(epochs=1), max_version_lag=0)
     assert (result['weights_version'], result['episodes'], result['dropped_stale']) == (2, 1, 4)
+
+
+def test_stepnft_train_under_torchrun_splits_the_update_over_ranks_and_rank_0_writes(tmp_path):
+    model = FlowVLA(TOY)
+    save_checkpoint(tmp_path / 'sft', model, {'stage': 'sft', 'weights_version': 0})
+    store = rollout_store(tmp_path / 'bags', model, seeds=range(4))
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--standalone',
+                           '-m', 'stepnft_ros.cli', 'train', '--bags', str(store.root), '--checkpoint',
+                           str(tmp_path / 'sft'), '--epochs', '1', '--lr', '1e-3', '--out', str(tmp_path / 'v1')],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)  # printed once, by rank 0
+    assert report['episodes'] == 4 and report['metrics']['gradient_steps'] >= 1
+    trained, meta = load_checkpoint(tmp_path / 'v1', expected=TOY)
+    assert meta['ranks'] == 2 and meta['weights_version'] == 1
+    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), model.state_dict().values(),
+                                                     strict=True))
 
 
 def test_stepnft_train_fails_clearly_without_episodes(tmp_path, capsys):

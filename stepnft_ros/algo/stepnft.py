@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from stepnft_ros.algo.sft import flow_matching_loss
@@ -279,11 +280,24 @@ def grpo_loss(v_theta: torch.Tensor, trace: Trace, advantage: torch.Tensor, weig
 
 class StepNFTTrainer:
     """Applies π-StepNFT updates (or a baseline's, `cfg.algo`) to a FlowVLA from batches of finished
-    on-policy episodes."""
+    on-policy episodes.
 
-    def __init__(self, model: FlowVLA, cfg: StepNFTConfig, seed: int = 0) -> None:
+    Data parallel over torch.distributed (`distributed=True`, after init_process_group; e.g. under
+    torchrun, gloo on CPUs, nccl on GPUs): every rank holds the same batch and the same seed,
+    computes its share (rank::world_size) of each minibatch's decisions, and the gradients are
+    summed across ranks before the step, each rank's loss weighted by its share of the minibatch's
+    weight. Every rank then takes the very step one process would take on the whole minibatch (up
+    to float summation order), so the ranks stay identical and any one of them can write the
+    checkpoint. The velocity passes, the update's cost, are what is split.
+    """
+
+    def __init__(self, model: FlowVLA, cfg: StepNFTConfig, seed: int = 0, distributed: bool = False) -> None:
         self.model = model
         self.cfg = cfg
+        if distributed and cfg.algo == 'filtered_bc':
+            raise ValueError('distributed updates are for the stepnft and grpo losses (filtered_bc samples noise '
+                             'per minibatch)')
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         self.params = list(model.parameters()) if cfg.train_prefix else model.action_expert_parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=(cfg.adam_beta1, cfg.adam_beta2))
@@ -315,6 +329,14 @@ class StepNFTTrainer:
                 idx = order[start:start + cfg.minibatch_size]
                 if weight[idx].sum() <= 0:
                     continue
+                share = torch.ones((), device=device)
+                if self.world_size > 1:  # this rank's decisions of the minibatch, its loss scaled to its share
+                    if len(idx) >= self.world_size:
+                        total = weight[idx].sum()
+                        idx = idx[self.rank::self.world_size]
+                        share = weight[idx].sum() / total
+                    else:  # fewer decisions than ranks: each takes them all, for a 1/world_size share
+                        share = share / self.world_size
                 mb_trace, mb_mask = trace.index(idx), mask[idx]
                 if cfg.algo == 'filtered_bc':
                     loss = flow_matching_loss(model, obs.index(idx.cpu()).to(device), mb_trace.x_final, mb_mask,
@@ -328,7 +350,9 @@ class StepNFTTrainer:
                         loss, metrics = stepnft_loss(v_theta, mb_trace, y[idx], r[idx], weight[idx], cfg,
                                                      num_steps, mb_mask)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * share).backward()
+                if self.world_size > 1:
+                    metrics = self._all_reduce(metrics, share)
                 metrics['grad_norm'] = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip).item()
                 self.optimizer.step()
                 for key, value in metrics.items():
@@ -353,6 +377,21 @@ class StepNFTTrainer:
         out['label_mean'] = float(y[labelled].mean().item()) if labelled.any() else 0.0
         out['label_positive_fraction'] = float((y[labelled] > 0).float().mean().item()) if labelled.any() else 0.0
         return out
+
+    def _all_reduce(self, metrics: dict[str, float], share: torch.Tensor) -> dict[str, float]:
+        """Sum the ranks' gradients (each already scaled to its share); metrics likewise, as share-weighted
+        means, so every rank sees the whole minibatch's (and stops early, or not, with the others)."""
+        with_grad = [p for p in self.params if p.grad is not None]  # the same on every rank: the same graph
+        flat = torch.cat([p.grad.flatten() for p in with_grad])
+        dist.all_reduce(flat)
+        offset = 0
+        for p in with_grad:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        names = sorted(metrics)  # the same on every rank: each computed the same loss on a non-empty share
+        values = torch.tensor([metrics[n] * float(share) for n in names], dtype=torch.float64)
+        dist.all_reduce(values)
+        return dict(zip(names, values.tolist(), strict=True))
 
     def _velocity(self, obs, prefix, trace: Trace, idx: torch.Tensor) -> torch.Tensor:
         """v_θ(x_k*, τ_k*, o) of the decisions idx, from the update's cached prefix when there is one."""

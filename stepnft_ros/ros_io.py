@@ -206,6 +206,17 @@ def executed_range(msg: JointTrajectory, control_period: float) -> tuple[int, in
     return stamp_to_ns(msg.header.stamp), first, len(msg.points)
 
 
+# ---- messages as bytes ---------------------------------------------------------------------
+
+def serialized(msg) -> tuple[str, bytes]:
+    """(ROS type name, CDR bytes) of a message, as rosbag2 stores it: e.g. the robot's own messages
+    that the policy server puts into episode bags."""
+    from rclpy.serialization import serialize_message
+
+    cls = type(msg)
+    return f'{cls.__module__.split(".")[0]}/msg/{cls.__name__}', serialize_message(msg)
+
+
 # ---- episode seeds ------------------------------------------------------------------------
 
 def seed_to_msg(seed: int) -> Int64:

@@ -1,6 +1,7 @@
 """Episode bags: bit-exact round trips, standard-tool readability, atomic writes, corrupt bags, bags of an
 older format, `stepnft train`."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -61,10 +62,24 @@ def state_episode(episode_id='ep-state', seed=0) -> Episode:
                    interventions=[(ROS_STAMP, ROS_STAMP + 2_000_000_000), (ROS_STAMP + 5_000_000_000, -1)])
 
 
+def joint_state_cdr(stamp_ns: int, positions) -> bytes:
+    """A robot's sensor_msgs/JointState as it arrives (CDR), made without rclpy."""
+    ts = get_typestore(Stores.ROS2_KILTED)
+    T = ts.types
+    sec, nanosec = divmod(stamp_ns, 1_000_000_000)
+    msg = T['sensor_msgs/msg/JointState'](
+        header=T['std_msgs/msg/Header'](stamp=T['builtin_interfaces/msg/Time'](sec=sec, nanosec=nanosec), frame_id=''),
+        name=['j1', 'j2'], position=np.asarray(positions, np.float64), velocity=np.zeros(0), effort=np.zeros(0))
+    return bytes(ts.serialize_cdr(msg, 'sensor_msgs/msg/JointState'))
+
+
 def image_episode(episode_id='ep.images_1') -> Episode:
     rng = np.random.default_rng(1)
     decisions = [make_decision(rng, stamp_ns=ROS_STAMP + i * 50_000_000, cameras=('wrist', 'scene'), executed=e)
                  for i, e in enumerate([2, 2, 0])]
+    decisions = [dataclasses.replace(d, robot_messages=(
+        ('joint_states', 'sensor_msgs/msg/JointState', joint_state_cdr(d.stamp_ns, [i, -i])),)) for i, d in
+        enumerate(decisions)]
     return Episode(episode_id, weights_version=0, decisions=decisions, success=True, env_steps=9, seed=42,
                    robot='/arm1')
 
@@ -74,8 +89,10 @@ def assert_same_episode(got: Episode, want: Episode) -> None:
         assert getattr(got, field) == getattr(want, field), field
     assert len(got.decisions) == len(want.decisions)
     for g, w in zip(got.decisions, want.decisions, strict=True):
-        assert (g.valid, g.stamp_ns, g.weights_version, g.executed, g.executed_from, g.led_to_intervention) == \
-            (w.valid, w.stamp_ns, w.weights_version, w.executed, w.executed_from, w.led_to_intervention)
+        assert (g.valid, g.stamp_ns, g.weights_version, g.executed, g.executed_from, g.led_to_intervention,
+                g.robot_messages) == \
+            (w.valid, w.stamp_ns, w.weights_version, w.executed, w.executed_from, w.led_to_intervention,
+             w.robot_messages)
         assert g.observation.instruction == w.observation.instruction
         for got_array, want_array in [(g.chunk, w.chunk), (g.observation.state, w.observation.state)]:
             assert got_array.dtype == want_array.dtype and np.array_equal(got_array, want_array)
@@ -96,18 +113,32 @@ def test_round_trip_is_bit_exact(tmp_path, make):
     assert_same_episode(read_episode(path), episode)
 
 
+def test_the_robots_own_messages_replay_on_its_topics_with_standard_types_only(tmp_path):
+    path = write_episode(image_episode(), tmp_path)
+    standard = get_typestore(Stores.ROS2_KILTED)  # no stepnft types: what ros2 bag play / Foxglove have
+    with Reader(path) as reader:
+        [conn] = [c for c in reader.connections if c.topic == '/arm1/joint_states']
+        assert conn.msgtype == 'sensor_msgs/msg/JointState'
+        msgs = [standard.deserialize_cdr(raw, conn.msgtype) for _, _, raw in reader.messages(connections=[conn])]
+    assert [m.position.tolist() for m in msgs] == [[0.0, 0.0], [1.0, -1.0], [2.0, -2.0]]
+    assert [m.header.stamp.nanosec for m in msgs] == [(ROS_STAMP + i * 50_000_000) % 10**9 for i in range(3)]
+    bad = dataclasses.replace(image_episode('bad').decisions[0], robot_messages=(('/abs', 'nope/msg/X', b''),))
+    with pytest.raises(ValueError, match='needs a relative topic name, a standard ROS 2 type and CDR bytes'):
+        write_episode(Episode('bad', 0, [bad], success=True), tmp_path)
+
+
 def test_bag_is_readable_with_standard_tools(tmp_path):
     episode = image_episode()
     path = write_episode(episode, tmp_path, action_names=['x', 'y'], control_period=0.1)
     with Reader(path) as reader:  # rosbags sees a plain rosbag2/MCAP bag
-        assert reader.message_count == 3 * 5 + 1
+        assert reader.message_count == 3 * 6 + 1  # per decision: 5 records + the robot's joint state
     with open(path / f'{episode.episode_id}.mcap', 'rb') as f:
         reader = make_reader(f, decoder_factories=[DecoderFactory()])
         summary = reader.get_summary()
         schemas = {summary.schemas[c.schema_id].name: summary.schemas[c.schema_id] for c in summary.channels.values()}
         assert {c.topic for c in summary.channels.values()} == {
             '/episode/observation', '/episode/images/wrist', '/episode/images/scene', '/episode/action_chunk',
-            '/episode/trace', '/episode/info'}
+            '/episode/trace', '/episode/info', '/arm1/joint_states'}
         assert {s.encoding for s in schemas.values()} == {'ros2msg'}
         assert 'float32[] x_k' in schemas['stepnft_ros/msg/DecisionTrace'].data.decode()
         decoded = {}

@@ -15,7 +15,9 @@ import yaml
 
 rclpy = pytest.importorskip('rclpy', reason='ROS 2 is installed by scripts/setup.sh')
 
+from rclpy.serialization import deserialize_message  # noqa: E402
 from ros_harness import REPO, Graph, spin_until, tiny_checkpoint  # noqa: E402
+from std_msgs.msg import String  # noqa: E402
 
 from stepnft_ros import ros_io  # noqa: E402
 from stepnft_ros.episodes.store import EpisodeStore  # noqa: E402
@@ -135,6 +137,17 @@ def test_camera_images_flow_through_bridge_and_policy_server(tmp_path, graph):
         assert image.shape == (32, 32, 3) and image.dtype == np.uint8 and image.std() > 0  # a rendered scene
         assert len(episode.decisions) == 2 and episode.success is False  # 6 steps: chunks of 4 and 2; random policy
         assert [d.executed for d in episode.decisions] == [4, 2] and episode.env_steps == 6
+        # The robot's own messages, as they arrived, replayable on its topics (standard types).
+        first = {topic: (msgtype, data) for topic, msgtype, data in episode.decisions[0].robot_messages}
+        assert set(first) == {'joint_states', 'task_state', 'camera/base_camera/image_raw', 'instruction'}
+        msgtype, data = first['camera/base_camera/image_raw']
+        frame = deserialize_message(data, ros_io.Image)
+        assert msgtype == 'sensor_msgs/msg/Image' and ros_io.stamp_to_ns(frame.header.stamp) == \
+            episode.decisions[0].stamp_ns
+        assert np.array_equal(ros_io.image_to_numpy(frame, 32), image)
+        assert deserialize_message(first['instruction'][1], String).data == episode.decisions[0].observation.instruction
+        assert {t for t, _, _ in episode.decisions[1].robot_messages} == {
+            'joint_states', 'task_state', 'camera/base_camera/image_raw'}  # the instruction once per episode
 
 
 def test_a_respawned_bridge_has_its_predecessors_unfinished_episode_dropped(tmp_path, graph, probe):

@@ -33,6 +33,9 @@ class Decision:
     executed_from: int = 0
     """The first executed action: > 0 when the chunk took over late (inference latency; a robot that
     hides it runs the previous chunk meanwhile) and its leading actions' ticks had passed."""
+    robot_messages: tuple[tuple[str, str, bytes], ...] = ()
+    """The robot's own messages this observation was made of, as they arrived: (topic relative to
+    the robot's namespace, ROS type name, CDR bytes). Episode bags replay them on /<robot>/<topic>."""
     led_to_intervention: bool = False
     """A person took the arm over shortly after this decision (within the policy server's
     `intervention_window_s`): the update counts it as a failure whatever the episode's outcome."""

@@ -7,6 +7,12 @@ Layout of `<root>/<episode_id>/`, CDR-serialized, message definitions recorded i
     /episode/action_chunk      trajectory_msgs/msg/JointTrajectory  one per decision: H points of D positions
     /episode/trace             stepnft_ros/msg/DecisionTrace        one per decision
     /episode/info              stepnft_ros/msg/EpisodeInfo          one, written last
+    /<robot>/<topic>           the robot's own messages (JointState, Image, CompressedImage, String)
+                               that each observation was made of, as they arrived (policy server)
+
+The robot's topics make an episode replayable with standard tools: `ros2 bag play` republishes the
+joint states, camera frames and instruction under the robot's own topic names, and Foxglove or
+RViz show them with no stepnft code installed.
 
 A decision's records share its stamp (header stamp and log time), which is how the reader joins
 them. Episodes recorded without ROS time (every stamp 0) get synthetic stamps (i+1) ms; the bag's
@@ -58,7 +64,7 @@ IMAGE_TYPE = 'sensor_msgs/msg/Image'
 ACTION_TYPE = 'trajectory_msgs/msg/JointTrajectory'
 
 FORMAT_KEY = 'stepnft_ros.episode_format'
-FORMAT_VERSION = '4'  # 2: DecisionTrace.executed; 3: .executed_from; 4: interventions
+FORMAT_VERSION = '4'  # 2: DecisionTrace.executed; 3: .executed_from; 4: interventions, the robot's topics
 SYNTHETIC_STAMPS_KEY = 'stepnft_ros.synthetic_stamps'
 BAG_VERSION = 9  # rosbag2 metadata version of Jazzy/Kilted
 TEMP_PREFIX = '.tmp-'
@@ -67,6 +73,7 @@ _NS = 1_000_000_000
 _SYNTHETIC_STEP_NS = 1_000_000
 _ID_PATTERN = re.compile(r'[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}')  # no leading '.': hidden names are temp dirs
 _CAMERA_PATTERN = re.compile(r'[A-Za-z][A-Za-z0-9_]*')  # one ROS topic-name token
+_ROBOT_TOPIC_PATTERN = re.compile(r'[A-Za-z][A-Za-z0-9_]*(/[A-Za-z][A-Za-z0-9_]*)*')  # relative, no leading /
 _UINT32_MAX = 2**32 - 1
 _MAX_STAMP_NS = 2**31 * _NS - 1  # builtin_interfaces/Time.sec is int32
 
@@ -161,6 +168,11 @@ def _check_episode(episode: Episode, action_names: Sequence[str] | None, control
         if decision.executed is not None:
             _check_range(f'{where}: executed', decision.executed, 0, horizon)
         _check_range(f'{where}: executed_from', decision.executed_from, 0, horizon - (decision.executed or 0))
+        for topic, msgtype, data in decision.robot_messages:
+            if not _ROBOT_TOPIC_PATTERN.fullmatch(topic) or msgtype not in episode_typestore().types \
+                    or not isinstance(data, bytes):
+                raise ValueError(f'{where}: robot message ({topic!r}, {msgtype!r}) needs a relative topic name, '
+                                 'a standard ROS 2 type and CDR bytes')
         state = decision.observation.state
         if state is not None and np.asarray(state).ndim != 1:
             raise ValueError(f'{where}: state has shape {np.asarray(state).shape}, expected (S,)')
@@ -264,6 +276,15 @@ def _write_bag(path: Path, episode: Episode, layout: _Layout) -> None:
                 k=int(trace.k[0]), a=float(trace.a[0]), horizon=horizon,
                 action_dim=action_dim, **flat))
 
+        robot_conns: dict[tuple[str, str], Any] = {}
+        prefix = robot_topic_prefix(episode.robot)
+        for decision, stamp in zip(episode.decisions, layout.stamps, strict=True):
+            for topic, msgtype, data in decision.robot_messages:
+                key = (topic, msgtype)
+                if key not in robot_conns:
+                    robot_conns[key] = connect(prefix + topic, msgtype)
+                writer.write(robot_conns[key], stamp, data)
+
         info_stamp = (len(layout.stamps) + 1) * _SYNTHETIC_STEP_NS if layout.synthetic else layout.stamps[-1] + 1
         write(info_conn, info_stamp, types[INFO_TYPE](
             episode_id=episode.episode_id, robot=episode.robot, success=bool(episode.success),
@@ -272,6 +293,11 @@ def _write_bag(path: Path, episode: Episode, layout: _Layout) -> None:
             camera_names=layout.cameras, action_names=layout.action_names,
             intervention_start_ns=np.array([s for s, _ in episode.interventions], np.int64),
             intervention_end_ns=np.array([e for _, e in episode.interventions], np.int64)))
+
+
+def robot_topic_prefix(robot: str) -> str:
+    """Where an episode bag keeps the robot's own messages: its namespace ('/robot/' outside ROS)."""
+    return f"/{robot.strip('/') or 'robot'}/"
 
 
 def _header(ts: Typestore, stamp_ns: int, frame_id: str = '') -> Any:
@@ -326,10 +352,11 @@ _EXPECTED_TYPES = {OBSERVATION_TOPIC: OBSERVATION_TYPE, ACTION_TOPIC: ACTION_TYP
 
 
 def _read_records(path: Path) -> tuple[dict[str, list[Any]], list[str]]:
-    """Deserialized messages per topic, in log order (topics we don't know are skipped), and which
-    of our types the bag defines differently from this version (it was written by an older one)."""
+    """Deserialized messages per topic, in log order, and which of our types the bag defines
+    differently from this version (it was written by an older one). Every other topic (the robot's
+    own messages) is kept as (log time, topic, type, CDR bytes) under the key None."""
     ts = episode_typestore()
-    by_topic: dict[str, list[Any]] = {}
+    by_topic: dict[str | None, list[Any]] = {}
     older: list[str] = []
     try:
         with Reader(path) as reader:
@@ -344,9 +371,11 @@ def _read_records(path: Path) -> tuple[dict[str, list[Any]], list[str]]:
                     if embedded is not None:
                         decoders[conn.id] = embedded
                         older.append(_difference(conn.msgtype, embedded))
-            for conn, _, raw in reader.messages():
+            for conn, log_time, raw in reader.messages():
                 if conn.topic in _EXPECTED_TYPES or conn.topic.startswith(IMAGE_TOPIC_PREFIX):
                     by_topic.setdefault(conn.topic, []).append(decoders[conn.id].deserialize_cdr(raw, conn.msgtype))
+                else:
+                    by_topic.setdefault(None, []).append((log_time, conn.topic, conn.msgtype, bytes(raw)))
     except EpisodeFileError:
         raise
     except Exception as err:  # rosbags/struct/zstd errors of torn or garbled files have no common base
@@ -389,6 +418,11 @@ def _decode(records: dict[str, list[Any]], synthetic_stamps: bool) -> Episode:
             raise _Problem(f'decision at stamp {stamp} has no {", ".join(missing)} record')
     if len(stamps) != info.num_decisions:
         raise _Problem(f'{len(stamps)} decisions recorded, {INFO_TOPIC} says {info.num_decisions}')
+    prefix = robot_topic_prefix(info.robot)
+    robot_messages: dict[int, list[tuple[str, str, bytes]]] = {}
+    for log_time, topic, msgtype, data in records.get(None, []):
+        if topic.startswith(prefix):  # written with the decision's stamp as its log time
+            robot_messages.setdefault(log_time, []).append((topic[len(prefix):], msgtype, data))
 
     decisions = []
     for i, stamp in enumerate(stamps):
@@ -411,6 +445,7 @@ def _decode(records: dict[str, list[Any]], synthetic_stamps: bool) -> Episode:
             # the writer stores the effective version; None is how the schema says "the episode's"
             weights_version=None if version == info.weights_version else version,
             executed=None if executed == -1 else executed, executed_from=executed_from,
+            robot_messages=tuple(robot_messages.get(stamp, ())),
             led_to_intervention=bool(getattr(trace_msg, 'led_to_intervention', False))))  # absent before format 4
     return Episode(episode_id=info.episode_id, weights_version=int(info.weights_version), decisions=decisions,
                    success=bool(info.success), env_steps=int(info.env_steps),

@@ -55,6 +55,7 @@ from stepnft_ros.policy.sampler import recorded_step
 from stepnft_ros.policy.types import Observation, ObservationError, validate_observation
 
 MODES = {'train': 'sde', 'eval': 'ode', 'deploy': 'ode'}
+RAW_STAMPS_KEPT = 8  # observations whose parts are kept as they arrived until their decision is recorded
 
 
 def robot_noise(seed: int, namespace: str, episode: int) -> torch.Generator:
@@ -79,6 +80,10 @@ class Robot:
     reports_executed: bool = False  # it publishes executed_chunk: its episodes wait for the last report
     next_seed: int | None = None  # the reset seed heard for the episode the robot starts next
     intervening: bool = False  # a person has the arm (the operator's takeover)
+    # The robot's own messages by observation stamp, as they arrived (recorded with the decision),
+    # and its latest instruction message (recorded with each episode's first decision).
+    raw: dict[int, list[tuple[str, str, bytes]]] = field(default_factory=dict)
+    instruction_raw: bytes | None = None
 
 
 class PolicyServer(ManagedNode):
@@ -106,6 +111,8 @@ class PolicyServer(ManagedNode):
         self.max_observation_age_s = p.get('max_observation_age_s', 0.0)
         # Topics and services are not ordered: the last chunk's executed report may follow the outcome.
         self.executed_wait_s = p.get('executed_wait_s', 1.0)
+        # The robot's own messages go into each episode bag too (replayable with ros2 bag play).
+        self.record_robot_topics = p.get('record_robot_topics', True)
         # Decisions answered this long before a person takes the arm over led into the takeover.
         self.intervention_window_s = p.get('intervention_window_s', 2.0)
         if self.executed_wait_s < 0:
@@ -187,7 +194,7 @@ class PolicyServer(ManagedNode):
                 msg_type, f'{ns}/{topic}', lambda m, add=add, t=topic, first=(i == 0): self._on_part(
                     robot, t, add, m, resend=first), qos))
         robot.subscriptions.append(self.create_subscription(
-            String, f'{ns}/{ros_io.INSTRUCTION}', lambda m: asm.set_instruction(m.data), ros_io.LATCHED_QOS))
+            String, f'{ns}/{ros_io.INSTRUCTION}', lambda m: self._on_instruction(robot, m), ros_io.LATCHED_QOS))
         if self.recording:
             robot.subscriptions.append(self.create_subscription(
                 ros_io.JointTrajectory, f'{ns}/{ros_io.EXECUTED_CHUNK}', lambda m: self._on_executed(robot, m),
@@ -197,6 +204,17 @@ class PolicyServer(ManagedNode):
             robot.subscriptions.append(self.create_subscription(
                 Bool, f'{ns}/{ros_io.INTERVENTION_ACTIVE}', lambda m: self._on_intervention(robot, m),
                 ros_io.LATCHED_QOS))
+
+    def _on_instruction(self, robot: Robot, msg: String) -> None:
+        robot.assembler.set_instruction(msg.data)
+        if self.record_robot_topics:
+            robot.instruction_raw = ros_io.serialized(msg)[1]
+
+    def _keep_raw(self, robot: Robot, topic: str, msg) -> None:
+        """The message as it arrived, for the episode bag's replayable robot topics."""
+        robot.raw.setdefault(ros_io.stamp_to_ns(msg.header.stamp), []).append((topic, *ros_io.serialized(msg)))
+        while len(robot.raw) > RAW_STAMPS_KEPT:  # parts of observations that never completed
+            del robot.raw[min(robot.raw)]
 
     def _on_intervention(self, robot: Robot, msg: Bool) -> None:
         """A takeover marks the decisions of the last `intervention_window_s` as having led into it
@@ -266,6 +284,8 @@ class PolicyServer(ManagedNode):
             if resend and not self.estopped:  # the robot re-requests: same chunk, no new sample or record
                 robot.publisher.publish(robot.last_answer[1])
             return
+        if self.record_robot_topics:
+            self._keep_raw(robot, topic, msg)
         try:
             done = add(msg)
             if done is None:
@@ -344,9 +364,14 @@ class PolicyServer(ManagedNode):
                                                 weights_version=self.version, robot=robot.namespace,
                                                 seed=robot.next_seed)
                         robot.next_seed = None
+                    messages = robot.raw.pop(stamp_ns, [])
+                    if not robot.episode.decisions and robot.instruction_raw is not None:
+                        messages.append((ros_io.INSTRUCTION, 'std_msgs/msg/String', robot.instruction_raw))
+                    for older in [s for s in robot.raw if s < stamp_ns]:
+                        del robot.raw[older]
                     robot.episode.decisions.append(Decision(
                         observation=obs, chunk=out.chunks[i], trace=out.trace.index(torch.tensor([i])),
-                        stamp_ns=stamp_ns, weights_version=self.version))
+                        stamp_ns=stamp_ns, weights_version=self.version, robot_messages=tuple(messages)))
 
     @staticmethod
     def _episode_id(robot: Robot, stamp_ns: int) -> str:

@@ -84,9 +84,11 @@ class ManagedNode(LifecycleNode):
     def __init__(self, node_name: str) -> None:
         super().__init__(node_name)
         self.acting = False
+        self.managed = False
 
     def start_lifecycle(self, managed: bool) -> None:
         """Call last in the subclass's __init__, with its `managed` parameter."""
+        self.managed = managed
         if managed:
             self.get_logger().info('managed: inactive until lifecycle_manager configures and activates it')
             return
@@ -95,7 +97,8 @@ class ManagedNode(LifecycleNode):
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.acting = True
-        self.get_logger().info('active')
+        if self.managed:  # a self-activated node has nothing to report
+            self.get_logger().info('active')
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:

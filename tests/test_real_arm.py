@@ -136,6 +136,9 @@ def test_a_late_answer_under_latency_hiding_continues_the_old_plan_then_skips_an
     assert s.action(7)[0] == 104 and s.finished() == [(0, 0, 4)]  # chunk@0 left after the blend: 0..3 ran
     s.reset()
     assert s.finished() == [(2, 2, 3)]
+    s.requested(8)
+    assert s.add_chunk(8, chunk(200, horizon=6)) and s.action(20) is None  # ticks 9..14 all passed
+    assert s.stale_chunks == 1 and (8, 0, 0) in s.finished(), 'skipped, and recorded as never run'
     without = ChunkScheduler(actions_per_chunk=2)
     without.requested(0)
     without.add_chunk(0, chunk(0, horizon=6))

@@ -54,6 +54,7 @@ class ChunkScheduler:
         self.latency_hiding = latency_hiding
         self.blend_actions = blend_actions
         self.lead = 0                             # ticks before the planned end at which to observe
+        self.stale_chunks = 0                     # chunks that arrived after their whole horizon: never ran
         self._chunks: dict[int, np.ndarray] = {}  # observation tick -> (H, D) chunk
         self._used: dict[int, list[int]] = {}     # observation tick -> [first, last] action index handed out
         self._finished: list[tuple[int, int, int]] = []
@@ -171,6 +172,7 @@ class ChunkScheduler:
         self._waiting = None
         if tick - new - 1 >= len(self._chunks[new]):  # every action's tick has passed
             self._retire([new])
+            self.stale_chunks += 1
             return
         old = self._active
         self._drop_blend()

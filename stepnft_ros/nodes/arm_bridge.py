@@ -218,7 +218,11 @@ class ArmBridge(ManagedNode):
                                     'episode stopped, holding')
         if not self.active or self.intervening:
             return
+        stale = self.scheduler.stale_chunks
         action = self.scheduler.action(self.tick)
+        if self.scheduler.stale_chunks > stale:
+            self.get_logger().warning('a chunk arrived after its whole horizon had passed: skipped (the policy is '
+                                      'slower than the chunk is long)', throttle_duration_sec=self.log_throttle_s)
         self._report_executed()
         if action is not None:
             self._command(action)

@@ -50,8 +50,7 @@ class FakeArm:
         self.position = np.zeros(2)
         self.pub = node.create_publisher(ros_io.JointState, f'{ns}/{ros_io.JOINT_STATES}', ros_io.SENSOR_QOS)
         node.create_subscription(Bool, f'{ns}/{ros_io.EPISODE_ACTIVE}', self._on_active, ros_io.LATCHED_QOS)
-        node.create_subscription(Bool, f'{ns}/{ros_io.INTERVENTION_ACTIVE}',
-                                 lambda m: setattr(self, 'taken_over', bool(m.data)), ros_io.LATCHED_QOS)
+        node.create_subscription(Bool, f'{ns}/{ros_io.INTERVENTION_ACTIVE}', self._on_takeover, ros_io.LATCHED_QOS)
         node.create_subscription(ros_io.JointTrajectory, f'{ns}/{ros_io.ACTION_CHUNK}', self._on_chunk,
                                  ros_io.RELIABLE_QOS)
         node.create_timer(0.02, self._tick)
@@ -63,6 +62,11 @@ class FakeArm:
         self.active = bool(msg.data)
         if not self.active:
             self.outstanding = None  # hold still: a chunk that arrives now is not executed
+
+    def _on_takeover(self, msg: Bool) -> None:
+        self.taken_over = bool(msg.data)
+        if self.taken_over:
+            self.outstanding = None  # as the arm bridge: a chunk still in flight is not executed
 
     def _on_chunk(self, msg) -> None:
         stamp, chunk = ros_io.trajectory_to_chunk(msg, ACTION_DIM)
@@ -247,6 +251,7 @@ def test_a_takeover_marks_the_decisions_that_led_into_it_and_is_recorded_with_th
     assert ok and 'TAKEN OVER in episode 1' in msg and op.status['intervening']
     assert op('takeover')[0] is False, 'already taken over'
     server.wait_for(r'taken over in \S+: \d+ decision\(s\) of the last 0.5 s count as failures')
+    spin_until(executor, lambda: arm.taken_over, 10, 'the arm to hear of the takeover')
     during = len(arm.executed[-1])
     quiet_until = time.monotonic() + 0.6
     spin_until(executor, lambda: time.monotonic() > quiet_until, 5, 'the takeover to last a while')

@@ -474,10 +474,16 @@ def test_deploy_real_graph_description():
     from stepnft_ros import launch_description as ld
 
     specs = {s.full_name: s for s in ld.deploy_real(ld.DeployRealArgs(checkpoint='/c', robot='fr3', image_size=64))}
-    assert set(specs) == {'/fr3/safety_layer', '/fr3/arm_bridge', '/policy_server', '/episode_operator'}
+    assert set(specs) == {'/fr3/safety_layer', '/fr3/arm_bridge', '/policy_server', '/episode_operator',
+                          '/lifecycle_manager'}
     assert specs['/fr3/safety_layer'].ends_graph == 'exit', 'the arm is never driven without its safety layer'
-    assert specs['/policy_server'].parameters == {'checkpoint': '/c', 'robots': ['fr3'], 'mode': 'deploy'}
-    assert specs['/fr3/arm_bridge'].parameters == {'image_size': 64}
+    assert specs['/policy_server'].parameters == {'checkpoint': '/c', 'robots': ['fr3'], 'mode': 'deploy',
+                                                  'managed': True}
+    assert specs['/fr3/arm_bridge'].parameters == {'image_size': 64, 'managed': True}
+    manager = specs['/lifecycle_manager']
+    assert manager.parameters['node_names'] == ['/fr3/safety_layer', '/policy_server', '/fr3/arm_bridge'], \
+        'the safety layer is active before anything that can command the arm'
+    assert manager.stops_first and manager.ends_graph == 'failure'
     learning = ld.deploy_real(ld.DeployRealArgs(checkpoint='/c', mode='train', learn=True, standin=True))
     assert {s.name for s in learning} >= {'learner', 'standin_arm'}
     assert next(s for s in learning if s.name == 'policy_server').parameters['episode_dir'].endswith('episodes')

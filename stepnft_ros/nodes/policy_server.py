@@ -112,7 +112,7 @@ class PolicyServer(ManagedNode):
         # Topics and services are not ordered: the last chunk's executed report may follow the outcome.
         self.executed_wait_s = p.get('executed_wait_s', 1.0)
         # The robot's own messages go into each episode bag too (replayable with ros2 bag play).
-        self.record_robot_topics = p.get('record_robot_topics', True)
+        self.record_robot_topics = p.get('record_robot_topics', True) and self.mode == 'train'
         # Decisions answered this long before a person takes the arm over led into the takeover.
         self.intervention_window_s = p.get('intervention_window_s', 2.0)
         if self.executed_wait_s < 0:

@@ -334,3 +334,17 @@ def test_ledger_counts_only_confirmed_outcomes():
     assert (status['labelled'], status['successes'], status['failures'], status['discarded']) == (2, 1, 1, 1)
     assert status['success_rate'] == 0.5 and status['episode'] == 3 and status['last_episode_id'] == 'ep3'
     assert format_status(status) == 'arm: 2 labelled (1 success, 1 failure), success rate 50 %, 1 discarded; idle'
+
+
+def test_ledger_takeovers_need_an_active_episode_and_end_with_it():
+    led = EpisodeLedger('arm')
+    assert 'no active episode to take over' in led.refuse_takeover(True)
+    assert 'nothing to hand back' in led.refuse_takeover(False)
+    led.started()
+    assert not led.refuse_takeover(True)
+    led.took_over(True)
+    assert 'already taken over' in led.refuse_takeover(True) and not led.refuse_takeover(False)
+    assert format_status(led.status()).endswith('episode 1 ACTIVE (TAKEN OVER)')
+    led.stopped()  # the person's segment ends with the episode
+    assert not led.intervening and led.status()['interventions'] == 1
+    assert 'no active episode to take over' in led.refuse_takeover(True)

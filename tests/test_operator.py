@@ -115,13 +115,19 @@ class Operator:
         return future.result().success, future.result().message
 
 
-def test_operator_labels_reach_the_policy_server_and_the_learner(tmp_path, graph, probe):
-    node, executor = probe
+def start_recording_server(graph, tmp_path, **params):
+    """A tiny policy recording the arm's episodes (joint positions and velocities): (checkpoint, episodes, node)."""
     ckpt = tiny_checkpoint(tmp_path / 'sft', state_dim=4, action_dim=ACTION_DIM)
     episodes = tmp_path / 'episodes'
     server = graph.start('stepnft_ros.nodes.policy_server', 'policy_server', {
         'checkpoint': str(ckpt), 'episode_dir': str(episodes), 'robots': ['arm'], 'mode': 'train',
-        'state_sources': ['joint_position', 'joint_velocity']})
+        'state_sources': ['joint_position', 'joint_velocity'], **params})
+    return ckpt, episodes, server
+
+
+def test_operator_labels_reach_the_policy_server_and_the_learner(tmp_path, graph, probe):
+    node, executor = probe
+    ckpt, episodes, server = start_recording_server(graph, tmp_path)
     learner = graph.start('stepnft_ros.nodes.learner', 'learner', {
         'checkpoint': str(ckpt), 'episode_dir': str(episodes), 'work_dir': str(tmp_path / 'learner'),
         'episodes_per_update': 2, 'scan_period_s': 0.5, 'epochs': 1})
@@ -236,11 +242,7 @@ def test_operator_labels_reach_the_policy_server_and_the_learner(tmp_path, graph
 
 def test_a_takeover_marks_the_decisions_that_led_into_it_and_is_recorded_with_the_episode(tmp_path, graph, probe):
     node, executor = probe
-    ckpt = tiny_checkpoint(tmp_path / 'sft', state_dim=4, action_dim=ACTION_DIM)
-    episodes = tmp_path / 'episodes'
-    server = graph.start('stepnft_ros.nodes.policy_server', 'policy_server', {
-        'checkpoint': str(ckpt), 'episode_dir': str(episodes), 'robots': ['arm'], 'mode': 'train',
-        'state_sources': ['joint_position', 'joint_velocity'], 'intervention_window_s': 0.5})
+    _, episodes, server = start_recording_server(graph, tmp_path, intervention_window_s=0.5)
     graph.start('stepnft_ros.nodes.episode_operator', 'episode_operator', {'robots': ['arm'], 'server_timeout_s': 2.0})
     arm, op = FakeArm(node, 'arm'), Operator(node, executor, 'arm')
     server.wait_for('serving 1 robot')

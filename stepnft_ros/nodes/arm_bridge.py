@@ -24,6 +24,7 @@ with a missing, stale or bad part is not sent (the arm then gets no new command 
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 
@@ -279,8 +280,9 @@ class ArmBridge(ManagedNode):
         self.answers[tick] = msg
         self._report_executed()  # chunked: the chunk this one replaced
         self.latencies.append(time.monotonic() - self.sent_at.pop(stamp_ns))
-        recent = list(self.latencies)[-LATENCY_WINDOW:]
-        self.scheduler.set_latency(float(np.percentile(recent, 90)) / self.period)
+        if self.scheduler.latency_hiding:  # the newest LATENCY_WINDOW, not a copy of the whole record
+            recent = list(itertools.islice(reversed(self.latencies), LATENCY_WINDOW))
+            self.scheduler.set_latency(float(np.percentile(recent, 90)) / self.period)
 
     def close(self) -> None:
         """Log what the run did; the policy latency tells whether the control rate is realistic."""

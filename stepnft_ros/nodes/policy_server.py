@@ -83,7 +83,7 @@ class Robot:
     # The robot's own messages by observation stamp, as they arrived (recorded with the decision),
     # and its latest instruction message (recorded with each episode's first decision).
     raw: dict[int, list[tuple[str, str, bytes]]] = field(default_factory=dict)
-    instruction_raw: bytes | None = None
+    instruction_raw: tuple[str, str, bytes] | None = None
 
 
 class PolicyServer(ManagedNode):
@@ -208,7 +208,7 @@ class PolicyServer(ManagedNode):
     def _on_instruction(self, robot: Robot, msg: String) -> None:
         robot.assembler.set_instruction(msg.data)
         if self.record_robot_topics:
-            robot.instruction_raw = ros_io.serialized(msg)[1]
+            robot.instruction_raw = (ros_io.INSTRUCTION, *ros_io.serialized(msg))
 
     def _keep_raw(self, robot: Robot, topic: str, msg) -> None:
         """The message as it arrived, for the episode bag's replayable robot topics."""
@@ -366,7 +366,7 @@ class PolicyServer(ManagedNode):
                         robot.next_seed = None
                     messages = robot.raw.pop(stamp_ns, [])
                     if not robot.episode.decisions and robot.instruction_raw is not None:
-                        messages.append((ros_io.INSTRUCTION, 'std_msgs/msg/String', robot.instruction_raw))
+                        messages.append(robot.instruction_raw)
                     for older in [s for s in robot.raw if s < stamp_ns]:
                         del robot.raw[older]
                     robot.episode.decisions.append(Decision(

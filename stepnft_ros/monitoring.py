@@ -22,9 +22,18 @@ class ScalarLog:
     step twice."""
 
     def __init__(self, log_dir: str | Path, resume_after: int | None = None) -> None:
-        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where a run writes
         self.log_dir = Path(log_dir)
-        self.writer = SummaryWriter(str(self.log_dir), purge_step=None if resume_after is None else resume_after + 1)
+        self.purge_step = None if resume_after is None else resume_after + 1
+        self._writer = None
+
+    @property
+    def writer(self):
+        """Made at the first write: importing tensorboard takes seconds, which a node's start-up (e.g.
+        the evaluator's subscription to the first weights version) must not wait for."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+            self._writer = SummaryWriter(str(self.log_dir), purge_step=self.purge_step)
+        return self._writer
 
     def write(self, prefix: str, record: dict, step: int) -> int:
         """Every finite int/float field of `record` as `<prefix>/<key>` at `step`; returns how many."""
@@ -38,7 +47,8 @@ class ScalarLog:
         return written
 
     def close(self) -> None:
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:

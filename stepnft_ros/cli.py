@@ -29,7 +29,7 @@ from stepnft_ros.algo.sft import SFTConfig
 from stepnft_ros.algo.stepnft import StepNFTConfig
 from stepnft_ros.episodes.demos import DemoSet
 from stepnft_ros.launch_description import comma_list
-from stepnft_ros.pipeline import sft_from_demos
+from stepnft_ros.pipeline import sft_from_checkpoint, sft_from_demos
 from stepnft_ros.policy import CheckpointError, PolicyConfig, load_checkpoint, save_checkpoint
 from stepnft_ros.policy.checkpoint import read_header
 
@@ -81,8 +81,16 @@ def _sft(args: argparse.Namespace) -> int:
     sft = SFTConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     language = {'auto': None, 'on': True, 'off': False}[args.language]
     start = time.perf_counter()
-    model, losses = sft_from_demos(demos, policy, sft, log=lambda step, loss: print(
-        f'step {step} loss {loss:.4f}', file=sys.stderr) if step % 500 == 0 else None, language=language)
+
+    def log(step: int, loss: float) -> None:
+        if step % 500 == 0:
+            print(f'step {step} loss {loss:.4f}', file=sys.stderr)
+
+    if args.init:  # the architecture flags do not apply: the checkpoint has its own
+        model, losses = sft_from_checkpoint(demos, args.init, sft, log=log)
+        source['init'] = str(args.init)
+    else:
+        model, losses = sft_from_demos(demos, policy, sft, log=log, language=language)
     instructions = sorted(set(demos.instructions))
     path = save_checkpoint(args.out, model, {'stage': 'sft', **source, 'num_demos': demos.num_episodes,
                                              'instructions': instructions[:100], 'weights_version': 0})
@@ -234,8 +242,12 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from stepnft_ros.policy.backend import lerobot_policy_type
+
     config, meta = read_header(args.checkpoint)
-    print(json.dumps({'config': asdict(config), 'metadata': meta}, indent=2))
+    # SmolVLA: `config` is its robot-facing interface (the FlowVLA sizes in it do not apply)
+    backend = lerobot_policy_type(args.checkpoint) or 'flowvla'
+    print(json.dumps({'backend': backend, 'config': asdict(config), 'metadata': meta}, indent=2))
     return 0
 
 
@@ -285,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='condition on the instruction (auto: when the demos have more than one)')
     p.add_argument('--vision-patch', type=int, default=8, help='patch size of the vision encoder')
     p.add_argument('--out', required=True, help='checkpoint directory to write')
+    p.add_argument('--init', help='fine-tune this checkpoint (ours or a LeRobot SmolVLA directory) instead of '
+                                  'training a new FlowVLA; its architecture and normalization stay')
     p.add_argument('--num-demos', type=int, help='use only the first N demos (per file for LIBERO/ManiSkill)')
     p.add_argument('--steps', type=int, default=3000)
     p.add_argument('--batch-size', type=int, default=128)

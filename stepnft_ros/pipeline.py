@@ -15,7 +15,8 @@ import torch
 from stepnft_ros.algo.sft import SFTConfig, train_sft
 from stepnft_ros.atomic import atomic_write_text
 from stepnft_ros.episodes.demos import ChunkDataset, DemoSet
-from stepnft_ros.policy.checkpoint import save_checkpoint
+from stepnft_ros.policy.backend import FlowBackend
+from stepnft_ros.policy.checkpoint import load_checkpoint, save_checkpoint
 from stepnft_ros.policy.config import PolicyConfig
 from stepnft_ros.policy.modeling import FlowVLA
 
@@ -39,6 +40,23 @@ def sft_from_demos(demos: DemoSet, policy: PolicyConfig, sft: SFTConfig,
     data = ChunkDataset(demos, model)
     losses = train_sft(model, len(data), data.get_batch, sft, log=log)
     return model, losses
+
+
+def sft_from_checkpoint(demos: DemoSet, checkpoint: str | Path, sft: SFTConfig,
+                        log: Callable[[int, float], None] | None = None) -> tuple[FlowBackend, list[float]]:
+    """Continue behaviour cloning of an existing policy of any backend (a FlowVLA, a LeRobot SmolVLA
+    directory) on `demos`. Its architecture and normalization stay, so the demos must speak its
+    interface; what trains is what the backend leaves trainable (SmolVLA: its expert and state
+    projection, as LeRobot's own fine-tuning)."""
+    model, _ = load_checkpoint(checkpoint)
+    cfg = model.config
+    if demos.actions.shape[1] != cfg.action_dim:
+        raise ValueError(f'demo actions have {demos.actions.shape[1]} dims, {checkpoint} has {cfg.action_dim}')
+    if cfg.use_language and not any(demos.instructions):
+        raise ValueError(f'{checkpoint} is language-conditioned: the demos need instructions')
+    data = ChunkDataset(demos, model)  # checks cameras, image size and state size
+    torch.manual_seed(sft.seed)
+    return model, train_sft(model, len(data), data.get_batch, sft, log=log)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from stepnft_ros.policy.modeling import FlowVLA
+from stepnft_ros.policy.backend import FlowBackend
 from stepnft_ros.policy.types import ObservationBatch
 
 TIME_DISTRIBUTIONS = ('beta', 'uniform')
@@ -28,7 +28,7 @@ def sample_flow_time(n: int, distribution: str = 'beta', generator: torch.Genera
     raise ValueError(f'time distribution must be one of {TIME_DISTRIBUTIONS}, got {distribution!r}')
 
 
-def flow_matching_loss(model: FlowVLA, obs: ObservationBatch, actions: torch.Tensor,
+def flow_matching_loss(model: FlowBackend, obs: ObservationBatch, actions: torch.Tensor,
                        mask: torch.Tensor | None = None, distribution: str = 'beta',
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """E ||v_θ(A^τ, τ, o) − (ε − A)||² with A^τ = τ·ε + (1 − τ)·A.
@@ -78,7 +78,7 @@ class SFTConfig:
 BatchFn = Callable[[torch.Tensor], tuple[ObservationBatch, torch.Tensor, torch.Tensor]]
 
 
-def train_sft(model: FlowVLA, num_samples: int, get_batch: BatchFn, cfg: SFTConfig,
+def train_sft(model: FlowBackend, num_samples: int, get_batch: BatchFn, cfg: SFTConfig,
               log: Callable[[int, float], None] | None = None) -> list[float]:
     """Train all of `model` by flow matching. `get_batch(indices)` returns (obs, actions (B,H,D)
     normalized, mask (B,H)). Returns the loss of every step."""

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from stepnft_ros.algo.sft import flow_matching_loss
-from stepnft_ros.policy.modeling import FlowVLA
+from stepnft_ros.policy.backend import FlowBackend, index_prefix
 from stepnft_ros.policy.sampler import check_step_selection, grid_at, recorded_step, sde_mean, sde_sigma, sde_std
 from stepnft_ros.policy.types import Trace
 
@@ -279,8 +279,8 @@ def grpo_loss(v_theta: torch.Tensor, trace: Trace, advantage: torch.Tensor, weig
 
 
 class StepNFTTrainer:
-    """Applies π-StepNFT updates (or a baseline's, `cfg.algo`) to a FlowVLA from batches of finished
-    on-policy episodes.
+    """Applies π-StepNFT updates (or a baseline's, `cfg.algo`) to a policy backend (FlowVLA, SmolVLA,
+    backend.FlowBackend) from batches of finished on-policy episodes.
 
     Data parallel over torch.distributed (`distributed=True`, after init_process_group; e.g. under
     torchrun, gloo on CPUs, nccl on GPUs): every rank holds the same batch and the same seed,
@@ -291,7 +291,7 @@ class StepNFTTrainer:
     checkpoint. The velocity passes, the update's cost, are what is split.
     """
 
-    def __init__(self, model: FlowVLA, cfg: StepNFTConfig, seed: int = 0, distributed: bool = False) -> None:
+    def __init__(self, model: FlowBackend, cfg: StepNFTConfig, seed: int = 0, distributed: bool = False) -> None:
         self.model = model
         self.cfg = cfg
         if distributed and cfg.algo == 'filtered_bc':
@@ -396,7 +396,7 @@ class StepNFTTrainer:
     def _velocity(self, obs, prefix, trace: Trace, idx: torch.Tensor) -> torch.Tensor:
         """v_θ(x_k*, τ_k*, o) of the decisions idx, from the update's cached prefix when there is one."""
         model = self.model
-        mb_prefix = (prefix[0][idx], prefix[1][idx]) if prefix is not None \
+        mb_prefix = index_prefix(prefix, idx) if prefix is not None \
             else model.encode_prefix(obs.index(idx.cpu()).to(idx.device))
         return model.velocity(trace.x_k, grid_at(trace.k, model.config.num_steps)[0], mb_prefix)
 

@@ -1,5 +1,11 @@
 """Flow-matching VLA policy: config, network, samplers, normalization, checkpoints, ONNX backend (no ROS)."""
 
+# ruff: noqa: E402
+# First, before anything imports transformers or LeRobot: both import torchvision when it is installed.
+from stepnft_ros.policy.torchvision_shim import ensure_torchvision_importable
+
+ensure_torchvision_importable()
+
 from stepnft_ros.policy.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from stepnft_ros.policy.config import PolicyConfig
 from stepnft_ros.policy.modeling import FlowVLA

@@ -3,6 +3,9 @@
 `<dir>/model.safetensors` carries the PolicyConfig JSON in its header metadata, so the weights
 and the config can't drift apart; `<dir>/config.json` is a human-readable copy. Both are
 written atomically (temp file, fsync, rename).
+
+A LeRobot policy directory (config.json with a "type") is another backend's checkpoint: SmolVLA
+loads through policy/smolvla.py, in LeRobot's own format; other types are refused.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import safetensors.torch
 import torch
 
 from stepnft_ros.atomic import atomic_write_bytes, atomic_write_text
+from stepnft_ros.policy.backend import FlowBackend, lerobot_policy_type
 from stepnft_ros.policy.config import PolicyConfig
 from stepnft_ros.policy.modeling import FlowVLA
 
@@ -28,8 +32,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, or does not match what the caller expects."""
 
 
-def save_checkpoint(directory: str | Path, model: FlowVLA, metadata: dict[str, Any] | None = None) -> Path:
-    """Write `model` (weights, normalization stats, config) and JSON-able `metadata` to `directory`."""
+SUPPORTED_LEROBOT_TYPES = ('smolvla',)
+
+
+def save_checkpoint(directory: str | Path, model: FlowBackend, metadata: dict[str, Any] | None = None) -> Path:
+    """Write `model` (weights, normalization stats, config) and JSON-able `metadata` to `directory`.
+
+    A backend other than FlowVLA writes its own format (its `save_checkpoint` method)."""
+    if not isinstance(model, FlowVLA):
+        return model.save_checkpoint(directory, metadata)
     directory = Path(directory)
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     header = {'format': FORMAT, 'config': model.config.to_json(),
@@ -41,6 +52,9 @@ def save_checkpoint(directory: str | Path, model: FlowVLA, metadata: dict[str, A
 
 def read_header(directory: str | Path) -> tuple[PolicyConfig, dict[str, Any]]:
     """Config and metadata of a checkpoint without loading its tensors."""
+    if _lerobot_type(directory) is not None:
+        from stepnft_ros.policy.smolvla import read_smolvla_header
+        return read_smolvla_header(directory)
     path = _weights_path(directory)
     try:
         with safetensors.safe_open(str(path), framework='pt') as f:
@@ -58,11 +72,15 @@ def read_header(directory: str | Path) -> tuple[PolicyConfig, dict[str, Any]]:
 
 
 def load_checkpoint(directory: str | Path, expected: PolicyConfig | None = None,
-                    device: str | torch.device = 'cpu') -> tuple[FlowVLA, dict[str, Any]]:
-    """Build the model a checkpoint describes and load its weights.
+                    device: str | torch.device = 'cpu') -> tuple[FlowBackend, dict[str, Any]]:
+    """Build the model a checkpoint describes and load its weights: a FlowVLA, or the backend a
+    LeRobot policy directory needs (SmolVLABackend).
 
     `expected`: fail unless the checkpoint's action_dim/horizon/state_dim/cameras match it.
     """
+    if _lerobot_type(directory) is not None:
+        from stepnft_ros.policy.smolvla import load_smolvla
+        return load_smolvla(directory, expected=expected, device=device)
     config, metadata = read_header(directory)
     if expected is not None:
         for name in ('action_dim', 'horizon', 'state_dim', 'camera_names', 'image_size'):
@@ -87,6 +105,16 @@ def load_checkpoint(directory: str | Path, expected: PolicyConfig | None = None,
         raise CheckpointError(f'{path}: non-finite values in {bad[:5]}')
     model.load_state_dict(tensors)
     return model, metadata
+
+
+def _lerobot_type(directory: str | Path) -> str | None:
+    """The LeRobot policy type of `directory` (None: not a LeRobot directory); CheckpointError for a
+    type no backend handles."""
+    kind = lerobot_policy_type(directory)
+    if kind is not None and kind not in SUPPORTED_LEROBOT_TYPES:
+        raise CheckpointError(f'{directory}: LeRobot policy type {kind!r}; '
+                              f'supported: {", ".join(SUPPORTED_LEROBOT_TYPES)}')
+    return kind
 
 
 def _weights_path(directory: str | Path) -> Path:

@@ -265,10 +265,13 @@ def export_onnx(model: FlowVLA | str | Path, out_dir: str | Path, source: str = 
     """
     out_dir = Path(out_dir)
     metadata: dict[str, Any] = {}
-    if not isinstance(model, FlowVLA):
+    if isinstance(model, (str, Path)):
         source = source or str(Path(model).resolve())
         model, metadata = load_checkpoint(model)
         metadata['source_sha256'] = _sha256(Path(source) / WEIGHTS_FILE)
+    if not isinstance(model, FlowVLA):
+        raise OnnxExportError(f'ONNX export covers FlowVLA checkpoints only, not '
+                              f'{getattr(model, "kind", type(model).__name__)}')
     if weights_version is None:
         weights_version = int(metadata.get('weights_version', 0))
     if out_dir.exists():
@@ -573,7 +576,8 @@ def make_policy(source: FlowVLA | str | Path, backend: str = 'torch', mode: str 
                 sde_noise: str = 'every_step') -> FlowPolicy | OnnxFlowPolicy:
     """A policy on `backend`: 'torch' (FlowPolicy) or 'onnxruntime' (OnnxFlowPolicy).
 
-    `source`: a FlowVLA, a checkpoint directory, or (onnxruntime only) an export directory.
+    `source`: a policy backend (FlowVLA, SmolVLABackend), a checkpoint directory, or (onnxruntime only)
+    an export directory.
     `device`: torch device, or for onnxruntime 'cpu' / 'cuda[:N]' / 'auto' (execution provider).
     """
     if backend not in BACKENDS:
@@ -581,11 +585,14 @@ def make_policy(source: FlowVLA | str | Path, backend: str = 'torch', mode: str 
     kwargs = dict(mode=mode, noise_level=noise_level, seed=seed, device=device, fixed_step=fixed_step,
                   sde_noise=sde_noise)
     if backend == 'onnxruntime':
-        if not isinstance(source, FlowVLA) and (Path(source) / MANIFEST_FILE).is_file():
+        if not isinstance(source, nn.Module) and (Path(source) / MANIFEST_FILE).is_file():
             return OnnxFlowPolicy(source, threads=threads, **kwargs)
-        model = source if isinstance(source, FlowVLA) else load_checkpoint(source)[0]
+        model = source if isinstance(source, nn.Module) else load_checkpoint(source)[0]
+        if not isinstance(model, FlowVLA):  # the graphs are FlowVLA's prefix encoder and action expert
+            raise OnnxExportError(f'the onnxruntime backend runs FlowVLA checkpoints only, not '
+                                  f'{getattr(model, "kind", type(model).__name__)}: use the torch backend')
         return OnnxFlowPolicy(model, threads=threads, **kwargs)
-    model = source if isinstance(source, FlowVLA) else load_checkpoint(source, device=device)[0]
+    model = source if isinstance(source, nn.Module) else load_checkpoint(source, device=device)[0]
     return FlowPolicy(model, **kwargs)
 
 

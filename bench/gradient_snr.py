@@ -98,11 +98,12 @@ def collect(args: argparse.Namespace, model) -> list:
     if len(episodes) >= args.episodes:
         return sorted(episodes, key=lambda e: e.episode_id)[:args.episodes]
     policy = FlowPolicy(model, mode='sde', noise_level=args.noise_level, seed=args.seed, sde_noise=args.sde_noise,
+                        initial_noise_scale=args.initial_noise_scale,
                         fixed_step=recorded_step(args.step_selection, model.config.num_steps))
     groups = args.episodes // args.group_size
     seeds = [5_000_000 + 1000 * args.seed + g for g in range(groups) for _ in range(args.group_size)]
     with EnvPool(partial(make_env, args.env_id, 100), num_workers=args.workers) as pool:
-        episodes = pool.run_episodes(policy, seeds, 4, id_prefix='snr')
+        episodes = pool.run_episodes(policy, seeds, args.actions_per_chunk, id_prefix='snr')
     for e in episodes:
         cache.write(e)
     return episodes
@@ -116,6 +117,8 @@ def main() -> int:
     p.add_argument('--group-size', type=int, default=8)
     p.add_argument('--noise-level', type=float, default=0.3)
     p.add_argument('--sde-noise', default='every_step', choices=SDE_NOISE)
+    p.add_argument('--actions-per-chunk', type=int, default=4, help='actions of each chunk executed')
+    p.add_argument('--initial-noise-scale', type=float, default=1.0, help='x_0 = scale · ε (0: chains start at 0)')
     p.add_argument('--step-selection', default='uniform', help="the recorded step k*: 'uniform', 'last' or an index")
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--seed', type=int, default=0)
@@ -160,6 +163,7 @@ def main() -> int:
     report = {'benchmark': 'gradient_snr', 'checkpoint': args.checkpoint, 'env': args.env_id,
               'episodes': len(episodes), 'groups': len(by_group), 'group_size': args.group_size,
               'noise_level': args.noise_level, 'sde_noise': args.sde_noise,
+              'initial_noise_scale': args.initial_noise_scale, 'actions_per_chunk': args.actions_per_chunk,
               'step_selection': args.step_selection, 'sde_success': round(success, 4),
               'groups_with_mixed_outcomes': round(mixed, 4),
               'decisions': sum(len(e.decisions) for e in episodes), 'rollout_s': round(rollout_s, 1),

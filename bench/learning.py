@@ -74,6 +74,11 @@ METHODS: dict[str, tuple[dict, dict]] = {
     'stepnft_last_step': ({'minibatch_size': 4096, 'step_selection': 'last'},
                           {'episodes_per_iteration': 1024, 'group_size': 1, 'labels': 'batch_mean',
                            'sde_noise': 'recorded_step', 'noise_level': 0.6}),
+    # the recorded-step regime, each update also reusing the previous 3 iterations' rollouts (≈ 4096
+    # episodes behind each gradient; the policy moves little per update: KL ≈ 7e-4)
+    'stepnft_replay4': ({'minibatch_size': 16384},
+                        {'episodes_per_iteration': 1024, 'group_size': 1, 'labels': 'batch_mean',
+                         'sde_noise': 'recorded_step', 'replay_iterations': 4}),
     # ablations of π-StepNFT, one change each
     'stepnft_terminal_binary': ({}, {'labels': 'terminal_binary', 'group_size': 1}),
     'stepnft_batch_mean': ({}, {'labels': 'batch_mean', 'group_size': 1}),

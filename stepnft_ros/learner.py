@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import safetensors.torch
 from stepnft_ros.algo.stepnft import StepNFTConfig, StepNFTTrainer
 from stepnft_ros.atomic import atomic_publish_dir, atomic_write_bytes, atomic_write_text
 from stepnft_ros.episodes.schema import Episode, collate_episodes
-from stepnft_ros.episodes.store import EpisodeStore
+from stepnft_ros.episodes.store import EpisodeFileError, EpisodeStore
 from stepnft_ros.monitoring import EVENTS_DIR, ScalarLog
 from stepnft_ros.policy import CheckpointError, load_checkpoint, save_checkpoint
 
@@ -47,6 +48,9 @@ class LearnerConfig:
     stale_weight: float = 0.5
     max_updates: int = 0
     """Stop after this many updates in total (0: never)."""
+    replay_updates: int = 1
+    """Each update trains on its own episodes and those of the previous replay_updates − 1 updates
+    (OnlineConfig.replay_iterations: more decisions behind each gradient, no more robot time)."""
     seed: int = 0
     intervention_negatives: bool = True
     """Decisions that led into a person's takeover (real arms) are trained on as failures."""
@@ -54,7 +58,8 @@ class LearnerConfig:
     """Write each update's record as TensorBoard scalars under work_dir/tensorboard (stepnft_ros.monitoring)."""
 
     def __post_init__(self) -> None:
-        if self.episodes_per_update < 1 or self.max_version_lag < 0 or self.max_updates < 0:
+        if (self.episodes_per_update < 1 or self.max_version_lag < 0 or self.max_updates < 0
+                or self.replay_updates < 1):
             raise ValueError(f'bad learner schedule: {self}')
         if self.off_policy not in OFF_POLICY_RULES:
             raise ValueError(f'off_policy must be one of {OFF_POLICY_RULES}, got {self.off_policy!r}')
@@ -79,6 +84,8 @@ class Learner:
         self.history: list[dict] = []
         self.dropped = 0
         self.version = 0
+        # the previous updates' (episodes, weights) that the next update trains on again
+        self.recent: deque[tuple[list[Episode], list[float]]] = deque(maxlen=cfg.replay_updates - 1)
         model, opt = self._resume(device)
         self.trainer = StepNFTTrainer(model, algo, seed=cfg.seed + self.version)
         if opt is not None:
@@ -113,18 +120,33 @@ class Learner:
             self.consumed = set(state['consumed'])
             self.history = list(state['history'])
             self.dropped = int(state['dropped'])
+            self._reload_recent(state.get('recent', []))
             self.log(f'resumed at weights version {version} ({len(self.consumed)} episodes consumed)')
             return model, opt
         model, _ = load_checkpoint(self.initial_checkpoint, device=device)
         self.log(f'starting from {self.initial_checkpoint} (weights version 0)')
         return model, None
 
+    def _reload_recent(self, batches: list[list[list]]) -> None:
+        """The replay window saved with a checkpoint: [[episode_id, weight], ...] per update."""
+        for batch in batches[-self.recent.maxlen:] if self.recent.maxlen else []:
+            episodes, scale = [], []
+            for episode_id, weight in batch:
+                try:
+                    episodes.append(self.store.load(episode_id))
+                    scale.append(float(weight))
+                except (EpisodeFileError, OSError) as err:  # a lost bag only shrinks the window
+                    self.log(f'replay window: episode {episode_id} unreadable, left out: {err}')
+            self.recent.append((episodes, scale))
+
     def _save(self, record: dict) -> Path:
         staging = self.checkpoints / f'.staging-v{self.version:06d}-{os.getpid()}'
         shutil.rmtree(staging, ignore_errors=True)
         meta = {'stage': 'stepnft', 'weights_version': self.version, 'initial': str(self.initial_checkpoint),
                 'algo': asdict(self.algo), 'learner_config': asdict(self.cfg), 'record': record,
-                'learner': {'consumed': sorted(self.consumed), 'history': self.history, 'dropped': self.dropped}}
+                'learner': {'consumed': sorted(self.consumed), 'history': self.history, 'dropped': self.dropped,
+                            'recent': [[[e.episode_id, w] for e, w in zip(eps, scale, strict=True)]
+                                       for eps, scale in self.recent]}}
         save_checkpoint(staging, self.trainer.model, meta)
         atomic_write_bytes(staging / OPTIMIZER_FILE, safetensors.torch.save(self.trainer.optimizer_tensors()))
         path = atomic_publish_dir(staging, self.checkpoint_path())
@@ -178,15 +200,19 @@ class Learner:
 
     def _update(self, episodes: list[Episode], scale: list[float]) -> dict:
         start = time.perf_counter()
-        batch = collate_episodes(episodes, self.trainer.model.config, self.cfg.labels, episode_scale=scale,
+        replayed = [e for eps, _ in self.recent for e in eps]
+        batch = collate_episodes(replayed + episodes, self.trainer.model.config, self.cfg.labels,
+                                 episode_scale=[w for _, ws in self.recent for w in ws] + scale,
                                  intervention_negatives=self.cfg.intervention_negatives)
         metrics = self.trainer.update(batch)
+        if self.recent.maxlen:
+            self.recent.append((episodes, scale))
         self.version += 1
         self.consumed.update(e.episode_id for e in episodes)
         record = {
             'weights_version': self.version,
             'train_success': sum(bool(e.success) for e in episodes) / len(episodes),
-            'episodes': len(episodes),
+            'episodes_replayed': len(replayed),  # the trainer's 'episodes' counts them too
             'episodes_consumed': len(self.consumed),
             'dropped_off_policy': self.dropped,
             'downweighted': sum(s < 1.0 for s in scale),

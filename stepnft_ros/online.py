@@ -7,6 +7,7 @@ benchmarks, the toy-task test and `stepnft` use directly.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,6 +41,11 @@ class OnlineConfig:
     """a for the Flow-SDE rollouts; None uses the policy config's."""
     sde_noise: str = 'every_step'
     """Flow-SDE noise at every solver step, or only at the recorded step k* ('recorded_step')."""
+    replay_iterations: int = 1
+    """Each update trains on the rollouts of the last this many iterations (1: this iteration's only).
+    Each trace keeps the v_old of the policy that sampled it, so older decisions stay valid ranking
+    pairs; while one update moves the policy little, a window multiplies the decisions behind each
+    gradient at no env-step cost. A resumed run refills its window."""
     time_budget_s: float = float('inf')
     """Stop after the iteration that crosses this wall-clock budget (rollouts + updates)."""
     env_step_budget: int = 0
@@ -51,10 +57,12 @@ class OnlineConfig:
 
     def __post_init__(self) -> None:
         if (self.iterations < 0 or self.episodes_per_iteration < 1 or self.actions_per_chunk < 1
-                or self.group_size < 1 or self.episodes_per_iteration % self.group_size or self.eval_every < 1):
+                or self.group_size < 1 or self.episodes_per_iteration % self.group_size or self.eval_every < 1
+                or self.replay_iterations < 1):
             raise ValueError(f'bad online schedule: iterations={self.iterations}, '
                              f'episodes_per_iteration={self.episodes_per_iteration}, group_size={self.group_size}, '
-                             f'actions_per_chunk={self.actions_per_chunk}, eval_every={self.eval_every}')
+                             f'actions_per_chunk={self.actions_per_chunk}, eval_every={self.eval_every}, '
+                             f'replay_iterations={self.replay_iterations}')
 
 
 def run_online(env: Env | EnvPool, model: FlowVLA, online: OnlineConfig, algo: StepNFTConfig,
@@ -97,6 +105,7 @@ def run_online(env: Env | EnvPool, model: FlowVLA, online: OnlineConfig, algo: S
     last = history[-1]
     env_steps, wall = last['env_steps'], last['rl_wall_s']
     groups = online.episodes_per_iteration // online.group_size
+    window: deque[list] = deque(maxlen=online.replay_iterations)
     for it in range(done_iterations + 1, online.iterations + 1):
         if wall >= online.time_budget_s or (online.env_step_budget and env_steps >= online.env_step_budget):
             break
@@ -106,7 +115,8 @@ def run_online(env: Env | EnvPool, model: FlowVLA, online: OnlineConfig, algo: S
         episodes = pool.run_episodes(explore, seeds, online.actions_per_chunk, weights_version=trainer.updates,
                                      id_prefix=f'it{it}')
         rollout_s = time.perf_counter() - start
-        metrics = trainer.update(collate_episodes(episodes, model.config, online.labels))
+        window.append(episodes)
+        metrics = trainer.update(collate_episodes([e for batch in window for e in batch], model.config, online.labels))
         wall += time.perf_counter() - start
         steps = sum(e.env_steps for e in episodes)
         env_steps += steps

@@ -10,6 +10,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests import toy_env
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)
+    # One intra-op thread for every test, whatever an earlier in-process test set (gpu_check's CPU
+    # smoke run sets all cores): the models are tiny and spinning threads only contend.
+    torch.set_num_threads(1)
     yield
 
 

@@ -80,3 +80,15 @@ def test_online_loop_with_groups_resumes_where_it_stopped():
     more = run_online(PointReach(), model, replace(online, iterations=3), algo, history=history, trainer=trainer)
     assert [h['iteration'] for h in more] == [0, 1, 2, 3] and trainer.updates == 3
     assert more[3]['env_steps'] > more[2]['env_steps']
+
+
+def test_each_update_trains_on_the_replay_window_of_recent_iterations():
+    from stepnft_ros.algo.stepnft import StepNFTConfig
+    from stepnft_ros.online import OnlineConfig, run_online
+
+    online = OnlineConfig(iterations=4, episodes_per_iteration=3, actions_per_chunk=4, eval_seeds=(500,),
+                          eval_every=4, labels='batch_mean', replay_iterations=2)
+    history = run_online(PointReach(), small_model(), online, StepNFTConfig(minibatch_size=64))
+    # the first update sees its own 3 episodes, every later one also the previous iteration's 3
+    assert [h['episodes'] for h in history[1:]] == [3, 6, 6, 6]
+    assert all(0.0 <= h['train_success'] <= 1.0 for h in history[1:])

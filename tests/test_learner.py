@@ -1,6 +1,7 @@
 """The learner's logic without ROS: updates from the store, restart safety, off-policy handling."""
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -59,6 +60,25 @@ def test_updates_consume_each_episode_once_and_survive_restarts(setup):
     assert [r['weights_version'] for r in records] == [3]
     history = json.loads((tmp_path / 'learner/history.json').read_text())
     assert sum(h['episodes'] for h in history) == 9 == len(again.consumed) == len(store.episode_ids())
+
+
+def test_each_update_replays_the_previous_updates_episodes_and_a_restart_keeps_the_window(setup):
+    tmp_path, ckpt, store, add = setup
+    add(9)
+    learner, _ = make(tmp_path, ckpt, store, max_version_lag=10, replay_updates=2)
+    records = learner.poll()
+    # 'episodes' counts what the update trained on, the replayed ones included
+    assert [(r['episodes'], r['episodes_replayed']) for r in records] == [(3, 0), (6, 3), (6, 3)]
+    assert [r['decisions'] for r in records[1:]] == [
+        sum(len(store.load(f'ep{i:04d}').decisions) for i in range(first, first + 6)) for first in (0, 3)]
+
+    add(3)
+    again, logs = make(tmp_path, ckpt, store, max_version_lag=10, replay_updates=2)
+    assert [e.episode_id for e in again.recent[0][0]] == ['ep0006', 'ep0007', 'ep0008']
+    shutil.rmtree(store.path('ep0007'))  # a lost bag only shrinks the window
+    again, logs = make(tmp_path, ckpt, store, max_version_lag=10, replay_updates=2)
+    assert any('ep0007 unreadable' in line for line in logs)
+    assert [(r['episodes'], r['episodes_replayed']) for r in again.poll()] == [(5, 2)]
 
 
 def test_updates_are_tensorboard_scalars_and_a_restart_purges_what_its_predecessor_did_not_commit(setup):

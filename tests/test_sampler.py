@@ -127,3 +127,19 @@ def test_unknown_sde_noise_is_refused():
     with pytest.raises(ValueError, match='sde_noise'):
         FlowPolicy(FlowVLA(PolicyConfig(state_dim=3, action_dim=2, horizon=4, d_model=32, n_heads=2)),
                    sde_noise='some_steps')
+
+
+def test_initial_noise_scale_shrinks_the_chains_starting_point():
+    obs = [Observation(state=np.zeros(3, np.float32))] * 2
+    model = _policy('ode').model
+    eps = torch.randn(2, 4, 2, generator=torch.Generator().manual_seed(3))
+    zero_start = FlowPolicy(model, mode='ode', initial_noise_scale=0.0)
+    # x_0 = 0 · ε: the ODE chunk no longer depends on ε
+    assert np.array_equal(zero_start.infer_batch(obs, initial_noise=eps).chunks,
+                          zero_start.infer_batch(obs, initial_noise=2 * eps).chunks)
+    half = FlowPolicy(model, mode='ode', initial_noise_scale=0.5).infer_batch(obs, initial_noise=eps)
+    full = FlowPolicy(model, mode='ode').infer_batch(obs, initial_noise=0.5 * eps)
+    assert np.allclose(half.chunks, full.chunks, atol=1e-6)
+    for bad in (-0.1, float('nan')):
+        with pytest.raises(ValueError, match='initial_noise_scale'):
+            FlowPolicy(model, initial_noise_scale=bad)

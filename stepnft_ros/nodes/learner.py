@@ -47,6 +47,7 @@ class LearnerNode(Node):
                                 labels=labels,
                                 max_version_lag=p.get('max_version_lag', 1), off_policy=p.get('off_policy', 'drop'),
                                 stale_weight=p.get('stale_weight', 0.5), max_updates=p.get('max_updates', 0),
+                                replay_updates=p.get('replay_updates', 1),
                                 seed=p.get('seed', 0), tensorboard=p.get('tensorboard', True),
                                 intervention_negatives=p.get('intervention_negatives', True))
             algo = StepNFTConfig(lr=p.get('lr', 1e-4), epochs=p.get('epochs', 2),

@@ -38,9 +38,13 @@ class SamplingPolicy:
     """
 
     def _init_sampling(self, cfg: PolicyConfig, mode: str, noise_level: float | None, seed: int,
-                       device: str | torch.device, fixed_step: int | None, sde_noise: str = 'every_step') -> None:
+                       device: str | torch.device, fixed_step: int | None, sde_noise: str = 'every_step',
+                       initial_noise_scale: float = 1.0) -> None:
         check_sampling_mode(mode)
         check_sde_noise(sde_noise)
+        if not (np.isfinite(initial_noise_scale) and initial_noise_scale >= 0.0):
+            raise ValueError(f'initial_noise_scale must be a finite number >= 0, got {initial_noise_scale}')
+        self.initial_noise_scale = float(initial_noise_scale)
         self.mode = mode
         self.sde_noise = sde_noise
         self.noise_level = cfg.noise_level if noise_level is None else noise_level
@@ -65,6 +69,7 @@ class SamplingPolicy:
                 initial_noise: torch.Tensor | None) -> tuple[torch.Tensor, Trace]:
         """x_K (normalized) and the trace of one batch; initial_noise as in infer_batch."""
         noise = initial_noise_for(batch_size, cfg, self.generator, self.device, initial_noise)
+        noise = noise * self.initial_noise_scale
         k_star = None if self.fixed_step is None else torch.full(
             (batch_size,), self.fixed_step, dtype=torch.long, device=self.device)
         return sample_chunk(velocity, noise, cfg.num_steps, self.a, generator=self.generator, k_star=k_star,
@@ -83,10 +88,10 @@ class FlowPolicy(SamplingPolicy):
 
     def __init__(self, model: FlowVLA, mode: str = 'sde', noise_level: float | None = None,
                  seed: int = 0, device: str | torch.device = 'cpu', fixed_step: int | None = None,
-                 sde_noise: str = 'every_step') -> None:
+                 sde_noise: str = 'every_step', initial_noise_scale: float = 1.0) -> None:
         check_sampling_mode(mode)
         self.model = model.to(device).eval()
-        self._init_sampling(model.config, mode, noise_level, seed, device, fixed_step, sde_noise)
+        self._init_sampling(model.config, mode, noise_level, seed, device, fixed_step, sde_noise, initial_noise_scale)
 
     @torch.no_grad()
     def infer_batch(self, observations: Sequence[Observation],

@@ -93,18 +93,24 @@ def load_checkpoint(directory: str | Path, expected: PolicyConfig | None = None,
     except Exception as err:
         raise CheckpointError(f'{path}: cannot read tensors ({err})') from err
     model = FlowVLA(config).to(device)
-    expected_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected_shapes) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected_shapes))
-    wrong = sorted(k for k in set(tensors) & set(expected_shapes) if tuple(tensors[k].shape) != expected_shapes[k])
+    state = model.state_dict()
+    check_weights(path, tensors, state, missing=sorted(set(state) - set(tensors)))
+    model.load_state_dict(tensors)
+    return model, metadata
+
+
+def check_weights(path: Path, tensors: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                  missing: list[str]) -> None:
+    """CheckpointError unless `tensors` fit the model's `state` (no unexpected names or wrong shapes,
+    none of `missing`, the names the caller counts as absent) and are finite."""
+    unexpected = sorted(set(tensors) - set(state))
+    wrong = sorted(k for k in set(tensors) & set(state) if tuple(tensors[k].shape) != tuple(state[k].shape))
     if missing or unexpected or wrong:
-        raise CheckpointError(f'{path}: tensors do not match its config: missing {missing[:5]}, '
-                              f'unexpected {unexpected[:5]}, wrong shape {wrong[:5]}')
+        raise CheckpointError(f'{path}: weights do not fit the config: {len(missing)} missing {missing[:5]}, '
+                              f'{len(unexpected)} unexpected {unexpected[:5]}, wrong shape {wrong[:5]}')
     bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
     if bad:
         raise CheckpointError(f'{path}: non-finite values in {bad[:5]}')
-    model.load_state_dict(tensors)
-    return model, metadata
 
 
 def _lerobot_type(directory: str | Path) -> str | None:

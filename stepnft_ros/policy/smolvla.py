@@ -330,15 +330,11 @@ def load_weights_strict(model: nn.Module, path: Path) -> None:
     groups: dict[int, set[str]] = {}
     for name, t in state.items():
         groups.setdefault(t.data_ptr(), set()).add(name)
-    missing = sorted(n for n in state if n not in tensors and not (groups[state[n].data_ptr()] & tensors.keys()))
-    unexpected = sorted(set(tensors) - set(state))
-    wrong = sorted(n for n in set(tensors) & set(state) if tuple(tensors[n].shape) != tuple(state[n].shape))
-    if missing or unexpected or wrong:
-        raise _error(f'{path}: weights do not fit the config: {len(missing)} missing {missing[:5]}, '
-                     f'{len(unexpected)} unexpected {unexpected[:5]}, wrong shape {wrong[:5]}')
-    bad = sorted(n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
-    if bad:
-        raise _error(f'{path}: non-finite values in {bad[:5]}')
+    from stepnft_ros.policy.checkpoint import check_weights  # checkpoint.py imports this module lazily
+
+    # a tied weight (one storage, several names) counts as present under any of its names
+    check_weights(path, tensors, state, missing=sorted(
+        n for n in state if n not in tensors and not (groups[state[n].data_ptr()] & tensors.keys())))
     model.load_state_dict(tensors, strict=False)  # strict=False only for the tied names checked above
 
 

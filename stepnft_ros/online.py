@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from stepnft_ros.algo.stepnft import StepNFTConfig, StepNFTTrainer
 from stepnft_ros.env_pool import EnvPool
 from stepnft_ros.episodes.schema import collate_episodes
-from stepnft_ros.policy.modeling import FlowVLA
+from stepnft_ros.policy.backend import FlowBackend
 from stepnft_ros.policy.policy import FlowPolicy
 from stepnft_ros.rollout import Env
 
@@ -65,7 +65,7 @@ class OnlineConfig:
                              f'replay_iterations={self.replay_iterations}')
 
 
-def run_online(env: Env | EnvPool, model: FlowVLA, online: OnlineConfig, algo: StepNFTConfig,
+def run_online(env: Env | EnvPool, model: FlowBackend, online: OnlineConfig, algo: StepNFTConfig,
                log: Callable[[dict], None] | None = None, history: list[dict] | None = None,
                trainer: StepNFTTrainer | None = None,
                on_iteration: Callable[[list[dict], StepNFTTrainer], None] | None = None) -> list[dict]:

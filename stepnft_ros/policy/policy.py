@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from stepnft_ros.policy.backend import FlowBackend
 from stepnft_ros.policy.config import PolicyConfig
-from stepnft_ros.policy.modeling import FlowVLA
 from stepnft_ros.policy.sampler import check_sde_noise, sample_chunk
 from stepnft_ros.policy.types import Observation, Trace, stack_observations
 
@@ -84,9 +84,10 @@ class SamplingPolicy:
 
 
 class FlowPolicy(SamplingPolicy):
-    """Samples action chunks from a FlowVLA: Flow-SDE (`sde`) to explore, Euler ODE (`ode`) to deploy."""
+    """Samples action chunks from a flow backend (FlowVLA, SmolVLA): Flow-SDE (`sde`) to explore,
+    Euler ODE (`ode`) to deploy."""
 
-    def __init__(self, model: FlowVLA, mode: str = 'sde', noise_level: float | None = None,
+    def __init__(self, model: FlowBackend, mode: str = 'sde', noise_level: float | None = None,
                  seed: int = 0, device: str | torch.device = 'cpu', fixed_step: int | None = None,
                  sde_noise: str = 'every_step', initial_noise_scale: float = 1.0) -> None:
         check_sampling_mode(mode)

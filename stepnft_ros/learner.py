@@ -212,7 +212,8 @@ class Learner:
         record = {
             'weights_version': self.version,
             'train_success': sum(bool(e.success) for e in episodes) / len(episodes),
-            'episodes_replayed': len(replayed),  # the trainer's 'episodes' counts them too
+            'episodes': len(replayed) + len(episodes),  # what the update trained on
+            'episodes_replayed': len(replayed),
             'episodes_consumed': len(self.consumed),
             'dropped_off_policy': self.dropped,
             'downweighted': sum(s < 1.0 for s in scale),

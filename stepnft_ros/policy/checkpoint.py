@@ -82,12 +82,8 @@ def load_checkpoint(directory: str | Path, expected: PolicyConfig | None = None,
         from stepnft_ros.policy.smolvla import load_smolvla
         return load_smolvla(directory, expected=expected, device=device)
     config, metadata = read_header(directory)
-    if expected is not None:
-        for name in ('action_dim', 'horizon', 'state_dim', 'camera_names', 'image_size'):
-            got, want = getattr(config, name), getattr(expected, name)
-            if got != want:
-                raise CheckpointError(f'{_weights_path(directory)}: {name} is {got!r}, expected {want!r}')
     path = _weights_path(directory)
+    check_interface(config, expected, str(path))
     try:
         tensors = safetensors.torch.load_file(str(path), device=str(device))
     except Exception as err:
@@ -97,6 +93,17 @@ def load_checkpoint(directory: str | Path, expected: PolicyConfig | None = None,
     check_weights(path, tensors, state, missing=sorted(set(state) - set(tensors)))
     model.load_state_dict(tensors)
     return model, metadata
+
+
+def check_interface(config: PolicyConfig, expected: PolicyConfig | None, where: str, origin: str = '') -> None:
+    """CheckpointError unless a checkpoint's config speaks the robot's interface (`expected`);
+    `origin` says where the checkpoint's values come from."""
+    if expected is None:
+        return
+    for name in ('action_dim', 'horizon', 'state_dim', 'camera_names', 'image_size'):
+        got, want = getattr(config, name), getattr(expected, name)
+        if got != want:
+            raise CheckpointError(f'{where}: {name} is {got!r}{origin}, expected {want!r} (what the robot has)')
 
 
 def check_weights(path: Path, tensors: dict[str, torch.Tensor], state: dict[str, torch.Tensor],

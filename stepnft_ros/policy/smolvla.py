@@ -209,16 +209,6 @@ def policy_config_for(cfg, where: str, num_steps: int | None = None, noise_level
                         num_steps=int(num_steps or cfg.num_steps), **extra)
 
 
-def check_expected(config: PolicyConfig, expected: PolicyConfig | None, where: str) -> None:
-    """CheckpointError unless the checkpoint speaks the robot's interface (`expected`)."""
-    if expected is None:
-        return
-    for name in ('action_dim', 'horizon', 'state_dim', 'camera_names', 'image_size'):
-        got, want = getattr(config, name), getattr(expected, name)
-        if got != want:
-            raise _error(f'{where}: {name} is {got!r} (from its LeRobot features), the robot has {want!r}')
-
-
 def resolve_vlm_dir(checkpoint: Path | None, vlm_model_name: str, vlm_dir: str | Path | None = None) -> Path:
     """The local directory with the VLM's config and tokenizer files (module docstring), or a
     CheckpointError that names the missing files and where to put them."""
@@ -300,7 +290,9 @@ def load_smolvla(directory: str | Path, expected: PolicyConfig | None = None, de
                     'lerobot/processor/migrate_policy_normalization.py)' if name.startswith('policy_') else '')
             raise _error(f'{directory}: {name} missing: not a LeRobot {LEROBOT_VERSION} SmolVLA checkpoint{hint}')
     cfg, config, ours = _read_config(directory)
-    check_expected(config, expected, str(directory))
+    from stepnft_ros.policy.checkpoint import check_interface  # checkpoint.py imports this module lazily
+
+    check_interface(config, expected, str(directory), origin=' (from its LeRobot features)')
     vlm_model_name = cfg.vlm_model_name
     vlm = resolve_vlm_dir(directory, vlm_model_name, vlm_dir)
     # Built from the VLM's config only; every weight comes from the checkpoint (checked below).

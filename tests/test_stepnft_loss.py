@@ -238,3 +238,20 @@ def test_held_out_episodes_do_not_move_the_policy_and_are_scored_after_the_updat
     assert {f'policy_loss_k{k}' for k in range(4)} <= metrics.keys()
     assert 'holdout_preference_accuracy' not in StepNFTTrainer(*_toy_batch()[:1], StepNFTConfig()).update(
         _toy_batch()[1])
+
+
+def test_filtered_bc_clones_only_the_successful_decisions():
+    cfg = StepNFTConfig(algo='filtered_bc', lr=1e-2, epochs=2, minibatch_size=8)
+
+    def trained(scramble_failures: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        model, batch = _toy_batch()
+        start = torch.cat([p.detach().flatten() for p in model.parameters()])
+        if scramble_failures:  # what the failed episodes did must not matter
+            failed = batch.y <= 0
+            assert failed.any() and (~failed).any()
+            batch.trace.x_final[failed] = 10.0 * torch.randn_like(batch.trace.x_final[failed])
+        StepNFTTrainer(model, cfg, seed=5).update(batch)
+        return start, torch.cat([p.detach().flatten() for p in model.parameters()])
+    start, params = trained(False)
+    assert not torch.equal(start, params)
+    assert torch.equal(params, trained(True)[1])

@@ -337,6 +337,8 @@ class StepNFTTrainer:
                         share = weight[idx].sum() / total
                     else:  # fewer decisions than ranks: each takes them all, for a 1/world_size share
                         share = share / self.world_size
+                if cfg.algo == 'filtered_bc':  # its loss is unweighted: pass it the successful decisions only
+                    idx = idx[weight[idx] > 0]
                 mb_trace, mb_mask = trace.index(idx), mask[idx]
                 if cfg.algo == 'filtered_bc':
                     loss = flow_matching_loss(model, obs.index(idx.cpu()).to(device), mb_trace.x_final, mb_mask,

@@ -49,7 +49,11 @@ METHODS: dict[str, tuple[dict, dict]] = {
     # name: (StepNFTConfig overrides, OnlineConfig overrides)
     'stepnft': ({}, {}),
     'grpo': ({'algo': 'grpo', 'lambda_kl': 0.0}, {}),
-    'filtered_bc': ({'algo': 'filtered_bc', 'epochs': 1}, {'labels': 'terminal_binary', 'group_size': 1}),
+    # success-filtered BC in the recorded-step regime: the same rollouts and optimizer steps per update as
+    # stepnft_recorded_step, flow matching on the successful episodes' executed actions
+    'filtered_bc': ({'algo': 'filtered_bc', 'minibatch_size': 4096},
+                    {'episodes_per_iteration': 1024, 'group_size': 1, 'labels': 'terminal_binary',
+                     'sde_noise': 'recorded_step'}),
     # how far one update may move the policy (the regime's open question; see docs/benchmarks-and-results.md)
     'stepnft_lr3e-5': ({'lr': 3e-5}, {}),
     'stepnft_target_kl': ({'target_kl': 1e-3}, {}),
@@ -66,6 +70,11 @@ METHODS: dict[str, tuple[dict, dict]] = {
     'stepnft_recorded_step_lr3e-4': ({'minibatch_size': 4096, 'lr': 3e-4},
                                      {'episodes_per_iteration': 1024, 'group_size': 1, 'labels': 'batch_mean',
                                       'sde_noise': 'recorded_step'}),
+    # the likelihood baseline in the same regime (same rollouts, labels and optimizer steps): is the limit
+    # π-StepNFT's loss, or the signal these rollouts carry?
+    'grpo_recorded_step': ({'algo': 'grpo', 'lambda_kl': 0.0, 'minibatch_size': 4096},
+                           {'episodes_per_iteration': 1024, 'group_size': 1, 'labels': 'batch_mean',
+                            'sde_noise': 'recorded_step'}),
     'stepnft_every_step_1024': ({'minibatch_size': 4096},
                                 {'episodes_per_iteration': 1024, 'group_size': 1, 'labels': 'batch_mean'}),
     # ... and only at the last solver step, where bench/results/gradient_snr_recorded_a0.3_per_step.json

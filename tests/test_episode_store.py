@@ -140,7 +140,7 @@ def test_bag_is_readable_with_standard_tools(tmp_path):
             '/episode/observation', '/episode/images/wrist', '/episode/images/scene', '/episode/action_chunk',
             '/episode/trace', '/episode/info', '/arm1/joint_states'}
         assert {s.encoding for s in schemas.values()} == {'ros2msg'}
-        assert 'float32[] x_k' in schemas['stepnft_ros/msg/DecisionTrace'].data.decode()
+        assert 'float32[] x_k' in schemas[TRACE_TYPE].data.decode()
         decoded = {}
         for _, channel, message, msg in reader.iter_decoded_messages():
             decoded.setdefault(channel.topic, []).append((message.log_time, msg))
@@ -342,6 +342,9 @@ def test_load_new_reports_corrupt_bags_once_and_keeps_going(tmp_path):
     assert store.episode_ids() == ['a', 'b', 'no_info', 'truncated', 'z']  # never deleted
 
 
+# Bags before format 5 named our types stepnft_ros/msg/* (format 5: stepnft_ros_msgs/msg/*, the interface package's).
+LEGACY_TRACE_TYPE = 'stepnft_ros/msg/DecisionTrace'
+
 # stepnft_ros/msg/DecisionTrace as episode format 1 defined it: before `executed`.
 DECISION_TRACE_FORMAT_1 = """
 std_msgs/Header header
@@ -358,25 +361,34 @@ float32[] x_final
 """
 
 
-def write_format_1(episode: Episode, root) -> None:
-    """`episode` as a format-1 writer stored it: the trace type of that time, embedded in the bag."""
+def write_legacy(episode: Episode, root, trace_definition: str, episode_format: str) -> None:
+    """`episode` as a writer before format 5 stored it: our types named stepnft_ros/msg/*, the trace type
+    `trace_definition`, embedded in the bag."""
     old = get_typestore(Stores.ROS2_KILTED)
-    old.register(get_types_from_msg(DECISION_TRACE_FORMAT_1, TRACE_TYPE))
+    old.register(get_types_from_msg(trace_definition, LEGACY_TRACE_TYPE))
     for name in ('ObservationState', 'EpisodeInfo'):
         old.register(get_types_from_msg((MSG_DIR / f'{name}.msg').read_text(), f'stepnft_ros/msg/{name}'))
-    fields = [name for name, _ in old.fielddefs[TRACE_TYPE][1]]
+    fields = [name for name, _ in old.fielddefs[LEGACY_TRACE_TYPE][1]]
     new = episode_typestore()
     source = write_episode(episode, root.parent / f'{root.name}-scratch')
     writer = Writer(root / episode.episode_id, version=BAG_VERSION, storage_plugin=StoragePlugin.MCAP)
-    writer.set_custom_data(FORMAT_KEY, '1')
+    writer.set_custom_data(FORMAT_KEY, episode_format)
     with Reader(source) as reader, writer:
-        conns = {c.id: writer.add_connection(c.topic, c.msgtype, typestore=old) for c in reader.connections}
+        def legacy(msgtype):
+            return msgtype.replace('stepnft_ros_msgs/', 'stepnft_ros/')
+        conns = {c.id: writer.add_connection(c.topic, legacy(c.msgtype), typestore=old) for c in reader.connections}
         for conn, stamp, raw in reader.messages():
             msg = new.deserialize_cdr(raw, conn.msgtype)
-            if conn.msgtype == TRACE_TYPE:
-                msg = old.types[TRACE_TYPE](**{f: getattr(msg, f) for f in fields})
-            writer.write(conns[conn.id], stamp, old.serialize_cdr(msg, conn.msgtype))
+            msgtype = legacy(conn.msgtype)
+            if msgtype == LEGACY_TRACE_TYPE:
+                msg = old.types[msgtype](**{f: getattr(msg, f) for f in fields})
+            writer.write(conns[conn.id], stamp, old.serialize_cdr(msg, msgtype))
     shutil.rmtree(source.parent)
+
+
+def write_format_1(episode: Episode, root) -> None:
+    """`episode` as a format-1 writer stored it: the trace type of that time, embedded in the bag."""
+    write_legacy(episode, root, DECISION_TRACE_FORMAT_1, '1')
 
 
 def test_bags_of_format_1_load_with_executed_unknown_and_one_warning(tmp_path, caplog):
@@ -384,7 +396,7 @@ def test_bags_of_format_1_load_with_executed_unknown_and_one_warning(tmp_path, c
     old = image_episode('old')
     write_format_1(old, store.root)
     with Reader(store.path('old')) as reader:  # the bag really holds the old layout
-        [trace_conn] = [c for c in reader.connections if c.msgtype == TRACE_TYPE]
+        [trace_conn] = [c for c in reader.connections if c.msgtype == LEGACY_TRACE_TYPE]
         assert 'executed' not in trace_conn.msgdef.data and 'float32[] x_final' in trace_conn.msgdef.data
     store.write(image_episode('new'))
     with caplog.at_level(logging.WARNING, logger='stepnft_ros.episodes.store'):
@@ -398,6 +410,18 @@ def test_bags_of_format_1_load_with_executed_unknown_and_one_warning(tmp_path, c
     assert_same_episode(old_back, old)
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and 'old' in warnings[0] and 'lacks executed' in warnings[0], warnings
+
+
+def test_bags_of_format_4_with_the_old_type_names_load_as_written(tmp_path, caplog):
+    store = EpisodeStore(tmp_path / 'episodes')
+    episode = image_episode('four')
+    write_legacy(episode, store.root, (MSG_DIR / 'DecisionTrace.msg').read_text(), '4')
+    with Reader(store.path('four')) as reader:
+        assert {c.msgtype for c in reader.connections if 'stepnft' in c.msgtype} == {
+            LEGACY_TRACE_TYPE, 'stepnft_ros/msg/ObservationState', 'stepnft_ros/msg/EpisodeInfo'}
+    with caplog.at_level(logging.WARNING, logger='stepnft_ros.episodes.store'):
+        assert_same_episode(read_episode(store.path('four')), episode)
+    assert caplog.records == []  # same layout: nothing is unknown
 
 
 TOY = PolicyConfig(state_dim=4, action_dim=2, horizon=4, d_model=16, n_heads=2, prefix_layers=0, expert_layers=1,

@@ -2,17 +2,19 @@
 
 Layout of `<root>/<episode_id>/`, CDR-serialized, message definitions recorded in the MCAP schemas:
 
-    /episode/observation       stepnft_ros/msg/ObservationState   one per decision
-    /episode/images/<camera>   sensor_msgs/msg/Image (rgb8)         one per decision and camera
-    /episode/action_chunk      trajectory_msgs/msg/JointTrajectory  one per decision: H points of D positions
-    /episode/trace             stepnft_ros/msg/DecisionTrace        one per decision
-    /episode/info              stepnft_ros/msg/EpisodeInfo          one, written last
+    /episode/observation       stepnft_ros_msgs/msg/ObservationState  one per decision
+    /episode/images/<camera>   sensor_msgs/msg/Image (rgb8)           one per decision and camera
+    /episode/action_chunk      trajectory_msgs/msg/JointTrajectory    one per decision: H points of D positions
+    /episode/trace             stepnft_ros_msgs/msg/DecisionTrace     one per decision
+    /episode/info              stepnft_ros_msgs/msg/EpisodeInfo       one, written last
     /<robot>/<topic>           the robot's own messages (JointState, Image, CompressedImage, String)
                                that each observation was made of, as they arrived (policy server)
 
 The robot's topics make an episode replayable with standard tools: `ros2 bag play` republishes the
 joint states, camera frames and instruction under the robot's own topic names, and Foxglove or
-RViz show them with no stepnft code installed.
+RViz show them with no stepnft code installed. Our own types are defined by msg/*.msg, which is
+also the ROS interface package stepnft_ros_msgs (its msg/ links here): built with colcon, ROS tools
+know them too. Bags before format 5 named them stepnft_ros/msg/*; they still load.
 
 A decision's records share its stamp (header stamp and log time), which is how the reader joins
 them. Episodes recorded without ROS time (every stamp 0) get synthetic stamps (i+1) ms; the bag's
@@ -48,8 +50,9 @@ from stepnft_ros.atomic import atomic_publish_dir
 from stepnft_ros.episodes.schema import Decision, Episode
 from stepnft_ros.policy.types import Observation, Trace
 
-MSG_DIR = Path(__file__).with_name('msg')
-MSG_PACKAGE = 'stepnft_ros'
+MSG_DIR = Path(__file__).with_name('msg')  # also the interface package stepnft_ros_msgs' msg/ (a link here)
+MSG_PACKAGE = 'stepnft_ros_msgs'
+LEGACY_MSG_PACKAGE = 'stepnft_ros'  # what bags before format 5 called our types (no ROS package defines it)
 
 OBSERVATION_TOPIC = '/episode/observation'
 IMAGE_TOPIC_PREFIX = '/episode/images/'
@@ -64,7 +67,8 @@ IMAGE_TYPE = 'sensor_msgs/msg/Image'
 ACTION_TYPE = 'trajectory_msgs/msg/JointTrajectory'
 
 FORMAT_KEY = 'stepnft_ros.episode_format'
-FORMAT_VERSION = '4'  # 2: DecisionTrace.executed; 3: .executed_from; 4: interventions, the robot's topics
+FORMAT_VERSION = '5'  # 2: DecisionTrace.executed; 3: .executed_from; 4: interventions, the robot's topics;
+# 5: our types named stepnft_ros_msgs/msg/* (the interface package's names) instead of stepnft_ros/msg/*
 SYNTHETIC_STAMPS_KEY = 'stepnft_ros.synthetic_stamps'
 BAG_VERSION = 9  # rosbag2 metadata version of Jazzy/Kilted
 TEMP_PREFIX = '.tmp-'
@@ -86,7 +90,7 @@ class EpisodeFileError(ValueError):
 
 @functools.cache
 def episode_typestore() -> Typestore:
-    """The ROS 2 Kilted standard types plus our stepnft_ros/msg/* definitions (no rosidl build needed)."""
+    """The ROS 2 Kilted standard types plus our stepnft_ros_msgs/msg/* definitions (no rosidl build needed)."""
     typestore = get_typestore(Stores.ROS2_KILTED)
     types: dict[str, Any] = {}
     for msg_file in sorted(MSG_DIR.glob('*.msg')):
@@ -349,6 +353,7 @@ def _custom_data(path: Path) -> dict[str, str]:
 
 _EXPECTED_TYPES = {OBSERVATION_TOPIC: OBSERVATION_TYPE, ACTION_TOPIC: ACTION_TYPE, TRACE_TOPIC: TRACE_TYPE,
                    INFO_TOPIC: INFO_TYPE}
+_OWN_TYPES = (OBSERVATION_TYPE, TRACE_TYPE, INFO_TYPE)
 
 
 def _read_records(path: Path) -> tuple[dict[str, list[Any]], list[str]]:
@@ -363,13 +368,17 @@ def _read_records(path: Path) -> tuple[dict[str, list[Any]], list[str]]:
             decoders = {}
             for conn in reader.connections:
                 expected = IMAGE_TYPE if conn.topic.startswith(IMAGE_TOPIC_PREFIX) else _EXPECTED_TYPES.get(conn.topic)
-                if expected is not None and conn.msgtype != expected:
+                current = _current_name(conn.msgtype)
+                if expected is not None and current != expected:
                     raise EpisodeFileError(f'{path}: topic {conn.topic} has type {conn.msgtype}, expected {expected}')
                 decoders[conn.id] = ts
-                if conn.msgtype.startswith(f'{MSG_PACKAGE}/') and conn.msgdef.data:
-                    embedded = _embedded_typestore(conn.msgtype, conn.msgdef.data)
+                if expected in _OWN_TYPES and (conn.msgdef.data or current != conn.msgtype):
+                    # a bag without definitions (not ours: we embed them) gets this version's
+                    definition = conn.msgdef.data or (MSG_DIR / f'{current.rsplit("/", 1)[1]}.msg').read_text()
+                    embedded, layout_differs = _embedded_typestore(conn.msgtype, definition)
                     if embedded is not None:
                         decoders[conn.id] = embedded
+                    if layout_differs:
                         older.append(_difference(conn.msgtype, embedded))
             for conn, log_time, raw in reader.messages():
                 if conn.topic in _EXPECTED_TYPES or conn.topic.startswith(IMAGE_TOPIC_PREFIX):
@@ -384,22 +393,30 @@ def _read_records(path: Path) -> tuple[dict[str, list[Any]], list[str]]:
 
 
 @functools.lru_cache(maxsize=16)
-def _embedded_typestore(msgtype: str, definition: str) -> Typestore | None:
-    """A typestore decoding `msgtype` as the bag defines it, or None when that is this version's definition.
+def _embedded_typestore(msgtype: str, definition: str) -> tuple[Typestore | None, bool]:
+    """A typestore decoding `msgtype` as the bag defines it (None when this version's typestore does), and
+    whether its layout differs from this version's.
 
     CDR carries no field names: decoding an older layout with the current definition would misread it.
     """
     embedded = get_types_from_msg(definition, msgtype)
-    if embedded[msgtype][1] == episode_typestore().fielddefs[msgtype][1]:
-        return None
+    differs = embedded[msgtype][1] != episode_typestore().fielddefs[_current_name(msgtype)][1]
+    if not differs and msgtype == _current_name(msgtype):
+        return None, False
     typestore = get_typestore(Stores.ROS2_KILTED)
     typestore.register(embedded)
-    return typestore
+    return typestore, differs
+
+
+def _current_name(msgtype: str) -> str:
+    """Our type's name as this version writes it: stepnft_ros/msg/X (bags before format 5) is stepnft_ros_msgs/msg/X."""
+    package, _, rest = msgtype.partition('/')
+    return f'{MSG_PACKAGE}/{rest}' if package == LEGACY_MSG_PACKAGE else msgtype
 
 
 def _difference(msgtype: str, other: Typestore) -> str:
     have = {name for name, _ in other.fielddefs[msgtype][1]}
-    missing = [name for name, _ in episode_typestore().fielddefs[msgtype][1] if name not in have]
+    missing = [name for name, _ in episode_typestore().fielddefs[_current_name(msgtype)][1] if name not in have]
     return f'its {msgtype} lacks {", ".join(missing)}' if missing else f'its {msgtype} differs'
 
 

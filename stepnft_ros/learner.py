@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ import safetensors.torch
 
 from stepnft_ros.algo.stepnft import StepNFTConfig, StepNFTTrainer
 from stepnft_ros.atomic import atomic_publish_dir, atomic_write_bytes, atomic_write_text
-from stepnft_ros.episodes.schema import Episode, collate_episodes
+from stepnft_ros.episodes.schema import Episode, collate_episodes, collate_human_chunks
 from stepnft_ros.episodes.store import EpisodeFileError, EpisodeStore
 from stepnft_ros.monitoring import EVENTS_DIR, ScalarLog
 from stepnft_ros.policy import CheckpointError, load_checkpoint, save_checkpoint
@@ -54,6 +55,10 @@ class LearnerConfig:
     seed: int = 0
     intervention_negatives: bool = True
     """Decisions that led into a person's takeover (real arms) are trained on as failures."""
+    intervention_bc_weight: float = 0.0
+    """> 0: each gradient step adds this weight × the flow-matching (behaviour-cloning) loss on what
+    people did during takeovers (the episodes' human chunks; StepNFTTrainer.update). 0: the paper's
+    π-StepNFT alone; the human chunks are then not used."""
     tensorboard: bool = True
     """Write each update's record as TensorBoard scalars under work_dir/tensorboard (stepnft_ros.monitoring)."""
 
@@ -65,6 +70,8 @@ class LearnerConfig:
             raise ValueError(f'off_policy must be one of {OFF_POLICY_RULES}, got {self.off_policy!r}')
         if not 0.0 < self.stale_weight <= 1.0:
             raise ValueError(f'stale_weight must be in (0, 1], got {self.stale_weight}')
+        if not (self.intervention_bc_weight >= 0.0 and math.isfinite(self.intervention_bc_weight)):
+            raise ValueError(f'intervention_bc_weight must be a finite number >= 0, got {self.intervention_bc_weight}')
 
 
 class Learner:
@@ -204,7 +211,13 @@ class Learner:
         batch = collate_episodes(replayed + episodes, self.trainer.model.config, self.cfg.labels,
                                  episode_scale=[w for _, ws in self.recent for w in ws] + scale,
                                  intervention_negatives=self.cfg.intervention_negatives)
-        metrics = self.trainer.update(batch)
+        human = None
+        if self.cfg.intervention_bc_weight > 0:
+            model = self.trainer.model
+            device = next(model.parameters()).device
+            human = collate_human_chunks(replayed + episodes, model.config,
+                                         lambda a: model.normalizer.normalize_action(a.to(device)).cpu())
+        metrics = self.trainer.update(batch, human=human, bc_weight=self.cfg.intervention_bc_weight)
         if self.recent.maxlen:
             self.recent.append((episodes, scale))
         self.version += 1
@@ -218,6 +231,8 @@ class Learner:
             'dropped_off_policy': self.dropped,
             'downweighted': sum(s < 1.0 for s in scale),
             'env_steps': sum(e.env_steps for e in episodes),
+            'human_chunks': sum(len(e.human_chunks) for e in replayed + episodes),  # a person's, recorded
+            **({'bc_chunks': 0 if human is None else len(human)} if self.cfg.intervention_bc_weight > 0 else {}),
             'update_s': round(time.perf_counter() - start, 3),
             'wall_s': round(time.monotonic() - self.started, 1),
             'episodes_per_s': round(len(episodes) / max(time.monotonic() - self._last_update, 1e-9), 3),

@@ -42,6 +42,12 @@ EPISODE_ACTIVE = 'episode_active'    # std_msgs/Bool, latched: the operator lets
 # std_msgs/Bool, latched: a person has taken the arm over (teleop into <ns>/safety/*); the arm bridge
 # sends the policy nothing meanwhile, and the policy server records the span with the episode.
 INTERVENTION_ACTIVE = 'intervention_active'
+# While a person has the arm, the arm bridge sends what the person did as demonstrations, apart from
+# the policy's topics (the policy is not asked): an observation (HUMAN_PREFIX + joint_states and
+# camera/<cam>/image_raw, reliable QoS) and, stamped like it, HUMAN_ACTION_CHUNK (JointTrajectory):
+# the person's next actions in the policy's action space. The policy server records the pairs.
+HUMAN_PREFIX = 'human/'
+HUMAN_ACTION_CHUNK = 'human/action_chunk'
 # std_msgs/Int64, latched, optional (simulators): the reset seed of the episode about to start,
 # published before every reset, also when it repeats; the policy server records it with that episode.
 EPISODE_SEED = 'episode_seed'
@@ -75,6 +81,7 @@ def camera_topic(camera: str) -> str:
 
 SENSOR_QOS = qos_profile_sensor_data  # best effort, shallow: a late camera frame is worthless
 RELIABLE_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+HUMAN_QOS = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)  # a person's demonstrations: keep all
 # Latched: late joiners get the last instruction / weights version / e-stop state.
 LATCHED_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                          durability=DurabilityPolicy.TRANSIENT_LOCAL, history=HistoryPolicy.KEEP_LAST)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,17 +31,18 @@ def sample_flow_time(n: int, distribution: str = 'beta', generator: torch.Genera
 
 def flow_matching_loss(model: FlowBackend, obs: ObservationBatch, actions: torch.Tensor,
                        mask: torch.Tensor | None = None, distribution: str = 'beta',
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       generator: torch.Generator | None = None, prefix: Any = None) -> torch.Tensor:
     """E ||v_θ(A^τ, τ, o) − (ε − A)||² with A^τ = τ·ε + (1 − τ)·A.
 
     actions: (B, H, D) normalized chunks; mask: (B, H) 1 for real actions, 0 for padding past
-    the episode end.
+    the episode end; prefix: model.encode_prefix(obs) when the caller has it (e.g. encoded without
+    gradient for a frozen prefix), else it is encoded here.
     """
     b = actions.shape[0]
     eps = torch.randn(actions.shape, generator=generator, device=actions.device)
     tau = sample_flow_time(b, distribution, generator, actions.device)
     a_tau = tau[:, None, None] * eps + (1.0 - tau[:, None, None]) * actions
-    v = model.velocity(a_tau, tau, model.encode_prefix(obs))
+    v = model.velocity(a_tau, tau, model.encode_prefix(obs) if prefix is None else prefix)
     err = F.mse_loss(v, eps - actions, reduction='none').mean(-1)  # (B, H)
     if mask is None:
         return err.mean()

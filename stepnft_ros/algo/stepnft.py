@@ -23,7 +23,7 @@ from stepnft_ros.policy.sampler import check_step_selection, grid_at, recorded_s
 from stepnft_ros.policy.types import Trace
 
 if TYPE_CHECKING:  # episodes imports algo.labels; a runtime import here would be circular
-    from stepnft_ros.episodes.schema import DecisionBatch
+    from stepnft_ros.episodes.schema import DecisionBatch, HumanBatch
 
 LOSS_FORMS = ('ranking', 'weighted')
 TARGETS = ('next_step', 'terminal')
@@ -302,10 +302,20 @@ class StepNFTTrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=(cfg.adam_beta1, cfg.adam_beta2))
         self.generator = torch.Generator().manual_seed(seed)
+        # its own stream: the behaviour-cloning term leaves the π-StepNFT minibatches as they were
+        self.bc_generator = torch.Generator().manual_seed(seed + 7919)
         self.updates = 0
 
-    def update(self, batch: DecisionBatch) -> dict[str, float]:
-        """`cfg.epochs` passes of shuffled minibatches; returns metrics averaged over gradient steps."""
+    def update(self, batch: DecisionBatch, human: HumanBatch | None = None,
+               bc_weight: float = 0.0) -> dict[str, float]:
+        """`cfg.epochs` passes of shuffled minibatches; returns metrics averaged over gradient steps.
+
+        human, bc_weight > 0: a person's demonstration chunks (real-arm takeovers). Every gradient step
+        adds bc_weight × the flow-matching loss of algo/sft.py on up to a minibatch of them to the
+        step's loss (`bc_loss`), so the demonstrations pull on the policy at every step, under the
+        same gradient clip and target_kl stop, rather than as separate steps that could undo or be
+        undone by the π-StepNFT steps. bc_weight 0 (the paper's mode) leaves the update as it was.
+        """
         model, cfg = self.model, self.cfg
         device = next(model.parameters()).device
         num_steps = model.config.num_steps
@@ -353,6 +363,10 @@ class StepNFTTrainer:
                                                      num_steps, mb_mask)
                 self.optimizer.zero_grad(set_to_none=True)
                 (loss * share).backward()
+                if bc_weight > 0 and human is not None and len(human):
+                    bc = self._bc_loss(human, device)
+                    (bc * (bc_weight / self.world_size)).backward()  # every rank the same: summed to one
+                    metrics['bc_loss'] = bc.item()
                 if self.world_size > 1:
                     metrics = self._all_reduce(metrics, share)
                 metrics['grad_norm'] = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip).item()
@@ -379,6 +393,16 @@ class StepNFTTrainer:
         out['label_mean'] = float(y[labelled].mean().item()) if labelled.any() else 0.0
         out['label_positive_fraction'] = float((y[labelled] > 0).float().mean().item()) if labelled.any() else 0.0
         return out
+
+    def _bc_loss(self, human: HumanBatch, device: torch.device) -> torch.Tensor:
+        """Flow matching (algo/sft.py) on up to a minibatch of the person's chunks."""
+        size = min(len(human), self.cfg.minibatch_size)
+        idx = torch.randperm(len(human), generator=self.bc_generator)[:size]
+        part = human.index(idx).to(device)
+        with torch.set_grad_enabled(self.cfg.train_prefix):  # a frozen prefix gets no gradient
+            prefix = self.model.encode_prefix(part.obs)
+        return flow_matching_loss(self.model, part.obs, part.actions, part.mask, generator=self.bc_generator,
+                                  prefix=prefix)
 
     def _all_reduce(self, metrics: dict[str, float], share: torch.Tensor) -> dict[str, float]:
         """Sum the ranks' gradients (each already scaled to its share); metrics likewise, as share-weighted

@@ -88,6 +88,16 @@ class JointTrajectoryAdapter:
             target = np.where(self._delta, np.asarray(measured, dtype=np.float64) + target, target)
         return JointCommand(self.joint_names, target[None], np.array([self.control_period]))
 
+    def action_of(self, target: np.ndarray, measured: np.ndarray | None = None) -> np.ndarray:
+        """The inverse of `command`: joint targets (in `joint_names` order, e.g. a person's teleop
+        command) -> the action that would have commanded them (delta dims: target − measured)."""
+        action = _check_action(target, self.action_dim)
+        if self._delta.any():
+            if measured is None:
+                raise ValueError('delta joint targets need the measured joint positions')
+            action = np.where(self._delta, action - np.asarray(measured, dtype=np.float64), action)
+        return action
+
 
 class TwistAdapter:
     def __init__(self, action_dim: int, frame_id: str, linear_scale: float = 1.0, angular_scale: float = 1.0) -> None:
@@ -106,3 +116,14 @@ class TwistAdapter:
         action = _check_action(action, self.action_dim)
         return (TwistCommand(self.frame_id, action[:3] * self.linear_scale, action[3:6] * self.angular_scale),
                 action[6:].copy())
+
+    def action_of(self, twist: np.ndarray) -> np.ndarray:
+        """The inverse of `command`: a twist (linear, angular; 6 values) -> the action that would have
+        commanded it. Dims past the sixth are not part of a twist: 0 (this adapter never sends them)."""
+        twist = _check_action(twist, 6)
+        if not (self.linear_scale and self.angular_scale):
+            raise ValueError('a twist scale of 0 has no inverse')
+        action = np.zeros(self.action_dim)
+        action[:3] = twist[:3] / self.linear_scale
+        action[3:6] = twist[3:6] / self.angular_scale
+        return action

@@ -625,18 +625,30 @@ def _joint_state(msg: Any, topics: DemoTopics) -> np.ndarray:
 
 
 def _command(msg: Any, topics: DemoTopics) -> np.ndarray:
-    if topics.command_type.endswith('JointTrajectory'):
+    return command_values(msg, topics.command_type, topics.command_names)
+
+
+def command_values(msg: Any, command_type: str, names: Sequence[str] = ()) -> np.ndarray:
+    """A teleop command's values as one action (float32), the dims in `names` order (empty: as published).
+
+    msg: a JointTrajectory (its first point), JointState (positions) or TwistStamped (linear, angular),
+    deserialized by rosbags or rclpy (the same fields). ValueError if it is unusable. Shared by demo bags
+    (`stepnft sft --bags`) and the arm bridge's interventions (human commands as demonstrations).
+    """
+    if command_type.endswith('JointTrajectory'):
         if not len(msg.points):
             raise ValueError('JointTrajectory command without points')
         # a teleop command is one target: the first point (later points, if any, are the operator's plan)
         values = np.asarray(msg.points[0].positions, np.float64)
-        names = list(msg.joint_names)
-    elif topics.command_type.endswith('JointState'):
-        values, names = np.asarray(msg.position, np.float64), list(msg.name)
-    else:
+        cmd_names = list(msg.joint_names)
+    elif command_type.endswith('JointState'):
+        values, cmd_names = np.asarray(msg.position, np.float64), list(msg.name)
+    elif command_type.endswith('TwistStamped'):
         t = msg.twist
-        values, names = np.array([t.linear.x, t.linear.y, t.linear.z, t.angular.x, t.angular.y, t.angular.z]), []
-    return _select(names, values, topics.command_names, 'command').astype(np.float32)
+        values, cmd_names = np.array([t.linear.x, t.linear.y, t.linear.z, t.angular.x, t.angular.y, t.angular.z]), []
+    else:
+        raise ValueError(f'command type must be one of {COMMAND_TYPES}, got {command_type!r}')
+    return _select(cmd_names, values, names, 'command').astype(np.float32)
 
 
 def image_msg_to_rgb(msg: Any, compressed: bool = False) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -10,7 +11,9 @@ import torch
 
 from stepnft_ros.algo.labels import episode_labels
 from stepnft_ros.policy.config import PolicyConfig
-from stepnft_ros.policy.types import Observation, ObservationBatch, Trace, stack_observations
+from stepnft_ros.policy.types import Observation, ObservationBatch, ObservationError, Trace, stack_observations
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,18 @@ class Decision:
     `intervention_window_s`): the update counts it as a failure whatever the episode's outcome."""
 
 
+@dataclass(frozen=True)
+class HumanChunk:
+    """A person's demonstration during a takeover: the observation at a decision point and the
+    actions (n, D) the person executed from it, in the policy's action space (un-normalized), one
+    per control period; n may differ from the policy's horizon (cut or padded when trained on)."""
+
+    observation: Observation
+    actions: np.ndarray
+    stamp_ns: int = 0
+    """Stamp of the observation (ROS time in ns); its actions follow it one control period apart."""
+
+
 @dataclass
 class Episode:
     """A finished (or running) episode; `success` is None until the outcome is known."""
@@ -56,6 +71,8 @@ class Episode:
     """Namespace of the robot/env that produced it ('' outside ROS)."""
     interventions: list[tuple[int, int]] = field(default_factory=list)
     """(start, end) stamps in ns of each span a person had the arm (end -1: until the episode ended)."""
+    human_chunks: list[HumanChunk] = field(default_factory=list)
+    """What the person did during those spans (real arms; bags before format 5 have none)."""
 
     @property
     def finished(self) -> bool:
@@ -151,3 +168,55 @@ def collate_episodes(episodes: Sequence[Episode], cfg: PolicyConfig, labels: str
         y=torch.tensor(y), r=torch.tensor(r), weight=torch.tensor(weight),
         episode_index=torch.tensor(ep_index), n_episodes=len(kept), executed=torch.tensor(executed),
         executed_from=torch.tensor(executed_from))
+
+
+@dataclass(frozen=True)
+class HumanBatch:
+    """Human demonstration chunks ready for the flow-matching (behaviour-cloning) loss:
+    obs: N observations; actions: (N, H, D) normalized; mask: (N, H) 1 for recorded actions, 0 for
+    the padding of chunks shorter than the horizon (their last action repeated, as in SFT)."""
+
+    obs: ObservationBatch
+    actions: torch.Tensor
+    mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.actions.shape[0])
+
+    def index(self, idx: torch.Tensor) -> HumanBatch:
+        return HumanBatch(self.obs.index(idx.cpu()), self.actions[idx], self.mask[idx])
+
+    def to(self, device: torch.device | str) -> HumanBatch:
+        return HumanBatch(self.obs.to(device), self.actions.to(device), self.mask.to(device))
+
+
+def collate_human_chunks(episodes: Sequence[Episode], cfg: PolicyConfig,
+                         normalize_action: Callable[[torch.Tensor], torch.Tensor]) -> HumanBatch | None:
+    """The episodes' human chunks as one batch, None if there are none. Chunks longer than the
+    horizon are cut to it, shorter ones padded and masked. A chunk with the wrong action size,
+    non-finite actions or an observation the policy cannot take is left out with a logged warning."""
+    observations, actions, masks = [], [], []
+    for episode in episodes:
+        for i, chunk in enumerate(episode.human_chunks):
+            where = f'episode {episode.episode_id}, human chunk {i} (stamp {chunk.stamp_ns})'
+            a = np.asarray(chunk.actions, dtype=np.float32)
+            try:
+                if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] != cfg.action_dim:
+                    raise ObservationError(f'actions have shape {a.shape}, expected (n >= 1, {cfg.action_dim})')
+                if not np.isfinite(a).all():
+                    raise ObservationError('actions have non-finite values')
+                stack_observations([chunk.observation], cfg)  # validates it
+            except ObservationError as err:
+                log.warning('%s: not trained on: %s', where, err)
+                continue
+            n = min(a.shape[0], cfg.horizon)
+            padded = np.concatenate([a[:n], np.repeat(a[n - 1:n], cfg.horizon - n, axis=0)])
+            observations.append(chunk.observation)
+            actions.append(padded)
+            masks.append(np.arange(cfg.horizon) < n)
+    if not observations:
+        return None
+    with torch.no_grad():
+        normalized = normalize_action(torch.from_numpy(np.stack(actions)))
+    return HumanBatch(obs=stack_observations(observations, cfg), actions=normalized,
+                      mask=torch.from_numpy(np.stack(masks).astype(np.float32)))

@@ -9,6 +9,10 @@ Layout of `<root>/<episode_id>/`, CDR-serialized, message definitions recorded i
     /episode/info              stepnft_ros_msgs/msg/EpisodeInfo       one, written last
     /<robot>/<topic>           the robot's own messages (JointState, Image, CompressedImage, String)
                                that each observation was made of, as they arrived (policy server)
+    /episode/human/observation, /episode/human/images/<camera>, /episode/human/action_chunk
+                               a person's demonstrations during takeovers (real arms), one per human
+                               chunk, the same types: its observation, and the n actions (n points)
+                               the person executed from it, one control period apart (format 6)
 
 The robot's topics make an episode replayable with standard tools: `ros2 bag play` republishes the
 joint states, camera frames and instruction under the robot's own topic names, and Foxglove or
@@ -47,7 +51,7 @@ from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 from rosbags.typesys.store import Typestore
 
 from stepnft_ros.atomic import atomic_publish_dir
-from stepnft_ros.episodes.schema import Decision, Episode
+from stepnft_ros.episodes.schema import Decision, Episode, HumanChunk
 from stepnft_ros.policy.types import Observation, Trace
 
 MSG_DIR = Path(__file__).with_name('msg')  # also the interface package stepnft_ros_msgs' msg/ (a link here)
@@ -59,6 +63,9 @@ IMAGE_TOPIC_PREFIX = '/episode/images/'
 ACTION_TOPIC = '/episode/action_chunk'
 TRACE_TOPIC = '/episode/trace'
 INFO_TOPIC = '/episode/info'
+HUMAN_OBSERVATION_TOPIC = '/episode/human/observation'
+HUMAN_IMAGE_TOPIC_PREFIX = '/episode/human/images/'
+HUMAN_ACTION_TOPIC = '/episode/human/action_chunk'
 
 OBSERVATION_TYPE = f'{MSG_PACKAGE}/msg/ObservationState'
 TRACE_TYPE = f'{MSG_PACKAGE}/msg/DecisionTrace'
@@ -67,8 +74,9 @@ IMAGE_TYPE = 'sensor_msgs/msg/Image'
 ACTION_TYPE = 'trajectory_msgs/msg/JointTrajectory'
 
 FORMAT_KEY = 'stepnft_ros.episode_format'
-FORMAT_VERSION = '5'  # 2: DecisionTrace.executed; 3: .executed_from; 4: interventions, the robot's topics;
-# 5: our types named stepnft_ros_msgs/msg/* (the interface package's names) instead of stepnft_ros/msg/*
+FORMAT_VERSION = '6'  # 2: DecisionTrace.executed; 3: .executed_from; 4: interventions, the robot's topics;
+# 5: our types named stepnft_ros_msgs/msg/* (the interface package's names) instead of stepnft_ros/msg/*;
+# 6: /episode/human/* (a person's demonstrations during takeovers; bags without them load with none)
 SYNTHETIC_STAMPS_KEY = 'stepnft_ros.synthetic_stamps'
 BAG_VERSION = 9  # rosbag2 metadata version of Jazzy/Kilted
 TEMP_PREFIX = '.tmp-'
@@ -142,6 +150,7 @@ class _Layout:
     action_names: list[str]
     stamps: list[int]
     synthetic: bool
+    human_stamps: list[int]
     control_period_ns: int
 
 
@@ -158,7 +167,9 @@ def _check_episode(episode: Episode, action_names: Sequence[str] | None, control
         raise ValueError(f'control_period must be a positive number of seconds, got {control_period}')
 
     decisions = episode.decisions
-    cameras = list(decisions[0].observation.images) if decisions else []
+    humans = episode.human_chunks
+    first_obs = decisions[0].observation if decisions else humans[0].observation if humans else None
+    cameras = list(first_obs.images) if first_obs is not None else []
     bad = [c for c in cameras if not isinstance(c, str) or not _CAMERA_PATTERN.fullmatch(c)]
     if bad:
         raise ValueError(f'{name}: camera names {bad} are not valid ROS topic name tokens')
@@ -177,33 +188,54 @@ def _check_episode(episode: Episode, action_names: Sequence[str] | None, control
                     or not isinstance(data, bytes):
                 raise ValueError(f'{where}: robot message ({topic!r}, {msgtype!r}) needs a relative topic name, '
                                  'a standard ROS 2 type and CDR bytes')
-        state = decision.observation.state
-        if state is not None and np.asarray(state).ndim != 1:
-            raise ValueError(f'{where}: state has shape {np.asarray(state).shape}, expected (S,)')
-        if list(decision.observation.images) != cameras:
-            raise ValueError(f'{where}: cameras {list(decision.observation.images)} differ from decision 0 {cameras}')
-        for camera, image in decision.observation.images.items():
-            image = np.asarray(image)
-            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-                raise ValueError(f'{where}: camera {camera!r} image is {image.dtype} {image.shape}, '
-                                 'expected (h, w, 3) uint8 RGB')
+        _check_observation(decision.observation, where, cameras)
+
+    if not decisions and humans:
+        action_dim = np.shape(humans[0].actions)[-1] if np.ndim(humans[0].actions) == 2 else 0
+    for i, human in enumerate(humans):
+        _check_human_chunk(human, f'{name}, human chunk {i}', action_dim, cameras)
 
     names = [f'a{j}' for j in range(action_dim)] if action_names is None else list(action_names)
-    if decisions and len(names) != action_dim:
+    if (decisions or humans) and len(names) != action_dim:
         raise ValueError(f'{name}: {len(names)} action names for action_dim {action_dim}')
 
     given = [d.stamp_ns for d in decisions]
-    synthetic = all(s == 0 for s in given)
+    human_given = [h.stamp_ns for h in humans]
+    synthetic = all(s == 0 for s in given + human_given)
     if synthetic:
         stamps = [(i + 1) * _SYNTHETIC_STEP_NS for i in range(len(decisions))]
+        human_stamps = [(len(decisions) + i + 1) * _SYNTHETIC_STEP_NS for i in range(len(humans))]
     else:
-        stamps = given
-        for i, stamp in enumerate(stamps):
-            _check_range(f'{name}, decision {i}: stamp_ns', stamp, 1, _MAX_STAMP_NS)
-            if i and stamp <= stamps[i - 1]:
-                raise ValueError(f'{name}: decision stamps must increase strictly, decision {i} has {stamp} '
-                                 f'after {stamps[i - 1]}')
-    return _Layout(cameras, names, stamps, synthetic, round(control_period * _NS))
+        stamps, human_stamps = given, human_given
+        for what, series in (('decision', stamps), ('human chunk', human_stamps)):
+            for i, stamp in enumerate(series):
+                _check_range(f'{name}, {what} {i}: stamp_ns', stamp, 1, _MAX_STAMP_NS)
+                if i and stamp <= series[i - 1]:
+                    raise ValueError(f'{name}: {what} stamps must increase strictly, {what} {i} has {stamp} '
+                                     f'after {series[i - 1]}')
+    return _Layout(cameras, names, stamps, synthetic, human_stamps, round(control_period * _NS))
+
+
+def _check_human_chunk(human: HumanChunk, where: str, action_dim: int, cameras: list[str]) -> None:
+    actions = np.asarray(human.actions)
+    if actions.ndim != 2 or actions.shape[0] < 1 or actions.shape[1] != action_dim:
+        raise ValueError(f'{where}: actions have shape {actions.shape}, expected (n >= 1, {action_dim})')
+    if not np.isfinite(actions).all():
+        raise ValueError(f'{where}: actions have non-finite values')
+    _check_observation(human.observation, where, cameras)
+
+
+def _check_observation(obs: Observation, where: str, cameras: list[str]) -> None:
+    state = obs.state
+    if state is not None and np.asarray(state).ndim != 1:
+        raise ValueError(f'{where}: state has shape {np.asarray(state).shape}, expected (S,)')
+    if list(obs.images) != cameras:
+        raise ValueError(f'{where}: cameras {list(obs.images)} differ from the first observation\'s {cameras}')
+    for camera, image in obs.images.items():
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f'{where}: camera {camera!r} image is {image.dtype} {image.shape}, '
+                             'expected (h, w, 3) uint8 RGB')
 
 
 def _trace_shape(decision: Decision, where: str) -> tuple[int, int]:
@@ -247,28 +279,39 @@ def _write_bag(path: Path, episode: Episode, layout: _Layout) -> None:
         action_conn = connect(ACTION_TOPIC, ACTION_TYPE)
         trace_conn = connect(TRACE_TOPIC, TRACE_TYPE)
         info_conn = connect(INFO_TOPIC, INFO_TYPE)
+        if episode.human_chunks:  # only then: a bag without a person's help looks as before
+            human_observation_conn = connect(HUMAN_OBSERVATION_TOPIC, OBSERVATION_TYPE)
+            human_image_conns = {camera: connect(HUMAN_IMAGE_TOPIC_PREFIX + camera, IMAGE_TYPE)
+                                 for camera in layout.cameras}
+            human_action_conn = connect(HUMAN_ACTION_TOPIC, ACTION_TYPE)
 
         def write(conn, stamp: int, msg: Any) -> None:
             writer.write(conn, stamp, ts.serialize_cdr(msg, msg.__msgtype__))
 
         empty = np.empty(0, np.float64)
-        for decision, stamp in zip(episode.decisions, layout.stamps, strict=True):
-            obs = decision.observation
+
+        def write_observation(obs: Observation, stamp: int, conn, cameras: dict) -> None:
             state = np.empty(0, np.float32) if obs.state is None else np.asarray(obs.state, np.float32)
-            write(observation_conn, stamp, types[OBSERVATION_TYPE](
-                header=_header(ts, stamp), state=state, instruction=obs.instruction))
+            write(conn, stamp, types[OBSERVATION_TYPE](header=_header(ts, stamp), state=state,
+                                                       instruction=obs.instruction))
             for camera, image in obs.images.items():
                 image = np.ascontiguousarray(image)
                 height, width = image.shape[:2]
-                write(image_conns[camera], stamp, types[IMAGE_TYPE](
+                write(cameras[camera], stamp, types[IMAGE_TYPE](
                     header=_header(ts, stamp, frame_id=camera), height=height, width=width, encoding='rgb8',
                     is_bigendian=0, step=width * 3, data=image.reshape(-1)))
+
+        def write_actions(actions: np.ndarray, stamp: int, conn) -> None:
             points = [types['trajectory_msgs/msg/JointTrajectoryPoint'](
                 positions=np.asarray(action, np.float64), velocities=empty, accelerations=empty, effort=empty,
                 time_from_start=_duration(ts, (i + 1) * layout.control_period_ns))
-                for i, action in enumerate(np.asarray(decision.chunk))]
-            write(action_conn, stamp, types[ACTION_TYPE](
-                header=_header(ts, stamp), joint_names=layout.action_names, points=points))
+                for i, action in enumerate(np.asarray(actions))]
+            write(conn, stamp, types[ACTION_TYPE](header=_header(ts, stamp), joint_names=layout.action_names,
+                                                  points=points))
+
+        for decision, stamp in zip(episode.decisions, layout.stamps, strict=True):
+            write_observation(decision.observation, stamp, observation_conn, image_conns)
+            write_actions(decision.chunk, stamp, action_conn)
             trace = decision.trace
             horizon, action_dim = trace.x_k.shape[1:]
             flat = {f: getattr(trace, f).detach().cpu().numpy().astype(np.float32).reshape(-1)
@@ -280,6 +323,10 @@ def _write_bag(path: Path, episode: Episode, layout: _Layout) -> None:
                 k=int(trace.k[0]), a=float(trace.a[0]), horizon=horizon,
                 action_dim=action_dim, **flat))
 
+        for human, stamp in zip(episode.human_chunks, layout.human_stamps, strict=True):
+            write_observation(human.observation, stamp, human_observation_conn, human_image_conns)
+            write_actions(human.actions, stamp, human_action_conn)
+
         robot_conns: dict[tuple[str, str], Any] = {}
         prefix = robot_topic_prefix(episode.robot)
         for decision, stamp in zip(episode.decisions, layout.stamps, strict=True):
@@ -289,7 +336,8 @@ def _write_bag(path: Path, episode: Episode, layout: _Layout) -> None:
                     robot_conns[key] = connect(prefix + topic, msgtype)
                 writer.write(robot_conns[key], stamp, data)
 
-        info_stamp = (len(layout.stamps) + 1) * _SYNTHETIC_STEP_NS if layout.synthetic else layout.stamps[-1] + 1
+        info_stamp = ((len(layout.stamps) + len(layout.human_stamps) + 1) * _SYNTHETIC_STEP_NS if layout.synthetic
+                      else max(layout.stamps + layout.human_stamps) + 1)
         write(info_conn, info_stamp, types[INFO_TYPE](
             episode_id=episode.episode_id, robot=episode.robot, success=bool(episode.success),
             env_steps=episode.env_steps, seed=-1 if episode.seed is None else episode.seed,
@@ -352,7 +400,11 @@ def _custom_data(path: Path) -> dict[str, str]:
 
 
 _EXPECTED_TYPES = {OBSERVATION_TOPIC: OBSERVATION_TYPE, ACTION_TOPIC: ACTION_TYPE, TRACE_TOPIC: TRACE_TYPE,
-                   INFO_TOPIC: INFO_TYPE}
+                   INFO_TOPIC: INFO_TYPE, HUMAN_OBSERVATION_TOPIC: OBSERVATION_TYPE, HUMAN_ACTION_TOPIC: ACTION_TYPE}
+
+
+def _is_image_topic(topic: str) -> bool:
+    return topic.startswith((IMAGE_TOPIC_PREFIX, HUMAN_IMAGE_TOPIC_PREFIX))
 _OWN_TYPES = (OBSERVATION_TYPE, TRACE_TYPE, INFO_TYPE)
 
 
@@ -367,7 +419,7 @@ def _read_records(path: Path) -> tuple[dict[str, list[Any]], list[str]]:
         with Reader(path) as reader:
             decoders = {}
             for conn in reader.connections:
-                expected = IMAGE_TYPE if conn.topic.startswith(IMAGE_TOPIC_PREFIX) else _EXPECTED_TYPES.get(conn.topic)
+                expected = IMAGE_TYPE if _is_image_topic(conn.topic) else _EXPECTED_TYPES.get(conn.topic)
                 current = _current_name(conn.msgtype)
                 if expected is not None and current != expected:
                     raise EpisodeFileError(f'{path}: topic {conn.topic} has type {conn.msgtype}, expected {expected}')
@@ -381,7 +433,7 @@ def _read_records(path: Path) -> tuple[dict[str, list[Any]], list[str]]:
                     if layout_differs:
                         older.append(_difference(conn.msgtype, embedded))
             for conn, log_time, raw in reader.messages():
-                if conn.topic in _EXPECTED_TYPES or conn.topic.startswith(IMAGE_TOPIC_PREFIX):
+                if conn.topic in _EXPECTED_TYPES or _is_image_topic(conn.topic):
                     by_topic.setdefault(conn.topic, []).append(decoders[conn.id].deserialize_cdr(raw, conn.msgtype))
                 else:
                     by_topic.setdefault(None, []).append((log_time, conn.topic, conn.msgtype, bytes(raw)))
@@ -464,12 +516,38 @@ def _decode(records: dict[str, list[Any]], synthetic_stamps: bool) -> Episode:
             executed=None if executed == -1 else executed, executed_from=executed_from,
             robot_messages=tuple(robot_messages.get(stamp, ())),
             led_to_intervention=bool(getattr(trace_msg, 'led_to_intervention', False))))  # absent before format 4
-    return Episode(episode_id=info.episode_id, weights_version=int(info.weights_version), decisions=decisions,
+    return Episode(human_chunks=_decode_human_chunks(records, cameras, len(info.action_names), synthetic_stamps),
+                   episode_id=info.episode_id, weights_version=int(info.weights_version), decisions=decisions,
                    success=bool(info.success), env_steps=int(info.env_steps),
                    seed=None if info.seed == -1 else int(info.seed), robot=info.robot,
                    interventions=[(int(s), int(e)) for s, e in zip(getattr(info, 'intervention_start_ns', []),
                                                                     getattr(info, 'intervention_end_ns', []),
                                                                     strict=True)])
+
+
+def _decode_human_chunks(records: dict[str, list[Any]], cameras: list[str], action_dim: int,
+                         synthetic_stamps: bool) -> list[HumanChunk]:
+    """The /episode/human/* records joined by stamp (none in bags before format 6)."""
+    parts = [HUMAN_OBSERVATION_TOPIC, HUMAN_ACTION_TOPIC, *(HUMAN_IMAGE_TOPIC_PREFIX + c for c in cameras)]
+    by_stamp = {topic: _index_by_stamp(topic, records.get(topic, [])) for topic in parts}
+    chunks = []
+    for i, stamp in enumerate(sorted(set().union(*by_stamp.values()))):
+        where = f'human chunk {i} (stamp {stamp})'
+        missing = [topic for topic in parts if stamp not in by_stamp[topic]]
+        if missing:
+            raise _Problem(f'{where} has no {", ".join(missing)} record')
+        points = by_stamp[HUMAN_ACTION_TOPIC][stamp].points
+        if not len(points) or any(len(p.positions) != action_dim for p in points):
+            raise _Problem(f'{where}: {len(points)} actions of sizes {sorted({len(p.positions) for p in points})}, '
+                           f'expected n >= 1 of {action_dim}')
+        obs_msg = by_stamp[HUMAN_OBSERVATION_TOPIC][stamp]
+        images = {c: _decode_image(by_stamp[HUMAN_IMAGE_TOPIC_PREFIX + c][stamp], c, where) for c in cameras}
+        chunks.append(HumanChunk(
+            observation=Observation(state=np.array(obs_msg.state, np.float32) if len(obs_msg.state) else None,
+                                    images=images, instruction=obs_msg.instruction),
+            actions=np.array([p.positions for p in points], np.float32).reshape(len(points), action_dim),
+            stamp_ns=0 if synthetic_stamps else stamp))
+    return chunks
 
 
 def _index_by_stamp(topic: str, messages: list[Any]) -> dict[int, Any]:

@@ -14,12 +14,27 @@ In its namespace <ns> (which must not be the root):
        <ns>/executed_chunk: each answered chunk cut to the actions that ran, once it is out of use
        (ChunkScheduler says how they are counted: actions skipped because their tick had passed
        are not among them)
+       while taken over (`record_interventions`): the person's demonstrations, see "Interventions"
 At `control_rate_hz` it executes the chunks (stepnft_ros.control.ChunkScheduler: chunked, with
 or without `latency_hiding`, or temporally ensembled) through a command adapter (joint
 trajectory or end-effector twist). With latency hiding it observes early by the measured
 observation -> chunk latency, so a slow policy does not pause the arm between chunks.
 While the episode is not active it sends no observation and commands nothing; an observation
 with a missing, stale or bad part is not sent (the arm then gets no new command and holds).
+
+Interventions: while a person has the arm, the person's commands arrive on the very topic this
+node commands (<ns>/safety/joint_trajectory_in or twist_in, where teleop publishes into the safety
+layer). The bridge records them as demonstrations: every `actions_per_chunk` ticks (the policy's
+decision rate) it publishes an observation on <ns>/human/joint_states and
+<ns>/human/camera/<cam>/image_raw, and once the next `human_chunk_length` ticks have passed,
+<ns>/human/action_chunk (stamped like the observation): the person's command of each tick (the
+latest one, sampled at the control rate) turned into the policy's action space by the inverse of
+this node's own command adapter, after the same command reading as `stepnft sft --bags`
+(episodes/demo_formats.command_values). A chunk ends early (shorter) at the hand-back, at the end
+of the episode, and when no fresh human command came for `human_command_timeout_s`. The policy
+server pairs them and records them with the episode; the learner can clone them.
+This lives here because only the bridge has both halves with no new plumbing: the observation
+join and the command adapter that defines the action space.
 """
 
 from __future__ import annotations
@@ -34,6 +49,7 @@ from std_msgs.msg import Bool, String
 
 from stepnft_ros import ros_io, ros_io_arm
 from stepnft_ros.control import ChunkScheduler, JointTrajectoryAdapter, ObservationJoiner, TwistAdapter
+from stepnft_ros.episodes.demo_formats import command_values
 from stepnft_ros.nodes.common import ConfigError, ManagedNode, Params, run_node
 from stepnft_ros.policy.types import ObservationError
 
@@ -74,6 +90,13 @@ class ArmBridge(ManagedNode):
         # the episode counts as stopped: an operator that dies cannot leave the arm acting.
         self.active_timeout_s = p.get('active_timeout_s', 0.0)
         self.log_throttle_s = p.get('log_throttle_s', 1.0)
+        # While taken over, send the person's commands as demonstrations (observation + action chunk).
+        self.record_interventions = p.get('record_interventions', True)
+        # Actions per demonstration chunk; 0: as many as the policy's chunks have (actions_per_chunk
+        # until the first chunk arrives). The learner cuts or pads them to the policy's horizon.
+        self.human_chunk_length = p.get('human_chunk_length', 0)
+        # An older human command does not count as what the person is doing: open chunks end.
+        self.human_command_timeout_s = p.get('human_command_timeout_s', 0.5)
 
         bad_sources = sorted(set(state_sources) - {'joint_position', 'joint_velocity'})
         if bad_sources:
@@ -86,6 +109,8 @@ class ArmBridge(ManagedNode):
         if rate_hz <= 0 or request_timeout_s <= 0 or image_size < 8 or self.active_timeout_s < 0:
             raise ConfigError('control_rate_hz and request_timeout_s must be > 0, image_size >= 8, '
                               'active_timeout_s >= 0')
+        if self.human_chunk_length < 0 or self.human_command_timeout_s <= 0:
+            raise ConfigError('human_chunk_length must be >= 0 and human_command_timeout_s > 0')
         if self.command_type not in COMMAND_TYPES:
             raise ConfigError(f"parameter 'command_type' must be one of {COMMAND_TYPES}, got {self.command_type!r}")
         self.period = 1.0 / rate_hz
@@ -131,6 +156,29 @@ class ArmBridge(ManagedNode):
                                                      ros_io.RELIABLE_QOS)
         else:
             self.command_pub = self.create_publisher(TwistStamped, ros_io.SAFETY_TWIST_IN, ros_io.RELIABLE_QOS)
+        # Interventions: the person's commands (into the same safety input) and the demonstrations made of them.
+        self.human_horizon = self.human_chunk_length or actions_per_chunk
+        self.human_command: tuple[float, object] | None = None  # (monotonic receipt time, message)
+        self.last_command_msg = None  # our own last command, not to be mistaken for the person's
+        self.human_open: list[tuple[int, list[np.ndarray]]] = []  # (observation stamp, actions so far)
+        self.human_next_tick = 0  # the tick of the next demonstration observation
+        self.human_chunks = 0
+        if self.record_interventions:
+            if self.command_type == 'joint_trajectory':
+                self.create_subscription(ros_io.JointTrajectory, ros_io.SAFETY_JOINT_TRAJECTORY_IN,
+                                         self._on_human_command, ros_io.RELIABLE_QOS)
+                self.action_names = list(self.adapter.joint_names)
+            else:
+                self.create_subscription(TwistStamped, ros_io.SAFETY_TWIST_IN, self._on_human_command,
+                                         ros_io.RELIABLE_QOS)
+                self.action_names = [f'a{i}' for i in range(self.action_dim)]
+            prefix = ros_io.HUMAN_PREFIX
+            self.human_joint_pub = self.create_publisher(ros_io.JointState, prefix + ros_io.JOINT_STATES,
+                                                         ros_io.HUMAN_QOS)
+            self.human_image_pubs = {c: self.create_publisher(ros_io.Image, prefix + ros_io.camera_topic(c),
+                                                              ros_io.HUMAN_QOS) for c in camera_names}
+            self.human_chunk_pub = self.create_publisher(ros_io.JointTrajectory, ros_io.HUMAN_ACTION_CHUNK,
+                                                         ros_io.HUMAN_QOS)
 
         if self.command_type == 'twist' and self.action_dim > 6:
             self.get_logger().warning(f'twist control: action dims 7..{self.action_dim} (e.g. the gripper) are not '
@@ -183,15 +231,20 @@ class ArmBridge(ManagedNode):
             return
         self.intervening = bool(msg.data)
         self._drop_schedule()  # after a hand-back the policy plans from a fresh observation
+        self._end_human_chunks()
+        self.human_command = None  # only commands that come during this takeover are the person's
+        self.human_next_tick = self.tick + 1
         self.get_logger().info('TAKEN OVER: no policy commands until handed back' if self.intervening
                                else 'handed back: the policy acts again')
 
     def _set_active(self, active: bool) -> None:
         self.active = active
         self._drop_schedule()
+        self._end_human_chunks()  # before the operator's label closes the episode
 
     def on_hold(self) -> None:  # deactivated (lifecycle): nothing planned survives
         self._drop_schedule()
+        self._end_human_chunks()
 
     def _drop_schedule(self) -> None:
         self.scheduler.reset()  # a new episode never executes the last one's chunks
@@ -217,7 +270,11 @@ class ArmBridge(ManagedNode):
             self._set_active(False)
             self.get_logger().error(f'no episode_active from the operator for {self.active_timeout_s:g} s: '
                                     'episode stopped, holding')
-        if not self.active or self.intervening:
+        if not self.active:
+            return
+        if self.intervening:
+            if self.record_interventions:
+                self._record_human()
             return
         stale = self.scheduler.stale_chunks
         action = self.scheduler.action(self.tick)
@@ -243,21 +300,29 @@ class ArmBridge(ManagedNode):
             self.get_logger().error(f'action not executed, holding: {err}', throttle_duration_sec=self.log_throttle_s)
             return
         self.command_pub.publish(msg)
+        self.last_command_msg = msg
         self.commands += 1
 
-    def _send_observation(self) -> None:
+    def _publish_observation(self, image_pubs: dict, joint_pub, what: str) -> int | None:
+        """Join and publish one observation; its stamp, or None (logged) when a part is missing or bad."""
         now_ns = time.time_ns()
         try:
             obs = self.joiner.join(now_ns)
         except ObservationError as err:
-            self.get_logger().warning(f'no observation sent, holding: {err}', throttle_duration_sec=self.log_throttle_s)
-            return
+            self.get_logger().warning(f'{what}: {err}', throttle_duration_sec=self.log_throttle_s)
+            return None
         stamp = max(now_ns, self.last_stamp_ns + 1)  # the policy server needs strictly newer stamps
         self.last_stamp_ns = stamp
-        for cam, pub in self.image_pubs.items():
+        for cam, pub in image_pubs.items():
             pub.publish(ros_io.numpy_to_image(obs.images[cam], stamp, frame_id=cam))
         # joint_states last: the policy server answers once every part of a stamp has arrived.
-        self.joint_pub.publish(ros_io.arrays_to_joint_state(self.joint_names, obs.position, obs.velocity, stamp))
+        joint_pub.publish(ros_io.arrays_to_joint_state(self.joint_names, obs.position, obs.velocity, stamp))
+        return stamp
+
+    def _send_observation(self) -> None:
+        stamp = self._publish_observation(self.image_pubs, self.joint_pub, 'no observation sent, holding')
+        if stamp is None:
+            return
         self.scheduler.requested(self.tick)
         self.stamp_to_tick[stamp] = self.tick
         self.sent_at[stamp] = time.monotonic()
@@ -278,15 +343,77 @@ class ArmBridge(ManagedNode):
             self.get_logger().debug(f'ignored a chunk for an observation no longer awaited ({stamp_ns} ns)')
             return
         self.answers[tick] = msg
+        if not self.human_chunk_length:
+            self.human_horizon = len(chunk)  # demonstrations as long as the policy's own chunks
         self._report_executed()  # chunked: the chunk this one replaced
         self.latencies.append(time.monotonic() - self.sent_at.pop(stamp_ns))
         if self.scheduler.latency_hiding:  # the newest LATENCY_WINDOW, not a copy of the whole record
             recent = list(itertools.islice(reversed(self.latencies), LATENCY_WINDOW))
             self.scheduler.set_latency(float(np.percentile(recent, 90)) / self.period)
 
+    # ---- interventions: the person's commands as demonstrations -----------------------------
+
+    def _on_human_command(self, msg) -> None:
+        if not self.intervening or msg == self.last_command_msg:  # ours, delivered after the takeover
+            return
+        self.human_command = (time.monotonic(), msg)
+
+    def _human_action(self) -> np.ndarray | None:
+        """The person's latest command as a policy action, None if there is no fresh usable one."""
+        if self.human_command is None or time.monotonic() - self.human_command[0] > self.human_command_timeout_s:
+            return None
+        msg = self.human_command[1]
+        try:
+            if self.command_type == 'joint_trajectory':
+                target = command_values(msg, 'trajectory_msgs/msg/JointTrajectory', self.adapter.joint_names)
+                measured = (self.joiner.latest_positions(self.adapter.joint_names)
+                            if self.adapter.targets == 'delta' else None)
+                action = self.adapter.action_of(target, measured)
+            else:
+                action = self.adapter.action_of(command_values(msg, 'geometry_msgs/msg/TwistStamped'))
+        except (ValueError, ObservationError) as err:
+            self.get_logger().warning(f'human command not recorded as a demonstration: {err}',
+                                      throttle_duration_sec=self.log_throttle_s)
+            return None
+        return action
+
+    def _record_human(self) -> None:
+        """One control tick of a takeover: the tick's action joins the open chunks; at the decision
+        rate a new observation opens one."""
+        action = self._human_action()
+        if action is None:
+            self._end_human_chunks()  # what the person does now is unknown: no chunk spans it
+            self.human_next_tick = self.tick + 1
+            return
+        for _, actions in self.human_open:
+            actions.append(action)
+        while self.human_open and len(self.human_open[0][1]) >= self.human_horizon:
+            self._publish_human_chunk(*self.human_open.pop(0))
+        if self.tick >= self.human_next_tick:
+            stamp = self._publish_observation(self.human_image_pubs, self.human_joint_pub,
+                                              'no demonstration observation sent')
+            if stamp is None:
+                self.human_next_tick = self.tick + 1
+            else:
+                self.human_open.append((stamp, []))
+                self.human_next_tick = self.tick + self.scheduler.actions_per_chunk
+
+    def _end_human_chunks(self) -> None:
+        for stamp, actions in self.human_open:
+            if actions:
+                self._publish_human_chunk(stamp, actions)
+        self.human_open = []
+
+    def _publish_human_chunk(self, stamp: int, actions: list[np.ndarray]) -> None:
+        self.human_chunk_pub.publish(ros_io.chunk_to_trajectory(np.stack(actions), self.action_names, stamp,
+                                                                self.period))
+        self.human_chunks += 1
+
     def close(self) -> None:
         """Log what the run did; the policy latency tells whether the control rate is realistic."""
         summary = f'{self.observations} observations sent, {self.commands} commands proposed'
+        if self.human_chunks:
+            summary += f', {self.human_chunks} demonstration chunks of a person recorded'
         if self.latencies:
             p50, p95 = np.percentile(np.array(self.latencies) * 1e3, [50, 95])
             summary += (f'; observation -> chunk latency p50 {p50:.1f} ms, p95 {p95:.1f} ms '

@@ -49,7 +49,9 @@ class LearnerNode(Node):
                                 stale_weight=p.get('stale_weight', 0.5), max_updates=p.get('max_updates', 0),
                                 replay_updates=p.get('replay_updates', 1),
                                 seed=p.get('seed', 0), tensorboard=p.get('tensorboard', True),
-                                intervention_negatives=p.get('intervention_negatives', True))
+                                intervention_negatives=p.get('intervention_negatives', True),
+                                # > 0: also clone what people did during takeovers (the interventions preset: 1.0)
+                                intervention_bc_weight=p.get('intervention_bc_weight', 0.0))
             algo = StepNFTConfig(lr=p.get('lr', 1e-4), epochs=p.get('epochs', 2),
                                  minibatch_size=p.get('minibatch_size', 4096), beta=p.get('beta', 1.0),
                                  delta_max=p.get('delta_max', 0.5), loss_form=p.get('loss_form', 'ranking'),
@@ -89,7 +91,9 @@ class LearnerNode(Node):
                 f"update {record['weights_version']}: success {record['train_success']:.2f} over "
                 f"{record['episodes']} episodes, loss {record['loss']:.4f}, pref. acc. "
                 f"{record.get('preference_accuracy', float('nan')):.2f}, clip {record.get('clip_fraction', 0.0):.2f}, "
-                f"{record['episodes_consumed']} episodes consumed, {record['dropped_off_policy']} dropped")
+                f"{record['episodes_consumed']} episodes consumed, {record['dropped_off_policy']} dropped"
+                + (f", BC loss {record['bc_loss']:.4f} on {record['bc_chunks']} human chunks"
+                   if 'bc_loss' in record else ''))
         if self.learner.done:
             self.get_logger().info(f'reached max_updates={self.learner.cfg.max_updates}; plot at '
                                    f'{self.work_dir / "success.png"}')

@@ -8,7 +8,10 @@ Per robot namespace <ns> (parameter `robots`):
        <ns>/episode_seed (std_msgs/Int64, latched, optional: the reset seed of the episode the robot
        is about to start; sims only), <ns>/intervention_active (std_msgs/Bool, latched: a person
        took the arm over; decisions of the last `intervention_window_s` are marked as having led
-       into it, and the span is recorded with the episode)
+       into it, and the span is recorded with the episode), <ns>/human/joint_states,
+       <ns>/human/camera/<cam>/image_raw and <ns>/human/action_chunk (train mode: the person's
+       demonstrations during a takeover, from the arm bridge: an observation and, stamped like it,
+       the actions the person executed from it; recorded with the episode as human chunks)
   out  <ns>/action_chunk (trajectory_msgs/JointTrajectory, header.stamp = the observation's)
   srv  <ns>/episode_outcome (std_srvs/SetBool, true = success): ends and writes the episode
        <ns>/episode_discard (std_srvs/Trigger): drops the running episode unwritten (operator)
@@ -41,12 +44,13 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from std_msgs.msg import Bool, String
 from std_srvs.srv import SetBool, Trigger
 
 from stepnft_ros import ros_io
-from stepnft_ros.episodes.schema import Decision, Episode
+from stepnft_ros.episodes.schema import Decision, Episode, HumanChunk
 from stepnft_ros.episodes.store import EpisodeStore
 from stepnft_ros.nodes.common import ConfigError, ManagedNode, Params, run_node
 from stepnft_ros.policy import CheckpointError, load_checkpoint, make_policy
@@ -56,6 +60,7 @@ from stepnft_ros.policy.types import Observation, ObservationError, validate_obs
 
 MODES = {'train': 'sde', 'eval': 'ode', 'deploy': 'ode'}
 RAW_STAMPS_KEPT = 8  # observations whose parts are kept as they arrived until their decision is recorded
+HUMAN_PENDING = 32  # human observations (or action chunks) kept while waiting for their other half
 
 
 def robot_noise(seed: int, namespace: str, episode: int) -> torch.Generator:
@@ -84,6 +89,11 @@ class Robot:
     # and its latest instruction message (recorded with each episode's first decision).
     raw: dict[int, list[tuple[str, str, bytes]]] = field(default_factory=dict)
     instruction_raw: tuple[str, str, bytes] | None = None
+    # The person's demonstrations while taken over: observations by stamp (with the episode they
+    # belong to) waiting for their action chunk, and chunks that came before their observation.
+    human_assembler: ros_io.ObservationAssembler | None = None
+    human_obs: dict[int, tuple[Observation, Episode]] = field(default_factory=dict)
+    human_actions: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 class PolicyServer(ManagedNode):
@@ -204,9 +214,28 @@ class PolicyServer(ManagedNode):
             robot.subscriptions.append(self.create_subscription(
                 Bool, f'{ns}/{ros_io.INTERVENTION_ACTIVE}', lambda m: self._on_intervention(robot, m),
                 ros_io.LATCHED_QOS))
+            self._subscribe_human(robot, parts)
+
+    def _subscribe_human(self, robot: Robot, parts: list) -> None:
+        """The same observation parts under <ns>/human/, assembled apart from the policy's (never answered)."""
+        ns, old = robot.namespace, robot.assembler
+        asm = robot.human_assembler = ros_io.ObservationAssembler(old.state_sources, old.camera_names,
+                                                                  old.image_size, old.require_instruction)
+        adders = {ros_io.JOINT_STATES: asm.add_joint_state, ros_io.TASK_STATE: asm.add_task_state}
+        for msg_type, topic, _add, _qos in parts:
+            camera = topic.split('/')[1] if topic.startswith('camera/') else None
+            add = adders[topic] if camera is None else (lambda m, c=camera: asm.add_image(c, m))
+            robot.subscriptions.append(self.create_subscription(
+                msg_type, f'{ns}/{ros_io.HUMAN_PREFIX}{topic}', lambda m, add=add, t=topic: self._on_human_part(
+                    robot, t, add, m), ros_io.HUMAN_QOS))
+        robot.subscriptions.append(self.create_subscription(
+            ros_io.JointTrajectory, f'{ns}/{ros_io.HUMAN_ACTION_CHUNK}', lambda m: self._on_human_chunk(robot, m),
+            ros_io.HUMAN_QOS))
 
     def _on_instruction(self, robot: Robot, msg: String) -> None:
         robot.assembler.set_instruction(msg.data)
+        if robot.human_assembler is not None:
+            robot.human_assembler.set_instruction(msg.data)
         if self.record_robot_topics:
             robot.instruction_raw = (ros_io.INSTRUCTION, *ros_io.serialized(msg))
 
@@ -240,6 +269,58 @@ class PolicyServer(ManagedNode):
             episode.interventions[-1] = (episode.interventions[-1][0], now_ns)
             self.get_logger().info(f'{robot.namespace}: handed back in {episode.episode_id}')
 
+    def _on_human_part(self, robot: Robot, topic: str, add, msg) -> None:
+        try:
+            done = add(msg)
+            if done is None:
+                return
+            stamp_ns, obs = done
+            validate_observation(obs, self.policy.model.config)
+        except ObservationError as err:
+            self.get_logger().warning(f'{robot.namespace}/{ros_io.HUMAN_PREFIX}{topic}: dropped bad demonstration '
+                                      f'observation: {err}', throttle_duration_sec=1.0)
+            return
+        if robot.episode is None:  # every written episode has a decision of the policy (what π-StepNFT trains on)
+            self.get_logger().warning(f'{robot.namespace}: demonstration before the policy\'s first decision of the '
+                                      'episode: not recorded', throttle_duration_sec=1.0)
+            return
+        robot.human_obs[stamp_ns] = (obs, robot.episode)
+        while len(robot.human_obs) > HUMAN_PENDING:
+            lost = min(robot.human_obs)
+            del robot.human_obs[lost]
+            self.get_logger().warning(f'{robot.namespace}: demonstration observation {lost} got no action chunk: '
+                                      'dropped')
+        if stamp_ns in robot.human_actions:
+            self._record_human(robot, stamp_ns, robot.human_actions.pop(stamp_ns))
+
+    def _on_human_chunk(self, robot: Robot, msg: ros_io.JointTrajectory) -> None:
+        try:
+            stamp_ns, actions = ros_io.trajectory_to_chunk(msg, self.policy.model.config.action_dim)
+        except ObservationError as err:
+            self.get_logger().warning(f'{robot.namespace}/{ros_io.HUMAN_ACTION_CHUNK}: dropped bad demonstration: '
+                                      f'{err}', throttle_duration_sec=1.0)
+            return
+        if stamp_ns in robot.human_obs:
+            self._record_human(robot, stamp_ns, actions)
+            return
+        robot.human_actions[stamp_ns] = actions  # topics are not ordered: its observation may follow
+        while len(robot.human_actions) > HUMAN_PENDING:
+            del robot.human_actions[min(robot.human_actions)]
+
+    def _record_human(self, robot: Robot, stamp_ns: int, actions: np.ndarray) -> None:
+        obs, episode = robot.human_obs.pop(stamp_ns)
+        episode.human_chunks.append(HumanChunk(observation=obs, actions=actions, stamp_ns=stamp_ns))
+        episode.human_chunks.sort(key=lambda c: c.stamp_ns)
+        if episode is not robot.episode:  # closing: it may have waited for this one
+            self._write_closing(lambda _deadline, e: e is episode and self._complete(robot, e))
+
+    def _complete(self, robot: Robot, episode: Episode) -> bool:
+        """Nothing more is expected for a closed episode: its last decision's executed report (from
+        robots that send them) and the action chunks of its demonstration observations."""
+        if robot.reports_executed and episode.decisions and episode.decisions[-1].executed is None:
+            return False
+        return not any(e is episode for _, e in robot.human_obs.values())
+
     def _on_seed(self, robot: Robot, msg: ros_io.Int64) -> None:
         try:
             seed = ros_io.msg_to_seed(msg)
@@ -271,7 +352,7 @@ class PolicyServer(ManagedNode):
                     return
                 episode.decisions[i] = dataclasses.replace(decision, executed=executed, executed_from=first)
                 if episode is not robot.episode and i == len(episode.decisions) - 1:
-                    self._write_closing(lambda _deadline, e, done=episode: e is done)
+                    self._write_closing(lambda _deadline, e, done=episode: e is done and self._complete(robot, e))
                 return
         # e.g. the answer to an episode discarded in the meantime
         self.get_logger().debug(f'{robot.namespace}: executed report for no recorded decision ({stamp_ns} ns)')
@@ -360,10 +441,7 @@ class PolicyServer(ManagedNode):
                 self.decisions += 1
                 if self.recording:
                     if robot.episode is None:
-                        robot.episode = Episode(episode_id=self._episode_id(robot, stamp_ns),
-                                                weights_version=self.version, robot=robot.namespace,
-                                                seed=robot.next_seed)
-                        robot.next_seed = None
+                        robot.episode = self._new_episode(robot, stamp_ns)
                     messages = robot.raw.pop(stamp_ns, [])
                     if not robot.episode.decisions and robot.instruction_raw is not None:
                         messages.append(robot.instruction_raw)
@@ -372,6 +450,12 @@ class PolicyServer(ManagedNode):
                     robot.episode.decisions.append(Decision(
                         observation=obs, chunk=out.chunks[i], trace=out.trace.index(torch.tensor([i])),
                         stamp_ns=stamp_ns, weights_version=self.version, robot_messages=tuple(messages)))
+
+    def _new_episode(self, robot: Robot, stamp_ns: int) -> Episode:
+        episode = Episode(episode_id=self._episode_id(robot, stamp_ns), weights_version=self.version,
+                          robot=robot.namespace, seed=robot.next_seed)
+        robot.next_seed = None
+        return episode
 
     @staticmethod
     def _episode_id(robot: Robot, stamp_ns: int) -> str:
@@ -403,23 +487,36 @@ class PolicyServer(ManagedNode):
             self.get_logger().warning(f'{robot.namespace}: outcome without an episode to close, ignored')
             return response
         episode.success = success
-        if robot.reports_executed and episode.decisions[-1].executed is None:
+        if not self._complete(robot, episode):
             self.closing.append((time.monotonic() + self.executed_wait_s, robot, episode))
             if self.close_timer.is_canceled():
                 self.close_timer.reset()
         else:
             self._submit(episode)
-        self.get_logger().info(f'{summary}: {len(episode.decisions)} decisions -> {episode.episode_id}')
+        human = len(episode.human_chunks) + self._pending_human(robot, episode)
+        self.get_logger().info(f'{summary}: {len(episode.decisions)} decisions'
+                               f'{f", {human} human chunks" if human else ""} -> {episode.episode_id}')
         response.success, response.message = True, episode.episode_id
         return response
+
+    @staticmethod
+    def _pending_human(robot: Robot, episode: Episode) -> int:
+        return sum(e is episode for _, e in robot.human_obs.values())
 
     def _on_close_timer(self) -> None:
         now = time.monotonic()
         for deadline, robot, episode in self.closing:
             if deadline <= now:
-                self.get_logger().warning(f'{robot.namespace}: no executed_chunk report for the last decision of '
-                                          f'{episode.episode_id} within {self.executed_wait_s:g} s: recorded as '
-                                          'unknown')
+                if self._pending_human(robot, episode):
+                    self.get_logger().warning(f'{robot.namespace}: {self._pending_human(robot, episode)} demonstration '
+                                              f'observation(s) of {episode.episode_id} got no action chunk within '
+                                              f'{self.executed_wait_s:g} s: written without them')
+                    for stamp in [s for s, (_, e) in robot.human_obs.items() if e is episode]:
+                        del robot.human_obs[stamp]
+                if robot.reports_executed and episode.decisions and episode.decisions[-1].executed is None:
+                    self.get_logger().warning(f'{robot.namespace}: no executed_chunk report for the last decision '
+                                              f'of {episode.episode_id} within {self.executed_wait_s:g} s: recorded '
+                                              'as unknown')
         self._write_closing(lambda deadline, _episode: deadline <= now)
 
     def _write_closing(self, done) -> None:
@@ -448,6 +545,10 @@ class PolicyServer(ManagedNode):
         robot.pending = None
         robot.next_seed = None  # a restarted bridge publishes its own
         robot.assembler.restart()  # what follows is a new start: a restarted sim's clock may be behind
+        if robot.human_assembler is not None:
+            robot.human_assembler.restart()
+        robot.human_obs = {s: (o, e) for s, (o, e) in robot.human_obs.items() if e is not episode}
+        robot.human_actions.clear()
         dropped = len(episode.decisions) if episode is not None else 0
         if dropped:
             self.get_logger().info(f'{robot.namespace}: discarded episode {episode.episode_id} '

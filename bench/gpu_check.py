@@ -237,6 +237,26 @@ def check_policy_server_ros(args, device: torch.device) -> dict:
         return json.loads(out.read_text())
 
 
+def check_smolvla(args, device: torch.device) -> dict:
+    """Full-size SmolVLA (random weights, bench/smolvla_cost.py) in bf16: chunk latency with the prefix
+    cached (target <= 30 ms on an H100-class GPU) and π-StepNFT update throughput (target >= 500 decisions/s)."""
+    try:
+        import lerobot  # noqa: F401
+    except ImportError:
+        return {'status': 'skipped', 'why': 'lerobot is not installed (scripts/setup.sh installs lerobot==0.4.4)'}
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import smolvla_cost
+
+    size = 'tiny' if args.quick else 'full'
+    base = {'size': size, 'device': str(device), 'dtype': 'bf16' if device.type == 'cuda' else 'fp32',
+            'threads': torch.get_num_threads(), 'repeats': max(2, args.repeats // 5)}
+    decisions = 8 if args.quick else 256
+    rows = [smolvla_cost.measure({**base, 'kind': 'inference'})]
+    rows += [smolvla_cost.measure({**base, 'kind': 'update', 'decisions': decisions, 'microbatch': micro,
+                                   'checkpointing': False}) for micro in (0, decisions // 4)]
+    return {'rows': rows, 'target_chunk_cached_prefix_s': 0.030, 'target_decisions_per_s': 500}
+
+
 CHECKS = {
     'cuda': check_cuda,
     'policy_latency': check_policy_latency,
@@ -244,6 +264,7 @@ CHECKS = {
     'onnxruntime_cuda': check_onnxruntime_cuda,
     'mujoco_egl': check_mujoco_egl,
     'policy_server_ros': check_policy_server_ros,
+    'smolvla': check_smolvla,
 }
 
 

@@ -148,7 +148,8 @@ def _train(args: argparse.Namespace) -> int:
 
     from stepnft_ros.offline import train_from_bags
 
-    algo = StepNFTConfig(epochs=args.epochs, lr=args.lr)
+    algo = StepNFTConfig(epochs=args.epochs, lr=args.lr, minibatch_size=args.minibatch_size,
+                         microbatch_size=args.microbatch_size)
     # Under torchrun (WORLD_SIZE > 1) the ranks split each minibatch (StepNFTTrainer); rank 0 writes.
     distributed = int(os.environ.get('WORLD_SIZE', '1')) > 1
     if distributed:
@@ -338,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--out', required=True, help='checkpoint directory to write (weights version + 1)')
     p.add_argument('--epochs', type=int, default=StepNFTConfig.epochs)
     p.add_argument('--lr', type=float, default=StepNFTConfig.lr)
+    p.add_argument('--minibatch-size', type=int, default=StepNFTConfig.minibatch_size,
+                   help='decisions per gradient step')
+    p.add_argument('--microbatch-size', type=int, default=0,
+                   help='decisions per forward/backward pass, gradients summed per step (0: whole minibatch); '
+                        'bounds memory for large backbones')
     p.add_argument('--labels', choices=LABEL_SCHEMES, default='terminal_binary')
     p.add_argument('--max-version-lag', type=int, help='drop episodes more than N weights versions behind')
     p.add_argument('--seed', type=int, default=0)

@@ -32,3 +32,15 @@ def test_checks_run_on_cpu_and_one_that_breaks_does_not_hide_the_others(tmp_path
     rows = checks['learner_update']['rows']
     assert checks['learner_update']['status'] == 'ok' and {r['precision'] for r in rows} == {'fp32', 'bf16'}
     assert all(r['decisions'] == 8 * 24 and r['decisions_per_s'] > 0 for r in rows)
+
+
+def test_smolvla_check_measures_chunk_latency_and_update_throughput(tmp_path):
+    gpu_check = load_gpu_check()
+    out = tmp_path / 'gpu_check.json'
+    assert gpu_check.main(['--device', 'cpu', '--quick', '--checks', 'smolvla', '--out', str(out)]) == 0
+    check = json.loads(out.read_text())['checks']['smolvla']
+    assert check['status'] == 'ok', check
+    inference, *updates = check['rows']
+    assert inference['kind'] == 'inference' and 0 < inference['chunk_cached_prefix_s'] and 0 < inference['chunk_s']
+    assert [u['microbatch'] for u in updates] == [0, 2]
+    assert all(u['decisions'] == 8 and u['decisions_per_s'] > 0 and 'error' not in u for u in updates)

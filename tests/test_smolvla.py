@@ -159,6 +159,23 @@ def test_stepnft_update_changes_only_the_action_expert(vlm_dir):
     assert len(changed) > len(expert_names) // 2  # the update reaches the expert's layers, not one bias
 
 
+def test_gradient_checkpointing_and_micro_batches_give_the_same_update(vlm_dir):
+    def updated(checkpointing: bool, microbatch_size: int) -> torch.Tensor:
+        backend = make_tiny(vlm_dir)
+        if checkpointing:
+            backend.enable_gradient_checkpointing()
+            backend.enable_gradient_checkpointing()  # idempotent: one wrapper per MLP
+        batch = collate_episodes(_episodes(backend), backend.config)
+        trainer = StepNFTTrainer(backend, StepNFTConfig(lr=1e-3, epochs=1, minibatch_size=len(batch),
+                                                        microbatch_size=microbatch_size), seed=0)
+        trainer.optimizer = torch.optim.SGD(trainer.params, lr=0.1)  # Adam would magnify float-order noise
+        trainer.update(batch)
+        return torch.cat([p.detach().flatten() for p in backend.action_expert_parameters()])
+    plain = updated(False, 0)
+    assert torch.allclose(plain, updated(True, 0), atol=1e-6)
+    assert torch.allclose(plain, updated(True, 2), atol=1e-6)
+
+
 def test_flow_matching_sft_steps_reduce_the_loss(vlm_dir):
     backend = make_tiny(vlm_dir)
     obs = stack_observations(observations(4), backend.config)

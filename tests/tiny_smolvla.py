@@ -11,45 +11,22 @@ import stepnft_ros.policy  # noqa: F401  (its torchvision shim runs before trans
 from stepnft_ros.policy.types import Observation
 
 WORDS = ('pick', 'up', 'the', 'red', 'cube', 'and', 'lift', 'it', 'stack', 'push')
-SPECIAL = {'fake_image_token': '<fake_token_around_image>', 'image_token': '<image>',
-           'global_image_token': '<global-img>', 'end_of_utterance_token': '<end_of_utterance>'}
 CAMERAS = ('base_camera',)
 IMAGE_SIZE = 32  # SmolVLA pads it to the vision tower's 64 px
 STATE_DIM, ACTION_DIM, HORIZON, NUM_STEPS = 4, 3, 4, 4
 
 
 def build_vlm_dir(path: str | Path) -> Path:
-    """SmolVLM's config, tokenizer and processors: what SmolVLA reads from `vlm_model_name`."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        PreTrainedTokenizerFast,
-        SmolVLMConfig,
-        SmolVLMImageProcessor,
-        SmolVLMProcessor,
-        SmolVLMVideoProcessor,
-    )
+    """A tiny SmolVLM's config, tokenizer and processors: what SmolVLA reads from `vlm_model_name`."""
+    from stepnft_ros.policy.smolvla import write_vlm_stub
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    vocab = {t: i for i, t in enumerate(['<pad>', '<unk>', *SPECIAL.values(), *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token='<pad>', unk_token='<unk>',
-                                        extra_special_tokens=SPECIAL)
-    SmolVLMConfig(
-        text_config={'model_type': 'llama', 'hidden_size': 64, 'intermediate_size': 128, 'num_hidden_layers': 4,
-                     'num_attention_heads': 4, 'num_key_value_heads': 2, 'head_dim': 16, 'vocab_size': len(vocab),
-                     'max_position_embeddings': 512},
+    return write_vlm_stub(
+        path, text_config={'hidden_size': 64, 'intermediate_size': 128, 'num_hidden_layers': 4,
+                           'num_attention_heads': 4, 'num_key_value_heads': 2, 'head_dim': 16,
+                           'max_position_embeddings': 512},
         vision_config={'hidden_size': 32, 'intermediate_size': 64, 'num_hidden_layers': 2, 'num_attention_heads': 2,
                        'image_size': 64, 'patch_size': 16},
-        scale_factor=2, image_token_id=vocab['<image>']).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    images = SmolVLMImageProcessor(do_image_splitting=False, size={'longest_edge': 64},
-                                   max_image_size={'longest_edge': 64},
-                                   video_sampling={'max_frames': 1, 'fps': 1, 'video_size': {'longest_edge': 64}})
-    SmolVLMProcessor(image_processor=images, tokenizer=tokenizer, video_processor=SmolVLMVideoProcessor(),
-                     image_seq_len=4).save_pretrained(path)
-    return path
+        scale_factor=2, words=WORDS)
 
 
 def tiny_smolvla(vlm_dir: Path, seed: int = 0, action_pad: int = 0, state_dim: int = STATE_DIM,

@@ -55,6 +55,13 @@ class StepNFTConfig:
     """Passes over each batch of on-policy episodes (paper: 2–5)."""
     minibatch_size: int = 256
     """Decisions per gradient step."""
+    microbatch_size: int = 0
+    """Decisions per forward/backward pass (0: the whole minibatch at once). A minibatch's micro-batch
+    gradients are summed, each scaled to its share of the minibatch's weight, before its one optimizer
+    step: the same update up to float summation order, with activation memory bounded by the
+    micro-batch (what a 450 M+ backbone needs). A frozen prefix is then encoded per micro-batch
+    instead of once per update, trading one prefix pass per epoch for not holding every decision's
+    prefix (SmolVLA's KV cache is megabytes per decision)."""
     loss_form: str = 'ranking'
     """'ranking' (push–pull logistic) or 'weighted' (Diffusion-NFT style r·E⁺ + (1 − r)·E⁻)."""
     target: str = 'next_step'
@@ -98,6 +105,8 @@ class StepNFTConfig:
         check(self.grad_clip > 0, f'grad_clip must be > 0, got {self.grad_clip}')
         check(self.epochs >= 1, f'epochs must be >= 1, got {self.epochs}')
         check(self.minibatch_size >= 1, f'minibatch_size must be >= 1, got {self.minibatch_size}')
+        check(self.microbatch_size >= 0,
+              f'microbatch_size must be >= 0 (0: the whole minibatch), got {self.microbatch_size}')
         check(self.loss_form in LOSS_FORMS, f'loss_form must be one of {LOSS_FORMS}, got {self.loss_form!r}')
         check(self.target in TARGETS, f'target must be one of {TARGETS}, got {self.target!r}')
         check(self.rollout in ROLLOUTS, f'rollout must be one of {ROLLOUTS}, got {self.rollout!r}')
@@ -327,7 +336,7 @@ class StepNFTTrainer:
         held_out = self._holdout(batch)
         weight = weight * ~held_out
         prefix = None
-        if not cfg.train_prefix:  # frozen prefix: encode every observation once per update
+        if not cfg.train_prefix and not cfg.microbatch_size:  # frozen prefix: encode every observation once
             with torch.no_grad():
                 prefix = model.encode_prefix(obs)
         model.train()
@@ -349,20 +358,13 @@ class StepNFTTrainer:
                         share = share / self.world_size
                 if cfg.algo == 'filtered_bc':  # its loss is unweighted: pass it the successful decisions only
                     idx = idx[weight[idx] > 0]
-                mb_trace, mb_mask = trace.index(idx), mask[idx]
-                if cfg.algo == 'filtered_bc':
-                    loss = flow_matching_loss(model, obs.index(idx.cpu()).to(device), mb_trace.x_final, mb_mask,
-                                              generator=self.generator)
-                    metrics = {'loss': loss.item(), 'policy_loss': loss.item()}
-                else:
-                    v_theta = self._velocity(obs, prefix, mb_trace, idx)  # the one forward pass
-                    if cfg.algo == 'grpo':
-                        loss, metrics = grpo_loss(v_theta, mb_trace, y[idx], weight[idx], cfg, num_steps, mb_mask)
-                    else:
-                        loss, metrics = stepnft_loss(v_theta, mb_trace, y[idx], r[idx], weight[idx], cfg,
-                                                     num_steps, mb_mask)
                 self.optimizer.zero_grad(set_to_none=True)
-                (loss * share).backward()
+                metrics = {}
+                for micro, part in self._micro_batches(idx, weight, mask):
+                    loss, micro_metrics = self._loss(obs, prefix, trace, y, r, weight, mask, micro, num_steps)
+                    (loss * share * part).backward()
+                    for key, value in micro_metrics.items():
+                        metrics[key] = metrics.get(key, 0.0) + float(part) * value
                 if bc_weight > 0 and human is not None and len(human):
                     bc = self._bc_loss(human, device)
                     (bc * (bc_weight / self.world_size)).backward()  # every rank the same: summed to one
@@ -419,11 +421,46 @@ class StepNFTTrainer:
         dist.all_reduce(values)
         return dict(zip(names, values.tolist(), strict=True))
 
+    def _micro_batches(self, idx: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor):
+        """(micro-batch, its share of the minibatch's loss normalizer): weight for the weighted losses,
+        counted action elements for filtered_bc's plain masked mean."""
+        size = self.cfg.microbatch_size or len(idx)
+        if len(idx) <= size:
+            yield idx, torch.ones((), device=idx.device)
+            return
+        normalizer = mask.sum(1) if self.cfg.algo == 'filtered_bc' else weight
+        total = normalizer[idx].sum()
+        for start in range(0, len(idx), size):
+            micro = idx[start:start + size]
+            part = normalizer[micro].sum() / total
+            if part > 0:
+                yield micro, part
+
+    def _loss(self, obs, prefix, trace: Trace, y, r, weight, mask, idx: torch.Tensor,
+              num_steps: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The configured algorithm's loss and metrics on the decisions idx."""
+        mb_trace, mb_mask = trace.index(idx), mask[idx]
+        if self.cfg.algo == 'filtered_bc':
+            loss = flow_matching_loss(self.model, obs.index(idx.cpu()).to(idx.device), mb_trace.x_final, mb_mask,
+                                      generator=self.generator)
+            return loss, {'loss': loss.item(), 'policy_loss': loss.item()}
+        v_theta = self._velocity(obs, prefix, mb_trace, idx)  # the one forward pass
+        if self.cfg.algo == 'grpo':
+            return grpo_loss(v_theta, mb_trace, y[idx], weight[idx], self.cfg, num_steps, mb_mask)
+        return stepnft_loss(v_theta, mb_trace, y[idx], r[idx], weight[idx], self.cfg, num_steps, mb_mask)
+
     def _velocity(self, obs, prefix, trace: Trace, idx: torch.Tensor) -> torch.Tensor:
         """v_θ(x_k*, τ_k*, o) of the decisions idx, from the update's cached prefix when there is one."""
         model = self.model
-        mb_prefix = index_prefix(prefix, idx) if prefix is not None \
-            else model.encode_prefix(obs.index(idx.cpu()).to(idx.device))
+        if prefix is not None:
+            mb_prefix = index_prefix(prefix, idx)
+        elif self.cfg.train_prefix:
+            mb_prefix = model.encode_prefix(obs.index(idx.cpu()).to(idx.device))
+        else:  # frozen: encoded as the update-wide cache would be (eval mode, no graph)
+            mode = model.training
+            with torch.no_grad():
+                mb_prefix = model.eval().encode_prefix(obs.index(idx.cpu()).to(idx.device))
+            model.train(mode)
         return model.velocity(trace.x_k, grid_at(trace.k, model.config.num_steps)[0], mb_prefix)
 
     def _holdout(self, batch: DecisionBatch) -> torch.Tensor:

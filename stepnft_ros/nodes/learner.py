@@ -53,7 +53,9 @@ class LearnerNode(Node):
                                 # > 0: also clone what people did during takeovers (the interventions preset: 1.0)
                                 intervention_bc_weight=p.get('intervention_bc_weight', 0.0))
             algo = StepNFTConfig(lr=p.get('lr', 1e-4), epochs=p.get('epochs', 2),
-                                 minibatch_size=p.get('minibatch_size', 4096), beta=p.get('beta', 1.0),
+                                 minibatch_size=p.get('minibatch_size', 4096),
+                                 # > 0 for large backbones: forward/backward in micro-batches of this many decisions
+                                 microbatch_size=p.get('microbatch_size', 0), beta=p.get('beta', 1.0),
                                  delta_max=p.get('delta_max', 0.5), loss_form=p.get('loss_form', 'ranking'),
                                  target=p.get('target', 'next_step'), lambda_kl=p.get('lambda_kl', 1e-4),
                                  executed_only=p.get('executed_only', True), adam_beta1=p.get('adam_beta1', 0.9),

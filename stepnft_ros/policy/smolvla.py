@@ -152,6 +152,22 @@ class SmolVLABackend(nn.Module):
             x = F.pad(x, (0, padded - d))  # padded dims held at their data value (module docstring)
         return self.flow.denoise_step(pad, cache, x, tau)[..., :d]
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each action-expert layer's MLP in the backward pass instead of keeping its
+        activations. LeRobot runs the expert's layers in its own loop with no checkpointing hook, so
+        the MLPs (the widest activations, 3 × the intermediate width per action token) are what can be
+        wrapped without copying that loop; bench/smolvla_cost.py measures what it saves."""
+        from torch.utils.checkpoint import checkpoint
+
+        for layer in self.flow.vlm_with_expert.lm_expert.layers:
+            mlp = layer.mlp
+            if getattr(mlp, '_stepnft_checkpointed', False):
+                continue
+            plain = mlp.forward
+            mlp.forward = (lambda fn: lambda x: checkpoint(fn, x, use_reentrant=False)
+                           if torch.is_grad_enabled() else fn(x))(plain)
+            mlp._stepnft_checkpointed = True
+
     def action_expert_parameters(self) -> list[nn.Parameter]:
         flow = self.flow
         modules = (flow.vlm_with_expert.lm_expert, flow.action_in_proj, flow.action_out_proj,
@@ -240,6 +256,43 @@ def _vlm_files_missing(path: Path) -> list[str]:
 
 
 # ---- building and loading ------------------------------------------------------------------------
+
+def write_vlm_stub(path: str | Path, text_config: Mapping[str, Any], vision_config: Mapping[str, Any],
+                   scale_factor: int, words: tuple[str, ...] = ()) -> Path:
+    """SmolVLM's config, a word-level tokenizer and the image/video processors in `path`, no weights:
+    what SmolVLA reads from `vlm_model_name`, enough for a randomly initialized backbone of any size
+    (tests, cost benchmarks). text_config: a llama config (its vocab_size may exceed the tokenizer's);
+    vision_config: SigLIP's (image_size, patch_size, ...)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        PreTrainedTokenizerFast,
+        SmolVLMConfig,
+        SmolVLMImageProcessor,
+        SmolVLMProcessor,
+        SmolVLMVideoProcessor,
+    )
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    special = {'fake_image_token': '<fake_token_around_image>', 'image_token': '<image>',
+               'global_image_token': '<global-img>', 'end_of_utterance_token': '<end_of_utterance>'}
+    vocab = {t: i for i, t in enumerate(['<pad>', '<unk>', *special.values(), *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token='<pad>', unk_token='<unk>',
+                                        extra_special_tokens=special)
+    text = {'model_type': 'llama', 'vocab_size': len(vocab), **text_config}
+    SmolVLMConfig(text_config=text, vision_config=dict(vision_config), scale_factor=scale_factor,
+                  image_token_id=vocab['<image>']).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    edge = {'longest_edge': int(vision_config['image_size'])}
+    images = SmolVLMImageProcessor(do_image_splitting=False, size=edge, max_image_size=edge,
+                                   video_sampling={'max_frames': 1, 'fps': 1, 'video_size': edge})
+    tokens_per_image = (int(vision_config['image_size']) // int(vision_config['patch_size']) // scale_factor) ** 2
+    SmolVLMProcessor(image_processor=images, tokenizer=tokenizer, video_processor=SmolVLMVideoProcessor(),
+                     image_seq_len=tokens_per_image).save_pretrained(path)
+    return path
+
 
 def new_smolvla(vlm_dir: str | Path, action_dim: int, state_dim: int, camera_names: tuple[str, ...],
                 image_size: int, stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None,

@@ -310,6 +310,14 @@ def test_other_policy_types_missing_files_and_stats_are_refused(checkpoint, tmp_
         load_checkpoint(ckpt)
 
 
+@pytest.mark.parametrize('kind', ['pi0', 'pi05'])
+def test_pi0_checkpoints_are_refused_with_what_is_missing(kind, tmp_path):
+    (tmp_path / 'config.json').write_text(json.dumps({'type': kind, 'chunk_size': 50}))
+    for load in (load_checkpoint, read_header):
+        with pytest.raises(CheckpointError, match=f"'{kind}': .*transformers == 4.53.2.*paligemma.*supported: smolvla"):
+            load(tmp_path)
+
+
 def test_unsupported_features_are_named(vlm_dir):
     from stepnft_ros.policy.smolvla import new_smolvla
 

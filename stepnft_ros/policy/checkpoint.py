@@ -33,6 +33,12 @@ class CheckpointError(RuntimeError):
 
 
 SUPPORTED_LEROBOT_TYPES = ('smolvla',)
+_PI0_MISSING = ("LeRobot 0.4.4's π0 models need transformers == 4.53.2 patched with openpi's "
+                "transformers_replace files, which no package registry ships (stock transformers grows the KV "
+                "cache at every denoising step), and the gated google/paligemma-3b-pt-224 tokenizer; this "
+                "install cannot build them, so no backend loads them yet")
+UNLOADABLE_LEROBOT_TYPES = {'pi0': _PI0_MISSING, 'pi05': _PI0_MISSING}
+"""Flow-matching VLAs whose load path is known to be blocked here, with what is missing."""
 
 
 def save_checkpoint(directory: str | Path, model: FlowBackend, metadata: dict[str, Any] | None = None) -> Path:
@@ -124,6 +130,9 @@ def _lerobot_type(directory: str | Path) -> str | None:
     """The LeRobot policy type of `directory` (None: not a LeRobot directory); CheckpointError for a
     type no backend handles."""
     kind = lerobot_policy_type(directory)
+    if kind in UNLOADABLE_LEROBOT_TYPES:
+        raise CheckpointError(f'{directory}: LeRobot policy type {kind!r}: {UNLOADABLE_LEROBOT_TYPES[kind]}; '
+                              f'supported: {", ".join(SUPPORTED_LEROBOT_TYPES)}')
     if kind is not None and kind not in SUPPORTED_LEROBOT_TYPES:
         raise CheckpointError(f'{directory}: LeRobot policy type {kind!r}; '
                               f'supported: {", ".join(SUPPORTED_LEROBOT_TYPES)}')

@@ -37,6 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
+from gpu_check import timed  # noqa: E402  (bench/ is on sys.path: this file's directory, or gpu_check's insert)
+
 from stepnft_ros.atomic import atomic_write_text  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / 'results'
@@ -79,22 +81,9 @@ def observations(n: int, seed: int = 0):
                         instruction=' '.join(WORDS[:3 + i % 8])) for i in range(n)]
 
 
-def sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
 def seconds(fn, repeats: int, device: torch.device) -> float:
     """Median wall time of fn over `repeats` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return timed(fn, repeats, 1, device)['p50_ms'] / 1e3
 
 
 class PeakMemory:

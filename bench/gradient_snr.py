@@ -24,6 +24,7 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
@@ -109,6 +110,19 @@ def collect(args: argparse.Namespace, model) -> list:
     return episodes
 
 
+def outcome_variance(by_group: dict[int, list]) -> dict:
+    """How much of the outcome variance lies within a reset seed (the policy's own sampling) rather than
+    between initial states: total p(1 − p) against the mean unbiased within-group variance."""
+    size = max(len(g) for g in by_group.values())  # complete groups only
+    groups = np.array([[float(bool(e.success)) for e in g] for g in by_group.values() if len(g) == size])
+    n = groups.shape[1]
+    total = float(groups.var())
+    within = float(groups.var(axis=1).mean() * n / (n - 1))
+    return {'total_var': round(total, 4), 'within_seed_var': round(within, 4),
+            'within_seed_fraction': round(within / total, 3) if total > 0 else None,
+            'successes_per_group_histogram': np.bincount(groups.sum(1).astype(int), minlength=n + 1).tolist()}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--checkpoint', required=True)
@@ -125,6 +139,8 @@ def main() -> int:
     p.add_argument('--out', default=str(Path(__file__).resolve().parent / 'results' / 'gradient_snr.json'))
     p.add_argument('--cache', default='runs/gradient_snr/episodes', help='episode bags of the rollouts')
     p.add_argument('--null-draws', type=int, default=500, help='sign-flip draws of the no-signal null')
+    p.add_argument('--outcomes-only', action='store_true',
+                   help='only the outcome statistics of the (cached) rollouts, no gradients')
     p.add_argument('--per-step', action='store_true',
                    help=f'measure instead {PER_STEP_LABELS} labels from each recorded solver step k* alone')
     args = p.parse_args()
@@ -139,7 +155,9 @@ def main() -> int:
     rng = random.Random(args.seed)
     results = {}
     configs = [(name, labels, overrides, None) for name, (labels, overrides) in CONFIGS.items()]
-    if args.per_step:
+    if args.outcomes_only:
+        configs = []
+    elif args.per_step:
         configs = [(f'stepnft {PER_STEP_LABELS} executed, k* = {k}', PER_STEP_LABELS, {}, k)
                     for k in range(model.config.num_steps)]
     for name, labels, overrides, only_step in configs:
@@ -165,7 +183,7 @@ def main() -> int:
               'noise_level': args.noise_level, 'sde_noise': args.sde_noise,
               'initial_noise_scale': args.initial_noise_scale, 'actions_per_chunk': args.actions_per_chunk,
               'step_selection': args.step_selection, 'sde_success': round(success, 4),
-              'groups_with_mixed_outcomes': round(mixed, 4),
+              'groups_with_mixed_outcomes': round(mixed, 4), 'outcome_variance': outcome_variance(by_group),
               'decisions': sum(len(e.decisions) for e in episodes), 'rollout_s': round(rollout_s, 1),
               'configs': results}
     atomic_write_text(args.out, json.dumps(report, indent=1))

@@ -234,7 +234,7 @@ def plot(runs: list[dict], path: Path) -> None:
     colours = {}
     for row, task in enumerate(tasks):
         for r in (r for r in runs if r['task'] == task):
-            colour = colours.setdefault(r['method'], f'C{len(colours) % 10}')
+            colour = colours.setdefault(r['method'], plt.get_cmap('tab20')(len(colours) % 20))  # > 10 methods
             n = r['test_seeds']
             for col, x_key, scale in ((0, 'env_steps', 1e-6), (1, 'rl_wall_s', 1 / 60)):
                 xs = [c[x_key] * scale for c in r['curve']]

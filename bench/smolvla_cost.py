@@ -44,30 +44,19 @@ from stepnft_ros.atomic import atomic_write_text  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / 'results'
 STATE_DIM, ACTION_DIM, CAMERA, CAMERA_SIZE = 8, 7, 'base_camera', 256  # SmolVLA pads the image to its 512 px
 SIZES = {
-    # SmolVLM2-500M-Video-Instruct's text (SmolLM2-360M) and vision (SigLIP base, patch 16, 512 px) shapes;
-    # SmolVLA's defaults otherwise (16 VLM layers, chunk 50, 10 flow steps, state/action padded to 32)
-    'full': {'text': {'hidden_size': 960, 'intermediate_size': 2560, 'num_hidden_layers': 32,
-                      'num_attention_heads': 15, 'num_key_value_heads': 5, 'head_dim': 64, 'vocab_size': 49280,
-                      'max_position_embeddings': 8192, 'rms_norm_eps': 1e-5, 'rope_theta': 100000.0},
-             'vision': {'hidden_size': 768, 'intermediate_size': 3072, 'num_hidden_layers': 12,
-                        'num_attention_heads': 12, 'image_size': 512, 'patch_size': 16},
-             'scale_factor': 4, 'smolvla': {}},
-    'tiny': {'text': {'hidden_size': 64, 'intermediate_size': 128, 'num_hidden_layers': 4, 'num_attention_heads': 4,
-                      'num_key_value_heads': 2, 'head_dim': 16, 'max_position_embeddings': 512},
-             'vision': {'hidden_size': 32, 'intermediate_size': 64, 'num_hidden_layers': 2, 'num_attention_heads': 2,
-                        'image_size': 64, 'patch_size': 16},
-             'scale_factor': 2,
-             'smolvla': {'num_vlm_layers': 4, 'chunk_size': 4, 'n_action_steps': 4, 'num_steps': 4,
-                         'resize_imgs_with_padding': (64, 64)}},
+    # SmolVLA's defaults otherwise: 16 VLM layers, chunk 50, 10 flow steps, state/action padded to 32
+    'full': {'vlm': 'smolvlm2_500m', 'smolvla': {}},
+    'tiny': {'vlm': 'tiny', 'smolvla': {'num_vlm_layers': 4, 'chunk_size': 4, 'n_action_steps': 4, 'num_steps': 4,
+                                        'resize_imgs_with_padding': (64, 64)}},
 }
 WORDS = ('pick', 'up', 'the', 'red', 'cube', 'and', 'place', 'it', 'on', 'green', 'plate')
 
 
 def build(size: str, workdir: Path, device: torch.device):
-    from stepnft_ros.policy.smolvla import new_smolvla, write_vlm_stub
+    from stepnft_ros.policy.smolvla import VLM_STUB_SIZES, new_smolvla, write_vlm_stub
 
     spec = SIZES[size]
-    vlm = write_vlm_stub(workdir / 'vlm', spec['text'], spec['vision'], spec['scale_factor'], words=WORDS)
+    vlm = write_vlm_stub(workdir / 'vlm', **VLM_STUB_SIZES[spec['vlm']], words=WORDS)
     model = new_smolvla(vlm, ACTION_DIM, STATE_DIM, (CAMERA,), CAMERA_SIZE, seed=0, **spec['smolvla'])
     return model.to(device).eval()
 

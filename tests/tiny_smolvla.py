@@ -18,15 +18,9 @@ STATE_DIM, ACTION_DIM, HORIZON, NUM_STEPS = 4, 3, 4, 4
 
 def build_vlm_dir(path: str | Path) -> Path:
     """A tiny SmolVLM's config, tokenizer and processors: what SmolVLA reads from `vlm_model_name`."""
-    from stepnft_ros.policy.smolvla import write_vlm_stub
+    from stepnft_ros.policy.smolvla import VLM_STUB_SIZES, write_vlm_stub
 
-    return write_vlm_stub(
-        path, text_config={'hidden_size': 64, 'intermediate_size': 128, 'num_hidden_layers': 4,
-                           'num_attention_heads': 4, 'num_key_value_heads': 2, 'head_dim': 16,
-                           'max_position_embeddings': 512},
-        vision_config={'hidden_size': 32, 'intermediate_size': 64, 'num_hidden_layers': 2, 'num_attention_heads': 2,
-                       'image_size': 64, 'patch_size': 16},
-        scale_factor=2, words=WORDS)
+    return write_vlm_stub(path, **VLM_STUB_SIZES['tiny'], words=WORDS)
 
 
 def tiny_smolvla(vlm_dir: Path, seed: int = 0, action_pad: int = 0, state_dim: int = STATE_DIM,

@@ -29,14 +29,14 @@ def sample_flow_time(n: int, distribution: str = 'beta', generator: torch.Genera
     raise ValueError(f'time distribution must be one of {TIME_DISTRIBUTIONS}, got {distribution!r}')
 
 
-def flow_matching_loss(model: FlowBackend, obs: ObservationBatch, actions: torch.Tensor,
+def flow_matching_loss(model: FlowBackend, obs: ObservationBatch | None, actions: torch.Tensor,
                        mask: torch.Tensor | None = None, distribution: str = 'beta',
                        generator: torch.Generator | None = None, prefix: Any = None) -> torch.Tensor:
     """E ||v_θ(A^τ, τ, o) − (ε − A)||² with A^τ = τ·ε + (1 − τ)·A.
 
     actions: (B, H, D) normalized chunks; mask: (B, H) 1 for real actions, 0 for padding past
     the episode end; prefix: model.encode_prefix(obs) when the caller has it (e.g. encoded without
-    gradient for a frozen prefix), else it is encoded here.
+    gradient for a frozen prefix; obs is then not needed), else it is encoded here.
     """
     b = actions.shape[0]
     eps = torch.randn(actions.shape, generator=generator, device=actions.device)

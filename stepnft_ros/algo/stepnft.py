@@ -337,8 +337,7 @@ class StepNFTTrainer:
         weight = weight * ~held_out
         prefix = None
         if not cfg.train_prefix and not cfg.microbatch_size:  # frozen prefix: encode every observation once
-            with torch.no_grad():
-                prefix = model.encode_prefix(obs)
+            prefix = self._encode(obs)
         model.train()
         sums: dict[str, float] = {}
         steps, stopped_early = 0, False
@@ -401,10 +400,8 @@ class StepNFTTrainer:
         size = min(len(human), self.cfg.minibatch_size)
         idx = torch.randperm(len(human), generator=self.bc_generator)[:size]
         part = human.index(idx).to(device)
-        with torch.set_grad_enabled(self.cfg.train_prefix):  # a frozen prefix gets no gradient
-            prefix = self.model.encode_prefix(part.obs)
         return flow_matching_loss(self.model, part.obs, part.actions, part.mask, generator=self.bc_generator,
-                                  prefix=prefix)
+                                  prefix=self._encode(part.obs))
 
     def _all_reduce(self, metrics: dict[str, float], share: torch.Tensor) -> dict[str, float]:
         """Sum the ranks' gradients (each already scaled to its share); metrics likewise, as share-weighted
@@ -441,8 +438,8 @@ class StepNFTTrainer:
         """The configured algorithm's loss and metrics on the decisions idx."""
         mb_trace, mb_mask = trace.index(idx), mask[idx]
         if self.cfg.algo == 'filtered_bc':
-            loss = flow_matching_loss(self.model, obs.index(idx.cpu()).to(idx.device), mb_trace.x_final, mb_mask,
-                                      generator=self.generator)
+            loss = flow_matching_loss(self.model, None, mb_trace.x_final, mb_mask, generator=self.generator,
+                                      prefix=self._prefix_of(obs, prefix, idx))
             return loss, {'loss': loss.item(), 'policy_loss': loss.item()}
         v_theta = self._velocity(obs, prefix, mb_trace, idx)  # the one forward pass
         if self.cfg.algo == 'grpo':
@@ -450,18 +447,26 @@ class StepNFTTrainer:
         return stepnft_loss(v_theta, mb_trace, y[idx], r[idx], weight[idx], self.cfg, num_steps, mb_mask)
 
     def _velocity(self, obs, prefix, trace: Trace, idx: torch.Tensor) -> torch.Tensor:
-        """v_θ(x_k*, τ_k*, o) of the decisions idx, from the update's cached prefix when there is one."""
-        model = self.model
+        """v_θ(x_k*, τ_k*, o) of the decisions idx."""
+        return self.model.velocity(trace.x_k, grid_at(trace.k, self.model.config.num_steps)[0],
+                                   self._prefix_of(obs, prefix, idx))
+
+    def _prefix_of(self, obs, prefix, idx: torch.Tensor):
+        """The decisions idx's prefix: rows of the update's cache when there is one, else encoded."""
         if prefix is not None:
-            mb_prefix = index_prefix(prefix, idx)
-        elif self.cfg.train_prefix:
-            mb_prefix = model.encode_prefix(obs.index(idx.cpu()).to(idx.device))
-        else:  # frozen: encoded as the update-wide cache would be (eval mode, no graph)
-            mode = model.training
-            with torch.no_grad():
-                mb_prefix = model.eval().encode_prefix(obs.index(idx.cpu()).to(idx.device))
-            model.train(mode)
-        return model.velocity(trace.x_k, grid_at(trace.k, model.config.num_steps)[0], mb_prefix)
+            return index_prefix(prefix, idx)
+        return self._encode(obs.index(idx.cpu()).to(idx.device))
+
+    def _encode(self, obs):
+        """A trained prefix with its graph; a frozen one as the update-wide cache has it (eval mode, no graph)."""
+        model = self.model
+        if self.cfg.train_prefix:
+            return model.encode_prefix(obs)
+        mode = model.training
+        with torch.no_grad():
+            encoded = model.eval().encode_prefix(obs)
+        model.train(mode)
+        return encoded
 
     def _holdout(self, batch: DecisionBatch) -> torch.Tensor:
         """(B,) bool: the decisions of the episodes this update keeps out (cfg.holdout_fraction)."""

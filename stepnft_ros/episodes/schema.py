@@ -11,7 +11,14 @@ import torch
 
 from stepnft_ros.algo.labels import episode_labels
 from stepnft_ros.policy.config import PolicyConfig
-from stepnft_ros.policy.types import Observation, ObservationBatch, ObservationError, Trace, stack_observations
+from stepnft_ros.policy.types import (
+    Observation,
+    ObservationBatch,
+    ObservationError,
+    Trace,
+    stack_observations,
+    validate_observation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +212,7 @@ def collate_human_chunks(episodes: Sequence[Episode], cfg: PolicyConfig,
                     raise ObservationError(f'actions have shape {a.shape}, expected (n >= 1, {cfg.action_dim})')
                 if not np.isfinite(a).all():
                     raise ObservationError('actions have non-finite values')
-                stack_observations([chunk.observation], cfg)  # validates it
+                validate_observation(chunk.observation, cfg)
             except ObservationError as err:
                 log.warning('%s: not trained on: %s', where, err)
                 continue

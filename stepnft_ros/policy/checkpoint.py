@@ -130,11 +130,9 @@ def _lerobot_type(directory: str | Path) -> str | None:
     """The LeRobot policy type of `directory` (None: not a LeRobot directory); CheckpointError for a
     type no backend handles."""
     kind = lerobot_policy_type(directory)
-    if kind in UNLOADABLE_LEROBOT_TYPES:
-        raise CheckpointError(f'{directory}: LeRobot policy type {kind!r}: {UNLOADABLE_LEROBOT_TYPES[kind]}; '
-                              f'supported: {", ".join(SUPPORTED_LEROBOT_TYPES)}')
     if kind is not None and kind not in SUPPORTED_LEROBOT_TYPES:
-        raise CheckpointError(f'{directory}: LeRobot policy type {kind!r}; '
+        why = f': {UNLOADABLE_LEROBOT_TYPES[kind]}' if kind in UNLOADABLE_LEROBOT_TYPES else ''
+        raise CheckpointError(f'{directory}: LeRobot policy type {kind!r}{why}; '
                               f'supported: {", ".join(SUPPORTED_LEROBOT_TYPES)}')
     return kind
 

@@ -159,14 +159,15 @@ class SmolVLABackend(nn.Module):
         wrapped without copying that loop; bench/smolvla_cost.py measures what it saves."""
         from torch.utils.checkpoint import checkpoint
 
+        def checkpointed(forward):
+            def run(x):
+                return checkpoint(forward, x, use_reentrant=False) if torch.is_grad_enabled() else forward(x)
+            return run
+
         for layer in self.flow.vlm_with_expert.lm_expert.layers:
-            mlp = layer.mlp
-            if getattr(mlp, '_stepnft_checkpointed', False):
-                continue
-            plain = mlp.forward
-            mlp.forward = (lambda fn: lambda x: checkpoint(fn, x, use_reentrant=False)
-                           if torch.is_grad_enabled() else fn(x))(plain)
-            mlp._stepnft_checkpointed = True
+            if not getattr(layer.mlp, '_stepnft_checkpointed', False):
+                layer.mlp.forward = checkpointed(layer.mlp.forward)
+                layer.mlp._stepnft_checkpointed = True
 
     def action_expert_parameters(self) -> list[nn.Parameter]:
         flow = self.flow
@@ -256,6 +257,26 @@ def _vlm_files_missing(path: Path) -> list[str]:
 
 
 # ---- building and loading ------------------------------------------------------------------------
+
+VLM_STUB_SIZES: dict[str, dict[str, Any]] = {
+    # SmolVLM2-500M-Video-Instruct's text (SmolLM2-360M) and vision (SigLIP base, patch 16, 512 px) shapes
+    'smolvlm2_500m': {'text_config': {'hidden_size': 960, 'intermediate_size': 2560, 'num_hidden_layers': 32,
+                                      'num_attention_heads': 15, 'num_key_value_heads': 5, 'head_dim': 64,
+                                      'vocab_size': 49280, 'max_position_embeddings': 8192, 'rms_norm_eps': 1e-5,
+                                      'rope_theta': 100000.0},
+                      'vision_config': {'hidden_size': 768, 'intermediate_size': 3072, 'num_hidden_layers': 12,
+                                        'num_attention_heads': 12, 'image_size': 512, 'patch_size': 16},
+                      'scale_factor': 4},
+    # a few hundred thousand parameters, for tests and smoke runs
+    'tiny': {'text_config': {'hidden_size': 64, 'intermediate_size': 128, 'num_hidden_layers': 4,
+                             'num_attention_heads': 4, 'num_key_value_heads': 2, 'head_dim': 16,
+                             'max_position_embeddings': 512},
+             'vision_config': {'hidden_size': 32, 'intermediate_size': 64, 'num_hidden_layers': 2,
+                               'num_attention_heads': 2, 'image_size': 64, 'patch_size': 16},
+             'scale_factor': 2},
+}
+"""Shapes for write_vlm_stub (random-weight backbones)."""
+
 
 def write_vlm_stub(path: str | Path, text_config: Mapping[str, Any], vision_config: Mapping[str, Any],
                    scale_factor: int, words: tuple[str, ...] = ()) -> Path:

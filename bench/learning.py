@@ -24,6 +24,7 @@ from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import safetensors.torch
 import torch
 
@@ -199,6 +200,9 @@ def summarize(args: argparse.Namespace) -> dict:
             entry['seeds' if key == 'seed' else key].append(r[key])
         entry['final_interval'].append([round(x, 4) for x in wilson(round(r['final'] * n), n)])
         entry['paired_vs_start'].append(paired_vs_start(r))
+    for methods in summary['tasks'].values():
+        for entry in methods.values():
+            entry['across_seeds'] = across_seeds(entry['start'], entry['final'])
     primary = args.task
     summary['task'] = primary
     summary.update(summary['tasks'].get(primary, {}))
@@ -211,6 +215,20 @@ def summarize(args: argparse.Namespace) -> dict:
     atomic_write_text(RESULTS / 'learning_summary.json', json.dumps(summary, indent=1))
     plot(runs, RESULTS / 'learning_curves.png')
     return summary
+
+
+def across_seeds(start: list[float], final: list[float]) -> dict:
+    """Gain over the start per training seed, its mean and a Student-t 95 % interval across the seeds
+    (the spread between training seeds, which a single seed's test-seed interval does not show)."""
+    from scipy import stats  # mani_skill's dependency
+
+    gains = np.array(final) - np.array(start)
+    out = {'training_seeds': len(gains), 'gains': [round(float(g), 4) for g in gains],
+           'mean_gain': round(float(gains.mean()), 4)}
+    if len(gains) > 1:
+        half = stats.t.ppf(0.975, len(gains) - 1) * gains.std(ddof=1) / np.sqrt(len(gains))
+        out['mean_gain_t95'] = [round(float(gains.mean() - half), 4), round(float(gains.mean() + half), 4)]
+    return out
 
 
 def paired_vs_start(run: dict) -> dict | None:

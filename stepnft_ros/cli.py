@@ -144,6 +144,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import torch
     import torch.distributed as dist
 
     from stepnft_ros.offline import train_from_bags
@@ -151,13 +152,24 @@ def _train(args: argparse.Namespace) -> int:
     algo = StepNFTConfig(epochs=args.epochs, lr=args.lr, minibatch_size=args.minibatch_size,
                          microbatch_size=args.microbatch_size)
     # Under torchrun (WORLD_SIZE > 1) the ranks split each minibatch (StepNFTTrainer); rank 0 writes.
-    distributed = int(os.environ.get('WORLD_SIZE', '1')) > 1
+    under_torchrun = 'WORLD_SIZE' in os.environ
+    if args.fsdp and not under_torchrun:
+        raise SystemExit('--fsdp shards over the processes torchrun starts: '
+                         'torchrun --nproc_per_node N -m stepnft_ros.cli train --fsdp ...')
+    distributed = args.fsdp or int(os.environ.get('WORLD_SIZE', '1')) > 1
+    device = 'cpu'
+    if args.device == 'cuda':
+        if not torch.cuda.is_available():
+            raise SystemExit('--device cuda: no CUDA device is visible to this process')
+        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')))
+        device = f'cuda:{torch.cuda.current_device()}'
     if distributed:
-        dist.init_process_group('gloo')  # the offline update runs on the CPU
+        dist.init_process_group('nccl' if args.device == 'cuda' else 'gloo')
     try:
         start = time.perf_counter()
         report = train_from_bags(args.bags, args.checkpoint, args.out, algo, labels=args.labels,
-                                 max_version_lag=args.max_version_lag, seed=args.seed, distributed=distributed)
+                                 max_version_lag=args.max_version_lag, seed=args.seed, distributed=distributed,
+                                 fsdp=args.fsdp, device=device)
         report['wall_s'] = round(time.perf_counter() - start, 1)
         if not distributed or dist.get_rank() == 0:
             print(json.dumps(report, indent=2))
@@ -347,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--labels', choices=LABEL_SCHEMES, default='terminal_binary')
     p.add_argument('--max-version-lag', type=int, help='drop episodes more than N weights versions behind')
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--fsdp', action='store_true',
+                   help='under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2) '
+                        'instead of a full copy per rank, for backbones that do not fit one process')
+    p.add_argument('--device', choices=('cpu', 'cuda'), default='cpu',
+                   help='cuda: each rank on its LOCAL_RANK GPU, nccl between ranks (gloo on cpu)')
     p.set_defaults(func=_train)
 
     p = sub.add_parser('launch', help='start a node graph without ros2 launch (same graph as launch/*.launch.py)')

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import safetensors.torch
 
+from stepnft_ros.algo.rank_workers import RankWorkers
 from stepnft_ros.algo.stepnft import StepNFTConfig, StepNFTTrainer
 from stepnft_ros.atomic import atomic_publish_dir, atomic_write_bytes, atomic_write_text
 from stepnft_ros.episodes.schema import Episode, collate_episodes, collate_human_chunks
@@ -61,10 +62,13 @@ class LearnerConfig:
     π-StepNFT alone; the human chunks are then not used."""
     tensorboard: bool = True
     """Write each update's record as TensorBoard scalars under work_dir/tensorboard (stepnft_ros.monitoring)."""
+    ranks: int = 1
+    """Processes that share each update (data parallel, algo/rank_workers.py): this one and ranks − 1
+    workers it starts, each running a share of every minibatch's forward/backward passes."""
 
     def __post_init__(self) -> None:
         if (self.episodes_per_update < 1 or self.max_version_lag < 0 or self.max_updates < 0
-                or self.replay_updates < 1):
+                or self.replay_updates < 1 or self.ranks < 1):
             raise ValueError(f'bad learner schedule: {self}')
         if self.off_policy not in OFF_POLICY_RULES:
             raise ValueError(f'off_policy must be one of {OFF_POLICY_RULES}, got {self.off_policy!r}')
@@ -94,7 +98,17 @@ class Learner:
         # the previous updates' (episodes, weights) that the next update trains on again
         self.recent: deque[tuple[list[Episode], list[float]]] = deque(maxlen=cfg.replay_updates - 1)
         model, opt = self._resume(device)
-        self.trainer = StepNFTTrainer(model, algo, seed=cfg.seed + self.version)
+        self.workers: RankWorkers | None = None
+        if cfg.ranks > 1:
+            if algo.algo == 'filtered_bc':
+                raise ValueError("ranks > 1: data-parallel updates are for the stepnft and grpo losses, not "
+                                 "'filtered_bc'")
+            path = self.checkpoint_path()  # the workers start from the very weights and moments loaded here
+            self.workers = RankWorkers(cfg.ranks, path, None if opt is None else path / OPTIMIZER_FILE, algo,
+                                       seed=cfg.seed + self.version, device=device)
+            self.log(f'{cfg.ranks} ranks share each update (worker pids '
+                     f'{" ".join(str(p.pid) for p in self.workers.processes)})')
+        self.trainer = StepNFTTrainer(model, algo, seed=cfg.seed + self.version, distributed=cfg.ranks > 1)
         if opt is not None:
             self.trainer.load_optimizer_tensors(opt)
         self.seen: set[str] = set(self.consumed)
@@ -217,7 +231,10 @@ class Learner:
             device = next(model.parameters()).device
             human = collate_human_chunks(replayed + episodes, model.config,
                                          lambda a: model.normalizer.normalize_action(a.to(device)).cpu())
-        metrics = self.trainer.update(batch, human=human, bc_weight=self.cfg.intervention_bc_weight)
+        if self.workers is not None:
+            metrics = self.workers.update(self.trainer, batch, human=human, bc_weight=self.cfg.intervention_bc_weight)
+        else:
+            metrics = self.trainer.update(batch, human=human, bc_weight=self.cfg.intervention_bc_weight)
         if self.recent.maxlen:
             self.recent.append((episodes, scale))
         self.version += 1
@@ -248,6 +265,9 @@ class Learner:
     def close(self) -> None:
         if self.scalars is not None:
             self.scalars.close()
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
 
 
 def plot_history(history: list[dict], path: str | Path, title: str = 'π-StepNFT online training',

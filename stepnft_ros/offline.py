@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from stepnft_ros.algo.fsdp import full_state_dict
 from stepnft_ros.algo.stepnft import StepNFTConfig, StepNFTTrainer
 from stepnft_ros.episodes.schema import Episode, collate_episodes
 from stepnft_ros.episodes.store import EpisodeStore
@@ -15,13 +16,16 @@ from stepnft_ros.policy.config import PolicyConfig
 
 def train_from_bags(bags_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
                     algo: StepNFTConfig, labels: str = 'terminal_binary', max_version_lag: int | None = None,
-                    seed: int = 0, distributed: bool = False) -> dict[str, Any]:
+                    seed: int = 0, distributed: bool = False, fsdp: bool = False,
+                    device: str = 'cpu') -> dict[str, Any]:
     """Update the checkpoint once on every readable episode in `bags_dir`; save it to `out_dir` as version + 1.
 
     max_version_lag: drop episodes whose oldest acting weights version is more than this many
     versions behind the checkpoint's (too off-policy). Corrupt bags are skipped and counted.
     distributed: a data-parallel update over the initialized torch.distributed group (every rank
     reads the same bags; the ranks split each minibatch); rank 0 writes the checkpoint.
+    fsdp: the same, with the weights, gradients and optimizer state sharded over the ranks
+    (algo/fsdp.py); rank 0 gathers the updated weights into a fresh copy and writes it.
     Raises FileNotFoundError for a missing `bags_dir`, ValueError when nothing is left to train on.
     """
     bags_dir = Path(bags_dir)
@@ -41,9 +45,14 @@ def train_from_bags(bags_dir: str | os.PathLike, checkpoint_dir: str | os.PathLi
                          f'{len(episodes) - len(kept)} older than the allowed version lag)')
     _check_fits(kept, model.config)
 
-    trainer = StepNFTTrainer(model, algo, seed=seed, distributed=distributed)
+    trainer = StepNFTTrainer(model.to(device), algo, seed=seed, distributed=distributed, fsdp=fsdp)
     metrics = trainer.update(collate_episodes(kept, model.config, labels))
     path = Path(out_dir)
+    if fsdp:
+        weights = full_state_dict(model)  # a collective: every rank takes part, rank 0 gets the tensors
+        if trainer.rank == 0:
+            model, _ = load_checkpoint(checkpoint_dir)
+            model.load_state_dict(weights)
     if trainer.rank == 0:
         path = save_checkpoint(out_dir, model, {'stage': 'offline_stepnft', 'weights_version': version + 1,
                                                 'episodes': len(kept), 'ranks': trainer.world_size})

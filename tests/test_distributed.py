@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from stepnft_ros.algo.fsdp import full_state_dict
 from stepnft_ros.algo.stepnft import StepNFTConfig, StepNFTTrainer
 from stepnft_ros.episodes.schema import Decision, Episode, collate_episodes
 from stepnft_ros.policy import FlowPolicy, FlowVLA, Observation, PolicyConfig
@@ -33,39 +36,54 @@ def model_and_batch():
     return model, collate_episodes(episodes, CFG, 'batch_mean')
 
 
-def updated(distributed: bool) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def updated(distributed: bool, fsdp: bool = False,
+            algo: StepNFTConfig = ALGO) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     model, batch = model_and_batch()
-    trainer = StepNFTTrainer(model, ALGO, seed=3, distributed=distributed)
+    trainer = StepNFTTrainer(model, algo, seed=3, distributed=distributed, fsdp=fsdp)
     # Plain SGD: the step is the gradient itself. AdamW's normalization would blow the float noise of
     # gradients that are zero in exact arithmetic (e.g. attention key biases) up to lr-sized steps.
     trainer.optimizer = torch.optim.SGD(trainer.params, lr=0.05)
     metrics = trainer.update(batch)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics
+    state = full_state_dict(model) if fsdp else model.state_dict()  # FSDP: a collective, rank 0 gets it
+    return {k: v.detach().clone() for k, v in state.items()}, metrics
 
 
-def rank_main(rank: int, world_size: int, init_file: str, out: str) -> None:
+def rank_main(rank: int, world_size: int, init_file: str, out: str, fsdp: bool, algo: StepNFTConfig) -> None:
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
     try:
-        state, metrics = updated(distributed=True)
+        state, metrics = updated(distributed=True, fsdp=fsdp, algo=algo)
         torch.save({'state': state, 'metrics': metrics}, f'{out}.{rank}')
     finally:
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_take_the_update_one_process_takes(tmp_path):
-    single, single_metrics = updated(distributed=False)
-    mp.spawn(rank_main, args=(2, str(tmp_path / 'rendezvous'), str(tmp_path / 'out')), nprocs=2, join=True)
+@pytest.mark.parametrize('fsdp, algo', [
+    (False, ALGO),
+    (True, ALGO),
+    # micro-batches of 5 over 11 and 10 decisions: the ranks must still run as many passes as each other
+    (True, dataclasses.replace(ALGO, microbatch_size=5, minibatch_size=21)),
+], ids=['ddp', 'fsdp', 'fsdp_micro'])
+def test_two_gloo_ranks_take_the_update_one_process_takes(tmp_path, fsdp, algo):
+    single, single_metrics = updated(distributed=False, algo=algo)
+    mp.spawn(rank_main, args=(2, str(tmp_path / 'rendezvous'), str(tmp_path / 'out'), fsdp, algo), nprocs=2,
+             join=True)
     ranks = [torch.load(tmp_path / f'out.{r}', weights_only=True) for r in range(2)]
     before, _ = model_and_batch()
     moved = max((single[k] - v).abs().max().item() for k, v in before.state_dict().items())
     assert moved > 1e-3, 'the update changed the weights'
+    if fsdp:  # sharded: only rank 0 holds the gathered weights
+        assert ranks[1]['state'] == {}
+        ranks = ranks[:1]
     for r in ranks:
+        assert r['state'].keys() == single.keys()
         for key, value in single.items():
             assert torch.allclose(r['state'][key], value, atol=1e-6, rtol=1e-5), key
         assert r['metrics']['gradient_steps'] == single_metrics['gradient_steps']
         assert r['metrics']['loss'] == pytest.approx(single_metrics['loss'], rel=1e-4)
-    assert all(torch.equal(ranks[0]['state'][k], ranks[1]['state'][k]) for k in single), 'the ranks stay identical'
+        assert r['metrics']['grad_norm'] == pytest.approx(single_metrics['grad_norm'], rel=1e-4)
+    if not fsdp:
+        assert all(torch.equal(ranks[0]['state'][k], ranks[1]['state'][k]) for k in single), 'the ranks stay identical'
 
 
 def test_distributed_filtered_bc_is_refused():

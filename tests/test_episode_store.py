@@ -458,13 +458,15 @@ def test_stepnft_train_from_bags(tmp_path, capsys):
     assert (result['weights_version'], result['episodes'], result['dropped_stale']) == (2, 1, 4)
 
 
-def test_stepnft_train_under_torchrun_splits_the_update_over_ranks_and_rank_0_writes(tmp_path):
+@pytest.mark.parametrize('sharding', [[], ['--fsdp']], ids=['ddp', 'fsdp'])
+def test_stepnft_train_under_torchrun_splits_the_update_over_ranks_and_rank_0_writes(tmp_path, sharding):
     model = FlowVLA(TOY)
     save_checkpoint(tmp_path / 'sft', model, {'stage': 'sft', 'weights_version': 0})
     store = rollout_store(tmp_path / 'bags', model, seeds=range(4))
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--standalone',
                            '-m', 'stepnft_ros.cli', 'train', '--bags', str(store.root), '--checkpoint',
-                           str(tmp_path / 'sft'), '--epochs', '1', '--lr', '1e-3', '--out', str(tmp_path / 'v1')],
+                           str(tmp_path / 'sft'), '--epochs', '1', '--lr', '1e-3', '--out', str(tmp_path / 'v1'),
+                           *sharding],
                           capture_output=True, text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)  # printed once, by rank 0
@@ -473,6 +475,13 @@ def test_stepnft_train_under_torchrun_splits_the_update_over_ranks_and_rank_0_wr
     assert meta['ranks'] == 2 and meta['weights_version'] == 1
     assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), model.state_dict().values(),
                                                      strict=True))
+
+
+def test_stepnft_train_fsdp_needs_torchrun(tmp_path, monkeypatch):
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    with pytest.raises(SystemExit, match='--fsdp shards over the processes torchrun starts'):
+        main(['train', '--bags', str(tmp_path), '--checkpoint', str(tmp_path), '--out', str(tmp_path / 'o'),
+              '--fsdp'])
 
 
 def test_stepnft_train_fails_clearly_without_episodes(tmp_path, capsys):

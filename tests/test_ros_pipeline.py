@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -278,7 +279,15 @@ def test_a_missing_parameter_stops_only_that_node_with_a_clear_message(tmp_path,
     assert "missing parameter 'checkpoint'" in server.output()
 
 
-def test_learner_killed_mid_run_resumes_without_losing_or_repeating_episodes(tmp_path, graph):
+def _running(pid: int) -> bool:
+    try:
+        return Path(f'/proc/{pid}/stat').read_text().split(')')[-1].split()[0] != 'Z'
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize('ranks', [1, 2])
+def test_learner_killed_mid_run_resumes_without_losing_or_repeating_episodes(tmp_path, graph, ranks):
     from toy_env import PointReach
 
     from stepnft_ros.policy import FlowPolicy, load_checkpoint
@@ -294,11 +303,19 @@ def test_learner_killed_mid_run_resumes_without_losing_or_repeating_episodes(tmp
             store.write(run_episode(env, policy, seed=i, actions_per_chunk=2, episode_id=f'ep{i:04d}'))
 
     params = {'checkpoint': str(ckpt), 'episode_dir': str(store.root), 'work_dir': str(tmp_path / 'learner'),
-              'episodes_per_update': 3, 'max_version_lag': 100, 'scan_period_s': 0.2, 'max_updates': 6}
+              'episodes_per_update': 3, 'max_version_lag': 100, 'scan_period_s': 0.2, 'max_updates': 6,
+              'ranks': ranks}
     add(0, 8)
     learner = graph.start('stepnft_ros.nodes.learner', 'learner', params)
     learner.wait_for(r'update 2:')
+    workers = [int(pid) for pid in re.findall(r'worker pids ([\d ]+)\)', learner.output())[0].split()] \
+        if ranks > 1 else []
+    assert len(workers) == ranks - 1
     learner.stop(signal.SIGKILL)  # no chance to clean up: 2 episodes read but not consumed
+    deadline = time.monotonic() + 20
+    while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_running(pid) for pid in workers), 'workers whose learner died exit on their own'
     add(8, 4)
     restarted = graph.start('stepnft_ros.nodes.learner', 'learner', params)
     restarted.wait_for('resumed at weights version 2')

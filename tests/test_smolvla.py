@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from tiny_smolvla import ACTION_DIM, CAMERAS, HORIZON, IMAGE_SIZE, NUM_STEPS, STATE_DIM, build_vlm_dir, observations
 from tiny_smolvla import tiny_smolvla as make_tiny
 from toy_env import PointReach
 
+from stepnft_ros.algo.fsdp import full_state_dict
 from stepnft_ros.algo.sft import flow_matching_loss
 from stepnft_ros.algo.stepnft import StepNFTConfig, StepNFTTrainer
 from stepnft_ros.episodes import Decision, Episode, collate_episodes
@@ -174,6 +177,46 @@ def test_gradient_checkpointing_and_micro_batches_give_the_same_update(vlm_dir):
     plain = updated(False, 0)
     assert torch.allclose(plain, updated(True, 0), atol=1e-6)
     assert torch.allclose(plain, updated(True, 2), atol=1e-6)
+
+
+def _expert_names(vlm_dir) -> list[str]:
+    backend = make_tiny(vlm_dir)
+    expert = {id(p) for p in backend.action_expert_parameters()}
+    return [n for n, p in backend.named_parameters() if id(p) in expert]
+
+
+def _sgd_updated_expert(vlm_dir, fsdp: bool = False) -> torch.Tensor:
+    """The action expert after one SGD update on the same episodes (FSDP: gathered; empty off rank 0)."""
+    backend = make_tiny(vlm_dir)
+    batch = collate_episodes(_episodes(backend), backend.config)
+    trainer = StepNFTTrainer(backend, StepNFTConfig(lr=1e-3, epochs=1, minibatch_size=len(batch), grad_clip=1e6),
+                             seed=0, fsdp=fsdp)
+    trainer.optimizer = torch.optim.SGD(trainer.params, lr=0.1)
+    trainer.update(batch)
+    state = full_state_dict(backend) if fsdp else dict(backend.named_parameters())
+    if not state:
+        return torch.empty(0)
+    return torch.cat([state[name].detach().flatten() for name in _expert_names(vlm_dir)])
+
+
+def _fsdp_rank(rank: int, init_file: str, vlm_dir: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    try:
+        torch.save(_sgd_updated_expert(Path(vlm_dir), fsdp=True), f'{out}.{rank}')
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_fsdp_ranks_take_the_update_one_process_takes(vlm_dir, tmp_path):
+    single = _sgd_updated_expert(vlm_dir)
+    before = torch.cat([dict(make_tiny(vlm_dir).named_parameters())[n].detach().flatten()
+                        for n in _expert_names(vlm_dir)])
+    assert (single - before).abs().max() > 1e-4, 'the update moved the expert'
+    mp.spawn(_fsdp_rank, args=(str(tmp_path / 'rendezvous'), str(vlm_dir), str(tmp_path / 'out')), nprocs=2,
+             join=True)
+    sharded = torch.load(tmp_path / 'out.0', weights_only=True)
+    assert torch.allclose(sharded, single, atol=1e-6)
 
 
 def test_flow_matching_sft_steps_reduce_the_loss(vlm_dir):

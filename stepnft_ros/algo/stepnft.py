@@ -300,13 +300,20 @@ class StepNFTTrainer:
     checkpoint. The velocity passes, the update's cost, are what is split.
     """
 
-    def __init__(self, model: FlowBackend, cfg: StepNFTConfig, seed: int = 0, distributed: bool = False) -> None:
+    def __init__(self, model: FlowBackend, cfg: StepNFTConfig, seed: int = 0, distributed: bool = False,
+                 fsdp: bool = False) -> None:
         self.model = model
         self.cfg = cfg
+        distributed = distributed or fsdp
         if distributed and cfg.algo == 'filtered_bc':
             raise ValueError('distributed updates are for the stepnft and grpo losses (filtered_bc samples noise '
                              'per minibatch)')
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        self.fsdp = fsdp
+        if fsdp:  # before the optimizer: it must hold the sharded parameters
+            from stepnft_ros.algo.fsdp import shard_policy
+
+            shard_policy(model)
         self.params = list(model.parameters()) if cfg.train_prefix else model.action_expert_parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=(cfg.adam_beta1, cfg.adam_beta2))
@@ -348,7 +355,11 @@ class StepNFTTrainer:
                 if weight[idx].sum() <= 0:
                     continue
                 share = torch.ones((), device=device)
-                if self.world_size > 1:  # this rank's decisions of the minibatch, its loss scaled to its share
+                count = None  # micro-batches per rank: the same on every rank (under FSDP each is a collective)
+                if self.world_size > 1:
+                    per_rank = -(-len(idx) // self.world_size)
+                    count = -(-per_rank // (cfg.microbatch_size or per_rank))
+                    # this rank's decisions of the minibatch, its loss scaled to its share
                     if len(idx) >= self.world_size:
                         total = weight[idx].sum()
                         idx = idx[self.rank::self.world_size]
@@ -359,7 +370,7 @@ class StepNFTTrainer:
                     idx = idx[weight[idx] > 0]
                 self.optimizer.zero_grad(set_to_none=True)
                 metrics = {}
-                for micro, part in self._micro_batches(idx, weight, mask):
+                for micro, part in self._micro_batches(idx, weight, mask, count):
                     loss, micro_metrics = self._loss(obs, prefix, trace, y, r, weight, mask, micro, num_steps)
                     (loss * share * part).backward()
                     for key, value in micro_metrics.items():
@@ -370,7 +381,8 @@ class StepNFTTrainer:
                     metrics['bc_loss'] = bc.item()
                 if self.world_size > 1:
                     metrics = self._all_reduce(metrics, share)
-                metrics['grad_norm'] = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip).item()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+                metrics['grad_norm'] = (grad_norm.full_tensor() if self.fsdp else grad_norm).item()  # FSDP: a DTensor
                 self.optimizer.step()
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + value
@@ -404,29 +416,40 @@ class StepNFTTrainer:
                                   prefix=self._encode(part.obs))
 
     def _all_reduce(self, metrics: dict[str, float], share: torch.Tensor) -> dict[str, float]:
-        """Sum the ranks' gradients (each already scaled to its share); metrics likewise, as share-weighted
-        means, so every rank sees the whole minibatch's (and stops early, or not, with the others)."""
+        """Sum the ranks' gradients (each already scaled to its share; FSDP has reduce-scattered its own in
+        the backward pass); metrics likewise, as share-weighted means, so every rank sees the whole
+        minibatch's (and stops early, or not, with the others)."""
         with_grad = [p for p in self.params if p.grad is not None]  # the same on every rank: the same graph
-        flat = torch.cat([p.grad.flatten() for p in with_grad])
-        dist.all_reduce(flat)
-        offset = 0
-        for p in with_grad:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+        if with_grad and not self.fsdp:
+            flat = torch.cat([p.grad.flatten() for p in with_grad])
+            dist.all_reduce(flat)
+            offset = 0
+            for p in with_grad:
+                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
         names = sorted(metrics)  # the same on every rank: each computed the same loss on a non-empty share
         values = torch.tensor([metrics[n] * float(share) for n in names], dtype=torch.float64)
         dist.all_reduce(values)
         return dict(zip(names, values.tolist(), strict=True))
 
-    def _micro_batches(self, idx: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor):
+    def _micro_batches(self, idx: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, count: int | None = None):
         """(micro-batch, its share of the minibatch's loss normalizer): weight for the weighted losses,
-        counted action elements for filtered_bc's plain masked mean."""
+        counted action elements for filtered_bc's plain masked mean.
+
+        count: exactly that many micro-batches (distributed: the same number on every rank), a rank with
+        too few decisions running one of them again at share 0; otherwise micro-batches of
+        `microbatch_size`, those that carry no weight skipped.
+        """
+        normalizer = mask.sum(1) if self.cfg.algo == 'filtered_bc' else weight
+        total = normalizer[idx].sum().clamp_min(1e-12)  # a rank whose share weighs nothing: every part 0
+        if count is not None:
+            for micro in torch.tensor_split(idx, count):
+                yield (micro, normalizer[micro].sum() / total) if len(micro) else (idx[:1], total * 0)
+            return
         size = self.cfg.microbatch_size or len(idx)
         if len(idx) <= size:
             yield idx, torch.ones((), device=idx.device)
             return
-        normalizer = mask.sum(1) if self.cfg.algo == 'filtered_bc' else weight
-        total = normalizer[idx].sum()
         for start in range(0, len(idx), size):
             micro = idx[start:start + size]
             part = normalizer[micro].sum() / total

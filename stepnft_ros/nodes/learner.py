@@ -51,7 +51,9 @@ class LearnerNode(Node):
                                 seed=p.get('seed', 0), tensorboard=p.get('tensorboard', True),
                                 intervention_negatives=p.get('intervention_negatives', True),
                                 # > 0: also clone what people did during takeovers (the interventions preset: 1.0)
-                                intervention_bc_weight=p.get('intervention_bc_weight', 0.0))
+                                intervention_bc_weight=p.get('intervention_bc_weight', 0.0),
+                                # > 1: this node and ranks − 1 worker processes share each update
+                                ranks=p.get('ranks', 1))
             algo = StepNFTConfig(lr=p.get('lr', 1e-4), epochs=p.get('epochs', 2),
                                  minibatch_size=p.get('minibatch_size', 4096),
                                  # > 0 for large backbones: forward/backward in micro-batches of this many decisions

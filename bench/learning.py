@@ -188,6 +188,9 @@ def run_one(args: argparse.Namespace) -> dict:
     return result
 
 
+REFERENCE_METHOD = 'stepnft_recorded_step'  # the default π-StepNFT regime the other methods are compared with
+
+
 def summarize(args: argparse.Namespace) -> dict:
     runs = [json.loads(p.read_text()) for p in sorted((RESULTS / 'learning').glob('*.json'))]
     summary: dict = {'test_seeds': args.test_seeds, 'tasks': {}}
@@ -203,6 +206,13 @@ def summarize(args: argparse.Namespace) -> dict:
     for methods in summary['tasks'].values():
         for entry in methods.values():
             entry['across_seeds'] = across_seeds(entry['start'], entry['final'])
+    for r in runs:  # every method against π-StepNFT's default run of the same task and training seed
+        ref = next((q for q in runs if (q['task'], q['method'], q['seed']) == (r['task'], REFERENCE_METHOD, r['seed'])
+                    and 'final_outcomes' in q), None)
+        if ref is not None and r is not ref and 'final_outcomes' in r:
+            entry = summary['tasks'][r['task']][r['method']]
+            entry.setdefault(f'paired_vs_{REFERENCE_METHOD}', []).append(
+                {'seed': r['seed'], **paired(ref['final_outcomes'], r['final_outcomes'])})
     primary = args.task
     summary['task'] = primary
     summary.update(summary['tasks'].get(primary, {}))
@@ -237,8 +247,13 @@ def paired_vs_start(run: dict) -> dict | None:
     start's per-seed outcomes."""
     if 'start_outcomes' not in run:
         return None
-    gained = sum(not a and b for a, b in zip(run['start_outcomes'], run['final_outcomes'], strict=True))
-    lost = sum(a and not b for a, b in zip(run['start_outcomes'], run['final_outcomes'], strict=True))
+    return paired(run['start_outcomes'], run['final_outcomes'])
+
+
+def paired(before: list[bool], after: list[bool]) -> dict:
+    """Test seeds `after` solves and `before` does not (gained), the reverse (lost), exact McNemar p."""
+    gained = sum(not a and b for a, b in zip(before, after, strict=True))
+    lost = sum(a and not b for a, b in zip(before, after, strict=True))
     return {'gained': gained, 'lost': lost, 'p_value': round(mcnemar_exact(gained, lost), 4)}
 
 

@@ -14,6 +14,10 @@ own process, so its peak memory is its own:
     python bench/smolvla_cost.py                            # full size, CPU, 1 thread
     python bench/smolvla_cost.py --device cuda --dtype bf16 --decisions 256 --microbatch 0,32
     python bench/smolvla_cost.py --size tiny                # smoke run (tests)
+    python bench/smolvla_cost.py --only-fsdp --fsdp-ranks 2 --out bench/results/smolvla_fsdp_cpu.json
+
+--fsdp-ranks N adds the micro-batched update sharded over N FSDP ranks (gloo, algo/fsdp.py): per
+rank, the weights, gradients and AdamW moments it holds, counted tensor by tensor.
 
 Writes bench/results/smolvla_cost_<device>.json (--out to change).
 """
@@ -159,7 +163,8 @@ def measure(job: dict) -> dict:
         if job['checkpointing']:
             model.enable_gradient_checkpointing()
         trainer = StepNFTTrainer(model, StepNFTConfig(lr=1e-6, epochs=1, minibatch_size=n,
-                                                      microbatch_size=job['microbatch']), seed=0)
+                                                      microbatch_size=job['microbatch']), seed=0,
+                                 fsdp=job.get('ranks', 1) > 1)
 
         def update():
             with autocast:
@@ -170,7 +175,21 @@ def measure(job: dict) -> dict:
         out['update_s_per_decision'] = round(out['update_s'] / n, 4)
         out['decisions_per_s'] = round(n / out['update_s'], 2)
         out['update_extra_gib'] = mem.extra_gib
+        out.update(held_gib(trainer))
         return out
+
+
+def held_gib(trainer) -> dict:
+    """What this process holds of the weights, their gradients and AdamW's moments (its shards under
+    FSDP), counted tensor by tensor: RSS would still show the full model built before sharding."""
+    def gib(tensors) -> float:
+        local = [t.to_local() if hasattr(t, 'to_local') else t for t in tensors]
+        return round(sum(t.numel() * t.element_size() for t in local) / 2**30, 3)
+    params = list(trainer.model.parameters())
+    moments = [v for state in trainer.optimizer.state.values() for v in state.values()
+               if torch.is_tensor(v) and v.dim() > 0]
+    return {'held_weights_gib': gib(params), 'held_grads_gib': gib(p.grad for p in params if p.grad is not None),
+            'held_adam_gib': gib(moments)}
 
 
 def _child(job: dict, queue) -> None:
@@ -180,14 +199,37 @@ def _child(job: dict, queue) -> None:
         queue.put({**job, 'error': f'{type(err).__name__}: {err}'})
 
 
+def _rank_child(job: dict, rank: int, init: str, queue) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group('gloo', init_method=init, rank=rank, world_size=job['ranks'])
+    try:
+        _child(job, queue)
+    finally:
+        dist.destroy_process_group()
+
+
 def run_isolated(job: dict) -> dict:
+    """One configuration in fresh processes: one, or job['ranks'] FSDP ranks (rank 0's row, with every
+    rank's held memory)."""
     ctx = mp.get_context('spawn')
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(job, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    ranks = job.get('ranks', 1)
+    queues = [ctx.Queue() for _ in range(ranks)]
+    with tempfile.TemporaryDirectory() as rendezvous:
+        if ranks == 1:
+            procs = [ctx.Process(target=_child, args=(job, queues[0]))]
+        else:
+            procs = [ctx.Process(target=_rank_child, args=(job, r, f'file://{rendezvous}/init', q))
+                     for r, q in enumerate(queues)]
+        for proc in procs:
+            proc.start()
+        results = [q.get() for q in queues]
+        for proc in procs:
+            proc.join()
+    if ranks > 1 and 'error' not in results[0]:
+        results[0]['per_rank_held_gib'] = [round(r.get('held_weights_gib', 0) + r.get('held_grads_gib', 0)
+                                                 + r.get('held_adam_gib', 0), 3) for r in results]
+    return results[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,14 +241,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--decisions', type=int, default=12, help='decisions per timed update')
     p.add_argument('--microbatch', default='0,3', help='micro-batch sizes to compare (0: the whole update at once)')
     p.add_argument('--repeats', type=int, default=2)
+    p.add_argument('--fsdp-ranks', type=int, default=0,
+                   help='also run each micro-batched update sharded over this many FSDP ranks (gloo)')
+    p.add_argument('--only-fsdp', action='store_true',
+                   help='only the FSDP rows and the unsharded rows they compare to')
     p.add_argument('--out', help='default bench/results/smolvla_cost_<device>.json')
     args = p.parse_args(argv)
     device = torch.device(args.device)
     base = {'size': args.size, 'device': str(device), 'dtype': args.dtype, 'threads': args.threads,
             'repeats': args.repeats}
-    jobs = [{**base, 'kind': 'inference'}]
-    jobs += [{**base, 'kind': 'update', 'decisions': args.decisions, 'microbatch': int(m), 'checkpointing': c}
-             for c in (False, True) for m in args.microbatch.split(',')]
+    updates = [{**base, 'kind': 'update', 'decisions': args.decisions, 'microbatch': int(m), 'checkpointing': c}
+               for c in (False, True) for m in args.microbatch.split(',')]
+    sharded = [{**job, 'ranks': args.fsdp_ranks} for job in updates if args.fsdp_ranks > 1 and job['microbatch']
+               and not job['checkpointing']]  # micro-batches: each rank encodes only its own decisions' prefix
+    if args.only_fsdp:
+        jobs = [{**job, 'ranks': 1} for job in sharded] + sharded
+    else:
+        jobs = [{**base, 'kind': 'inference'}, *updates, *sharded]
     rows = []
     for job in jobs:
         print(f'[{time.strftime("%H:%M:%S")}] {job}', file=sys.stderr, flush=True)

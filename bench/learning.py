@@ -254,7 +254,7 @@ def paired(before: list[bool], after: list[bool]) -> dict:
     """Test seeds `after` solves and `before` does not (gained), the reverse (lost), exact McNemar p."""
     gained = sum(not a and b for a, b in zip(before, after, strict=True))
     lost = sum(a and not b for a, b in zip(before, after, strict=True))
-    return {'gained': gained, 'lost': lost, 'p_value': round(mcnemar_exact(gained, lost), 4)}
+    return {'gained': gained, 'lost': lost, 'p_value': float(f'{mcnemar_exact(gained, lost):.3g}')}
 
 
 def plot(runs: list[dict], path: Path) -> None:

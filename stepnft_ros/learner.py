@@ -22,9 +22,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import safetensors.torch
+import torch
 
 from stepnft_ros.algo.rank_workers import RankWorkers
-from stepnft_ros.algo.stepnft import StepNFTConfig, StepNFTTrainer
+from stepnft_ros.algo.stepnft import StepNFTConfig, StepNFTTrainer, require_distributable
 from stepnft_ros.atomic import atomic_publish_dir, atomic_write_bytes, atomic_write_text
 from stepnft_ros.episodes.schema import Episode, collate_episodes, collate_human_chunks
 from stepnft_ros.episodes.store import EpisodeFileError, EpisodeStore
@@ -100,12 +101,11 @@ class Learner:
         model, opt = self._resume(device)
         self.workers: RankWorkers | None = None
         if cfg.ranks > 1:
-            if algo.algo == 'filtered_bc':
-                raise ValueError("ranks > 1: data-parallel updates are for the stepnft and grpo losses, not "
-                                 "'filtered_bc'")
+            require_distributable(algo)  # before any worker starts
             path = self.checkpoint_path()  # the workers start from the very weights and moments loaded here
             self.workers = RankWorkers(cfg.ranks, path, None if opt is None else path / OPTIMIZER_FILE, algo,
-                                       seed=cfg.seed + self.version, device=device)
+                                       seed=cfg.seed + self.version, device=device,
+                                       torch_threads=torch.get_num_threads())
             self.log(f'{cfg.ranks} ranks share each update (worker pids '
                      f'{" ".join(str(p.pid) for p in self.workers.processes)})')
         self.trainer = StepNFTTrainer(model, algo, seed=cfg.seed + self.version, distributed=cfg.ranks > 1)

@@ -287,6 +287,13 @@ def grpo_loss(v_theta: torch.Tensor, trace: Trace, advantage: torch.Tensor, weig
     return loss, metrics
 
 
+def require_distributable(cfg: StepNFTConfig) -> None:
+    """Data-parallel ranks must draw identical noise; filtered_bc draws its own per minibatch."""
+    if cfg.algo == 'filtered_bc':
+        raise ValueError("distributed updates are for the stepnft and grpo losses, not 'filtered_bc' (it samples "
+                         'noise per minibatch)')
+
+
 class StepNFTTrainer:
     """Applies π-StepNFT updates (or a baseline's, `cfg.algo`) to a policy backend (FlowVLA, SmolVLA,
     backend.FlowBackend) from batches of finished on-policy episodes.
@@ -305,9 +312,8 @@ class StepNFTTrainer:
         self.model = model
         self.cfg = cfg
         distributed = distributed or fsdp
-        if distributed and cfg.algo == 'filtered_bc':
-            raise ValueError('distributed updates are for the stepnft and grpo losses (filtered_bc samples noise '
-                             'per minibatch)')
+        if distributed:
+            require_distributable(cfg)
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         self.fsdp = fsdp
         if fsdp:  # before the optimizer: it must hold the sharded parameters

@@ -60,7 +60,7 @@ def log(msg: str) -> None:
 def graph_params() -> dict:
     """config/train_sim.yaml, flattened per node: what the graph's nodes really run with."""
     raw = yaml.safe_load((config_dir() / 'train_sim.yaml').read_text())
-    shared = raw['/**']['ros__parameters']
+    shared = {**raw['/**']['ros__parameters'], 'env_id': 'PickCube-v1'}  # the state sizes above are PickCube's
     return {'policy_server': {**shared, **raw['policy_server']['ros__parameters']},
             'maniskill_bridge': {**shared, **raw['/**/maniskill_bridge']['ros__parameters']}}
 

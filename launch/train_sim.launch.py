@@ -8,7 +8,6 @@ which `stepnft launch train_sim` (no ROS installation needed) uses too.
 """
 
 import sys
-from pathlib import Path
 
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
@@ -16,7 +15,6 @@ from launch.substitutions import LaunchConfiguration
 from launch import LaunchDescription
 from stepnft_ros import launch_description as ld
 from stepnft_ros.launch_actions import localhost_discovery, node_actions
-from stepnft_ros.pipeline import ensure_sft_checkpoint
 
 ARGS = ld.TrainSimArgs()
 
@@ -31,8 +29,8 @@ def _nodes(context):
                                 suite=get('suite'), task_ids=tuple(int(t) for t in ld.comma_list(get('task_ids'))),
                                 image_size=policy.image_size if policy.camera_names else 0)
         return node_actions(ld.train_sim(graph, checkpoint), params_file)
-    checkpoint = get('checkpoint') or str(ensure_sft_checkpoint(
-        Path(get('run_dir')) / 'sft_default', log=lambda msg: print(msg, file=sys.stderr)))
+    checkpoint = get('checkpoint') or str(ld.default_start(get('run_dir'), params_file,
+                                                           log=lambda msg: print(msg, file=sys.stderr)))
     checkpoint, _ = ld.checked_checkpoint(checkpoint, 'train_sim')
     graph = ld.TrainSimArgs(run_dir=get('run_dir'), num_envs=int(get('num_envs')), checkpoint=checkpoint,
                             obs_mode=get('obs_mode'), evaluate=get('evaluate').lower() in ('true', '1'))

@@ -219,7 +219,6 @@ def _launch_deploy_real(args: argparse.Namespace) -> int:
 def _launch(args: argparse.Namespace) -> int:
     from stepnft_ros import launch_description as ld
     from stepnft_ros.launcher import launch, node_parameter
-    from stepnft_ros.pipeline import ensure_sft_checkpoint
     from stepnft_ros.progress import Progress
 
     if args.graph == 'eval_sim':
@@ -234,8 +233,8 @@ def _launch(args: argparse.Namespace) -> int:
                                 suite=args.suite, task_ids=tuple(int(t) for t in comma_list(args.tasks)) or (0,),
                                 image_size=policy.image_size if policy.camera_names else 0)
     else:
-        checkpoint = args.checkpoint or str(ensure_sft_checkpoint(
-            Path(run_dir) / 'sft_default', log=lambda msg: print(f'[launch] {msg}', file=sys.stderr, flush=True)))
+        checkpoint = args.checkpoint or str(ld.default_start(
+            run_dir, _params_file(args), log=lambda msg: print(f'[launch] {msg}', file=sys.stderr, flush=True)))
         checkpoint, _ = ld.checked_checkpoint(checkpoint, 'train_sim')
         graph = ld.TrainSimArgs(run_dir=run_dir, num_envs=args.num_envs, checkpoint=checkpoint,
                                 obs_mode=args.obs_mode, evaluate=not args.no_eval)

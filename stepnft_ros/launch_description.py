@@ -8,6 +8,7 @@ add only what depends on the launch arguments (namespaces, directories, seeds).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,18 @@ def config_dir() -> Path:
     from ament_index_python.packages import get_package_share_directory
 
     return Path(get_package_share_directory(PACKAGE)) / 'config'
+
+
+def default_start(run_dir: str | Path, params_file: str | Path, log: Callable[[str], None]) -> Path:
+    """The embedded default SFT policy of the task the params file configures, built on first use
+    (pipeline.EMBEDDED_STARTS; run_dir/sft_default)."""
+    from stepnft_ros.launcher import node_parameter
+    from stepnft_ros.pipeline import embedded_start, ensure_sft_checkpoint
+
+    robot = '/env0/maniskill_bridge'  # what the bridges read: their section, else /**
+    spec = embedded_start(node_parameter([], params_file, robot, 'env_id', 'PickCube-v1'),
+                          node_parameter([], params_file, robot, 'control_mode', 'pd_ee_delta_pose'))
+    return ensure_sft_checkpoint(Path(run_dir) / 'sft_default', spec, log=log)
 
 
 def train_sim(args: TrainSimArgs, checkpoint: str) -> list[NodeSpec]:

@@ -160,3 +160,31 @@ def test_the_foxglove_layout_shows_topics_the_train_sim_graph_publishes():
                  ros_io.POLICY_WEIGHTS, ros_io.DIAGNOSTICS, f'/env0/{ros_io.JOINT_STATES}',
                  f'/env0/{ros_io.camera_topic("base_camera")}'}
     assert topics == published
+
+
+def test_the_embedded_default_start_follows_the_configured_task(monkeypatch, tmp_path):
+    """No checkpoint: train_sim builds the embedded start of the task its params file names, and refuses a task
+    or control mode it has none for, naming what to pass instead."""
+    import yaml
+
+    from stepnft_ros import launch_description as ld
+    from stepnft_ros import pipeline
+
+    built = []
+    monkeypatch.setattr(pipeline, 'ensure_sft_checkpoint', lambda out, spec, log: built.append((out, spec)) or out)
+    params = yaml.safe_load((REPO / 'config/train_sim.yaml').read_text())
+    params_file = tmp_path / 'params.yaml'
+    for env_id, control_mode, wanted in (('PushCube-v1', 'pd_ee_delta_pose', 10), ('PickCube-v1', 'pd_ee_delta_pose',
+                                                                                     300)):
+        params['/**']['ros__parameters'].update(env_id=env_id, control_mode=control_mode)
+        params_file.write_text(yaml.safe_dump(params))
+        assert ld.default_start(tmp_path / 'run', params_file, log=print) == tmp_path / 'run' / 'sft_default'
+        assert (built[-1][1].env_id, built[-1][1].num_demos) == (env_id, wanted)
+    assert ld.default_start(tmp_path, REPO / 'config/train_sim.yaml', log=print) and built[-1][1].env_id == \
+        'PushCube-v1', 'the shipped configuration trains PushCube'
+    for env_id, control_mode, error in (('StackCube-v1', 'pd_ee_delta_pose', 'no embedded default policy for env_id'),
+                                        ('PushCube-v1', 'pd_joint_pos', "acts in control_mode 'pd_ee_delta_pose'")):
+        params['/**']['ros__parameters'].update(env_id=env_id, control_mode=control_mode)
+        params_file.write_text(yaml.safe_dump(params))
+        with pytest.raises(ValueError, match=error):
+            ld.default_start(tmp_path / 'run', params_file, log=print)

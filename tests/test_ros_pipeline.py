@@ -42,7 +42,7 @@ def test_train_sim_records_bags_updates_and_hot_swaps(tmp_path, ros_domain):
     params = yaml.safe_load((REPO / 'config/train_sim.yaml').read_text())
     params['learner']['ros__parameters'].update(episodes_per_update=2, max_updates=2, scan_period_s=0.5,
                                                 labels='group_mean')
-    params['/**']['ros__parameters'].update(max_episode_steps=12)
+    params['/**']['ros__parameters'].update(max_episode_steps=12, env_id='PickCube-v1')  # the tiny policy's state
     params['/**/maniskill_bridge']['ros__parameters'].update(reconfigure_on_reset=False, group_size=2)
     params['maniskill_evaluator']['ros__parameters'].update(eval_episodes=2)
     params['policy_server']['ros__parameters'].update(noise_level=0.5)

@@ -569,7 +569,7 @@ def test_train_sim_on_maniskill_cameras_with_a_smolvla_checkpoint(vlm_dir, tmp_p
                     {'weights_version': 0})
     params = yaml.safe_load((REPO / 'config/train_sim.yaml').read_text())
     params['learner']['ros__parameters'].update(episodes_per_update=2, max_updates=2, scan_period_s=0.5)
-    params['/**']['ros__parameters'].update(max_episode_steps=8)
+    params['/**']['ros__parameters'].update(max_episode_steps=8, env_id='PickCube-v1')
     params['/**/maniskill_bridge']['ros__parameters'].update(image_size=IMAGE_SIZE, reconfigure_on_reset=False)
     (tmp_path / 'params.yaml').write_text(yaml.safe_dump(params))
     run = tmp_path / 'run'

@@ -8,6 +8,7 @@ and plots success against env steps and wall-clock with Wilson 95 % bands.
 
     python bench/learning.py run --method stepnft --seed 0 --env-steps 300000 --workers 2
     python bench/learning.py summarize
+    python bench/learning.py main-job --run-dir runs/train_sim --cmd 'bash scripts/main.sh'
 
 Evaluation: ODE success on held-out test seeds (default 200, from 10000); nothing selects
 checkpoints on them, so `final` is the number to read. `best` is reported for collapse checks only.
@@ -227,6 +228,24 @@ def summarize(args: argparse.Namespace) -> dict:
     return summary
 
 
+def record_main_job(args: argparse.Namespace) -> dict:
+    """bench/results/main_job.json from a finished `bash scripts/main.sh --run-dir DIR` run: its summary,
+    every evaluation and each update's learning signals, read from the nodes' own files."""
+    run = Path(args.run_dir)
+    summary = json.loads((run / 'summary.json').read_text())
+    start = json.loads((run / 'sft_default/sft_spec.json').read_text())  # the embedded start it built
+    keep = ('weights_version', 'train_success', 'env_steps', 'holdout_preference_accuracy', 'preference_accuracy',
+            'kl', 'clip_fraction', 'delta_v_norm', 'update_s')
+    out = {'command': args.cmd, 'task': start['env_id'], 'sft_start': start, **summary,
+           'evaluations': [{k: h[k] for k in ('weights_version', 'eval_success', 'episodes')}
+                           for h in json.loads((run / 'eval_history.json').read_text())],
+           'updates_detail': [{k: round(h[k], 6) if isinstance(h[k], float) else h[k] for k in keep if k in h}
+                              for h in json.loads((run / 'learner/history.json').read_text())],
+           'note': args.note}
+    atomic_write_text(RESULTS / 'main_job.json', json.dumps(out, indent=1) + '\n')
+    return out
+
+
 def across_seeds(start: list[float], final: list[float]) -> dict:
     """Gain over the start per training seed, its mean and a Student-t 95 % interval across the seeds
     (the spread between training seeds, which a single seed's test-seed interval does not show)."""
@@ -305,12 +324,16 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument('--sft-steps', type=int, default=DefaultSFT.sft_steps, help='SFT steps of the start')
     r.add_argument('--max-episode-steps', type=int, default=100)
     s = sub.add_parser('summarize', help='merge the result JSONs, plot the curves')
+    m = sub.add_parser('main-job', help='record a finished main job (bash scripts/main.sh) as main_job.json')
+    m.add_argument('--run-dir', required=True)
+    m.add_argument('--cmd', required=True, help='the command that ran it, as recorded')
+    m.add_argument('--note', default='', help='what else a reader needs (e.g. what shared the cores)')
     for q in (r, s):
         q.add_argument('--task', default='PickCube-v1')
         q.add_argument('--test-seeds', type=int, default=200)
         q.add_argument('--work', default='runs/learning', help='run state (checkpoints, histories)')
     args = p.parse_args(argv)
-    out = run_one(args) if args.command == 'run' else summarize(args)
+    out = {'run': run_one, 'summarize': summarize, 'main-job': record_main_job}[args.command](args)
     print(json.dumps({k: v for k, v in out.items() if k not in ('history', 'final_outcomes', 'tasks')}, indent=1))
     return 0
 

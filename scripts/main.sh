@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything (scripts/setup.sh, idempotent) and runs the main job: the train_sim node
-# graph (ManiSkill PickCube bridges, policy server, learner, evaluator) on the embedded default
+# graph (ManiSkill PushCube bridges, policy server, learner, evaluator) on the embedded default
 # starting policy, built on first use. Extra arguments go to `stepnft launch train_sim`,
 # e.g. --num-envs 4 --run-dir runs/big.
 set -euo pipefail

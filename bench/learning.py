@@ -178,6 +178,7 @@ def run_one(args: argparse.Namespace) -> dict:
         'wall_min': round(history[-1].get('total_wall_s', 0.0) / 60.0, 2),
         'rl_wall_min': round(history[-1]['rl_wall_s'] / 60.0, 2), 'worker_restarts': restarts,
         'curve': [{k: h[k] for k in ('iteration', 'env_steps', 'rl_wall_s', 'eval_success')} for h in evals],
+        'curve_outcomes': [h['eval_outcomes'] for h in evals],  # per test seed, for paired tests at any budget
         'history': [{k: v for k, v in h.items() if k != 'eval_outcomes'} for h in history],
         'start_outcomes': evals[0]['eval_outcomes'],
         'final_outcomes': evals[-1]['eval_outcomes'],
@@ -214,6 +215,8 @@ def summarize(args: argparse.Namespace) -> dict:
             entry = summary['tasks'][r['task']][r['method']]
             entry.setdefault(f'paired_vs_{REFERENCE_METHOD}', []).append(
                 {'seed': r['seed'], **paired(ref['final_outcomes'], r['final_outcomes'])})
+    for task, methods in summary['tasks'].items():
+        at_budget(task, methods, [r for r in runs if r['task'] == task])
     primary = args.task
     summary['task'] = primary
     summary.update(summary['tasks'].get(primary, {}))
@@ -244,6 +247,52 @@ def record_main_job(args: argparse.Namespace) -> dict:
            'note': args.note}
     atomic_write_text(RESULTS / 'main_job.json', json.dumps(out, indent=1) + '\n')
     return out
+
+
+BUDGET_SLACK = 1.05  # runs stop at the first update past their budget, a few per cent over it
+
+
+def at_budget(task: str, methods: dict, runs: list[dict]) -> None:
+    """Every method at the budget all of π-StepNFT's default runs of the task reached, so that runs
+    continued further (or stopped earlier) still compare at equal env steps: per training seed, its
+    last evaluation within that budget, the gain across seeds, and paired tests where the result kept
+    that evaluation's per-seed outcomes."""
+    reference = [r for r in runs if r['method'] == REFERENCE_METHOD]
+    if not reference:
+        return
+    limit = min(r['env_steps'] for r in reference) * BUDGET_SLACK
+    reached = {}
+    for r in runs:
+        inside = [i for i, c in enumerate(r['curve']) if c['env_steps'] <= limit]
+        if r['env_steps'] < limit / BUDGET_SLACK ** 2 or not inside:
+            continue  # stopped well short of the budget: not comparable
+        i = inside[-1]
+        reached[(r['method'], r['seed'])] = (r, r['curve'][i], outcomes_at(r, i))
+    for method, entry in methods.items():
+        rows = sorted((key[1], value) for key, value in reached.items() if key[0] == method)
+        if not rows:
+            continue
+        block = {'env_steps_limit': int(limit), 'seeds': [seed for seed, _ in rows],
+                 'env_steps': [c['env_steps'] for _, (_, c, _) in rows],
+                 'success': [c['eval_success'] for _, (_, c, _) in rows],
+                 'paired_vs_start': [paired(r['start_outcomes'], o) if o is not None and 'start_outcomes' in r
+                                     else None for _, (r, _, o) in rows]}
+        block['across_seeds'] = across_seeds([r['start'] for _, (r, _, _) in rows], block['success'])
+        if method != REFERENCE_METHOD:
+            ref = {seed: o for (m, seed), (_, _, o) in reached.items() if m == REFERENCE_METHOD}
+            block[f'paired_vs_{REFERENCE_METHOD}'] = [
+                {'seed': seed, **paired(ref[seed], o)} if o is not None and ref.get(seed) is not None else None
+                for seed, (_, _, o) in rows]
+        entry['at_reference_budget'] = block
+
+
+def outcomes_at(run: dict, i: int) -> list[bool] | None:
+    """Per-seed outcomes of the run's i-th evaluation, where its result kept them."""
+    if 'curve_outcomes' in run:
+        return run['curve_outcomes'][i]
+    if i == len(run['curve']) - 1:
+        return run.get('final_outcomes')
+    return run.get('start_outcomes') if i == 0 else None
 
 
 def across_seeds(start: list[float], final: list[float]) -> dict:
@@ -334,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument('--work', default='runs/learning', help='run state (checkpoints, histories)')
     args = p.parse_args(argv)
     out = {'run': run_one, 'summarize': summarize, 'main-job': record_main_job}[args.command](args)
-    print(json.dumps({k: v for k, v in out.items() if k not in ('history', 'final_outcomes', 'tasks')}, indent=1))
+    bulky = ('history', 'final_outcomes', 'curve_outcomes', 'tasks')
+    print(json.dumps({k: v for k, v in out.items() if k not in bulky}, indent=1))
     return 0
 
 

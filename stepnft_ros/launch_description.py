@@ -85,7 +85,7 @@ class TrainSimArgs:
                 raise ValueError('the held-out evaluator runs ManiSkill tasks: train on LIBERO without it and '
                                  'score the learner\'s checkpoints with `stepnft eval --suite` or eval_sim')
             if not self.checkpoint:
-                raise ValueError('LIBERO training needs a checkpoint: the embedded defaults are ManiSkill state policies')
+                raise ValueError('LIBERO training needs a checkpoint: the embedded defaults are ManiSkill policies')
             if not self.task_ids:
                 raise ValueError('task_ids must name at least one LIBERO task')
 

@@ -223,9 +223,8 @@ def summarize(args: argparse.Namespace) -> dict:
     others = [t for t in summary['tasks'] if t != primary]
     if others:
         summary['second_task'] = {'task': others[0], **summary['tasks'][others[0]]}
-    main_job = RESULTS / 'main_job.json'
-    if main_job.exists():
-        summary['main_job'] = json.loads(main_job.read_text())
+    for main_job in sorted(RESULTS.glob('main_job*.json')):  # main_job.json: the latest; older ones by task
+        summary[main_job.stem] = json.loads(main_job.read_text())
     atomic_write_text(RESULTS / 'learning_summary.json', json.dumps(summary, indent=1))
     plot(runs, RESULTS / 'learning_curves.png')
     return summary

@@ -11,6 +11,9 @@ destroys the signal. Three checks, on the version-0 episodes of a run and its st
 - outcomes: every failed episode ran to the step cap, and each episode's decision count matches
   its bridge-reported env steps (an outcome attached to another robot's episode fails this).
 
+It also counts, per learner update, the episodes sampled by an older weights version than the one
+the update started from (what the graph's asynchrony feeds the learner).
+
     python bench/trace_audit.py --run-dir runs/main_job_push [--episodes 400] [--out bench/results/x.json]
 """
 
@@ -57,7 +60,28 @@ def audit(run: Path, checkpoint: Path, episodes: int, actions_per_chunk: int, st
             'version0_episodes': len(first), 'decisions': len(batch),
             'max_abs_v_minus_v_old': float(f'{(v - trace.v_old).abs().max().item():.3g}'),
             'sde_step': per_step, 'outcome_length_inconsistent': inconsistent[:20],
-            'outcome_length_inconsistent_count': len(inconsistent)}
+            'outcome_length_inconsistent_count': len(inconsistent), 'learner_updates': schedule(run, store)}
+
+
+def schedule(run: Path, store: EpisodeStore) -> list[dict]:
+    """Per learner update: how many of the episodes it trained on were sampled, wholly or partly, by
+    an older weights version than the one it updated (the graph's asynchrony; the loop has none)."""
+    from stepnft_ros.policy.checkpoint import read_header
+
+    rows, before = [], set()
+    for path in sorted((run / 'learner' / 'checkpoints').glob('v[0-9]*')):
+        version = int(path.name[1:])
+        consumed = set(read_header(path)[1]['learner']['consumed'])
+        episodes = [store.load(i) for i in sorted(consumed - before)]
+        before = consumed
+        decisions = [(e, d) for e in episodes for d in e.decisions]
+        rows.append({'update': version, 'episodes': len(episodes),
+                     'episodes_by_an_older_version': sum(e.oldest_version < version - 1 for e in episodes),
+                     'episodes_spanning_a_hot_swap': sum(len({e.decision_version(d) for d in e.decisions}) > 1
+                                                         for e in episodes),
+                     'decisions_by_an_older_version': sum(e.decision_version(d) < version - 1 for e, d in decisions),
+                     'decisions': len(decisions)})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,7 +80,8 @@ class DefaultSFT:
 
 EMBEDDED_STARTS = {spec.env_id: spec for spec in (
     # PushCube: 10 demos and 1000 steps leave a partial policy (47.5 % held-out) that the defaults
-    # improve on every training seed measured (docs/benchmarks-and-results.md); the main job's task.
+    # improve on every training seed measured in the ROS-free loop (docs/benchmarks-and-results.md); the
+    # main job's task.
     DefaultSFT(env_id='PushCube-v1', num_demos=10, sft_steps=1000),
     DefaultSFT(),  # PickCube: 23.5 %
 )}

@@ -216,7 +216,7 @@ def summarize(args: argparse.Namespace) -> dict:
             entry.setdefault(f'paired_vs_{REFERENCE_METHOD}', []).append(
                 {'seed': r['seed'], **paired(ref['final_outcomes'], r['final_outcomes'])})
     for task, methods in summary['tasks'].items():
-        at_budget(task, methods, [r for r in runs if r['task'] == task])
+        at_budget(methods, [r for r in runs if r['task'] == task])
     primary = args.task
     summary['task'] = primary
     summary.update(summary['tasks'].get(primary, {}))
@@ -251,7 +251,7 @@ def record_main_job(args: argparse.Namespace) -> dict:
 BUDGET_SLACK = 1.05  # runs stop at the first update past their budget, a few per cent over it
 
 
-def at_budget(task: str, methods: dict, runs: list[dict]) -> None:
+def at_budget(methods: dict, runs: list[dict]) -> None:
     """Every method at the budget all of π-StepNFT's default runs of the task reached, so that runs
     continued further (or stopped earlier) still compare at equal env steps: per training seed, its
     last evaluation within that budget, the gain across seeds, and paired tests where the result kept
@@ -267,6 +267,7 @@ def at_budget(task: str, methods: dict, runs: list[dict]) -> None:
             continue  # stopped well short of the budget: not comparable
         i = inside[-1]
         reached[(r['method'], r['seed'])] = (r, r['curve'][i], outcomes_at(r, i))
+    ref = {seed: o for (m, seed), (_, _, o) in reached.items() if m == REFERENCE_METHOD}
     for method, entry in methods.items():
         rows = sorted((key[1], value) for key, value in reached.items() if key[0] == method)
         if not rows:
@@ -278,7 +279,6 @@ def at_budget(task: str, methods: dict, runs: list[dict]) -> None:
                                      else None for _, (r, _, o) in rows]}
         block['across_seeds'] = across_seeds([r['start'] for _, (r, _, _) in rows], block['success'])
         if method != REFERENCE_METHOD:
-            ref = {seed: o for (m, seed), (_, _, o) in reached.items() if m == REFERENCE_METHOD}
             block[f'paired_vs_{REFERENCE_METHOD}'] = [
                 {'seed': seed, **paired(ref[seed], o)} if o is not None and ref.get(seed) is not None else None
                 for seed, (_, _, o) in rows]

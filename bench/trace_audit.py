@@ -32,6 +32,7 @@ from stepnft_ros.atomic import atomic_write_text  # noqa: E402
 from stepnft_ros.episodes.schema import collate_episodes  # noqa: E402
 from stepnft_ros.episodes.store import EpisodeStore  # noqa: E402
 from stepnft_ros.policy import load_checkpoint  # noqa: E402
+from stepnft_ros.policy.checkpoint import read_header  # noqa: E402
 from stepnft_ros.policy.sampler import grid_at, sde_mean, sde_sigma, sde_std  # noqa: E402
 
 
@@ -66,8 +67,6 @@ def audit(run: Path, checkpoint: Path, episodes: int, actions_per_chunk: int, st
 def schedule(run: Path, store: EpisodeStore) -> list[dict]:
     """Per learner update: how many of the episodes it trained on were sampled, wholly or partly, by
     an older weights version than the one it updated (the graph's asynchrony; the loop has none)."""
-    from stepnft_ros.policy.checkpoint import read_header
-
     rows, before = [], set()
     for path in sorted((run / 'learner' / 'checkpoints').glob('v[0-9]*')):
         version = int(path.name[1:])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import yaml
@@ -19,6 +21,14 @@ from stepnft_ros.policy.modeling import FlowVLA
 
 REPO = Path(__file__).resolve().parents[1]
 PICKCUBE_STATE_DIM, PICKCUBE_ACTION_DIM = 42, 7
+
+
+def bench_module(name: str) -> ModuleType:
+    """bench/<name>.py imported as a module (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f'bench_{name}', REPO / 'bench' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_checkpoint(path: Path, state_dim: int = PICKCUBE_STATE_DIM, action_dim: int = PICKCUBE_ACTION_DIM,

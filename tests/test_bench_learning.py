@@ -2,16 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-
-from ros_harness import REPO
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location('bench_learning', REPO / 'bench' / 'learning.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from ros_harness import bench_module
 
 
 def _run(method: str, seed: int, steps: list[int], success: list[float], outcomes: list[list[bool]]) -> dict:
@@ -23,7 +14,7 @@ def _run(method: str, seed: int, steps: list[int], success: list[float], outcome
 
 
 def test_at_budget_compares_every_method_where_all_reference_runs_have_been():
-    bench = _bench()
+    bench = bench_module('learning')
     start = [True, False, False, False]
     mid = [True, True, False, False]
     late = [True, True, True, False]
@@ -36,7 +27,7 @@ def test_at_budget_compares_every_method_where_all_reference_runs_have_been():
     ]
     runs[0]['curve'], runs[0]['curve_outcomes'], runs[0]['env_steps'] = runs[0]['curve'][:2], [start, mid], 100
     methods = {m: {} for m in (ref, 'baseline', 'short')}
-    bench.at_budget('T', methods, runs)
+    bench.at_budget(methods, runs)
     block = methods[ref]['at_reference_budget']
     assert block['env_steps_limit'] == 105 and block['seeds'] == [0, 1]
     assert block['env_steps'] == [100, 103] and block['success'] == [0.5, 0.5]
@@ -49,7 +40,7 @@ def test_at_budget_compares_every_method_where_all_reference_runs_have_been():
 
 
 def test_outcomes_of_results_that_kept_only_the_start_and_the_final():
-    bench = _bench()
+    bench = bench_module('learning')
     run = _run('m', 0, [0, 1, 2], [0.0, 0.5, 1.0], [[False], [True], [True]])
     del run['curve_outcomes']
     assert [bench.outcomes_at(run, i) for i in range(3)] == [[False], None, [True]]

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
-from ros_harness import REPO
-
-
-def load_gpu_check():
-    spec = importlib.util.spec_from_file_location('gpu_check', REPO / 'bench' / 'gpu_check.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from ros_harness import bench_module
 
 
 def test_checks_run_on_cpu_and_one_that_breaks_does_not_hide_the_others(tmp_path, monkeypatch):
-    gpu_check = load_gpu_check()
+    gpu_check = bench_module('gpu_check')
 
     def broken(args, device):
         raise RuntimeError('no such provider')
@@ -35,7 +27,7 @@ def test_checks_run_on_cpu_and_one_that_breaks_does_not_hide_the_others(tmp_path
 
 
 def test_smolvla_check_measures_chunk_latency_and_update_throughput(tmp_path):
-    gpu_check = load_gpu_check()
+    gpu_check = bench_module('gpu_check')
     out = tmp_path / 'gpu_check.json'
     assert gpu_check.main(['--device', 'cpu', '--quick', '--checks', 'smolvla', '--out', str(out)]) == 0
     check = json.loads(out.read_text())['checks']['smolvla']

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from ros_harness import bench_module
 
 from sim_bridge.maniskill_env import ManiSkillEnv, ManiSkillEnvConfig
 
@@ -52,13 +53,7 @@ def test_bad_env_config_names_the_field():
 
 def test_learning_benchmark_smoke_run(tmp_path):
     """The whole pipeline on a tiny budget: planner demos, SFT, one π-StepNFT iteration, JSON."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / 'bench' / 'learning_pickcube.py'
-    spec = importlib.util.spec_from_file_location('learning_pickcube', path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_module('learning_pickcube')
     code = bench.main(['--out', str(tmp_path), '--variants', 'stepnft', '--num-demos', '2', '--sft-steps', '20',
                        '--rl-minutes', '0.001', '--episodes-per-iteration', '2', '--eval-episodes', '2',
                        '--max-episode-steps', '100'])

@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 import torch
-from ros_harness import REPO
+from ros_harness import bench_module
 from test_episode_store import TOY, rollout_store
 
 from stepnft_ros.episodes.store import EpisodeStore
 from stepnft_ros.policy import FlowVLA, save_checkpoint
-
-
-def _audit_module():
-    spec = importlib.util.spec_from_file_location('bench_trace_audit', REPO / 'bench' / 'trace_audit.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_audit_passes_real_rollouts_and_flags_misfiled_traces_and_outcomes(tmp_path):
@@ -25,7 +17,7 @@ def test_the_audit_passes_real_rollouts_and_flags_misfiled_traces_and_outcomes(t
     model = FlowVLA(TOY)
     save_checkpoint(tmp_path / 'sft', model, {'weights_version': 0})
     store = rollout_store(tmp_path / 'run' / 'episodes', model, seeds=range(40))
-    audit = _audit_module().audit
+    audit = bench_module('trace_audit').audit
     clean = audit(tmp_path / 'run', tmp_path / 'sft', episodes=40, actions_per_chunk=4, step_cap=8)
     assert clean['version0_episodes'] == 40 and clean['outcome_length_inconsistent_count'] == 0
     assert clean['max_abs_v_minus_v_old'] < 1e-4

@@ -103,12 +103,13 @@ def config_dir() -> Path:
 def default_start(run_dir: str | Path, params_file: str | Path, log: Callable[[str], None]) -> Path:
     """The embedded default SFT policy of the task the params file configures, built on first use
     (pipeline.EMBEDDED_STARTS; run_dir/sft_default)."""
+    from sim_bridge.maniskill_env import ManiSkillEnvConfig
     from stepnft_ros.launcher import node_parameter
     from stepnft_ros.pipeline import embedded_start, ensure_sft_checkpoint
 
-    robot = '/env0/maniskill_bridge'  # what the bridges read: their section, else /**
-    spec = embedded_start(node_parameter([], params_file, robot, 'env_id', 'PickCube-v1'),
-                          node_parameter([], params_file, robot, 'control_mode', 'pd_ee_delta_pose'))
+    robot = '/env0/maniskill_bridge'  # what the bridges read: their section, else /**, else the env's defaults
+    spec = embedded_start(node_parameter([], params_file, robot, 'env_id', ManiSkillEnvConfig.env_id),
+                          node_parameter([], params_file, robot, 'control_mode', ManiSkillEnvConfig.control_mode))
     return ensure_sft_checkpoint(Path(run_dir) / 'sft_default', spec, log=log)
 
 

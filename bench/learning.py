@@ -9,6 +9,7 @@ and plots success against env steps and wall-clock with Wilson 95 % bands.
     python bench/learning.py run --method stepnft --seed 0 --env-steps 300000 --workers 2
     python bench/learning.py summarize
     python bench/learning.py main-job --run-dir runs/train_sim --cmd 'bash scripts/main.sh'
+    python bench/learning.py score-graph --run-dir runs/train_sim --task PushCube-v1 --method ros_graph
 
 Evaluation: ODE success on held-out test seeds (default 200, from 10000); nothing selects
 checkpoints on them, so `final` is the number to read. `best` is reported for collapse checks only.
@@ -38,7 +39,8 @@ from stepnft_ros.env_pool import EnvPool  # noqa: E402
 from stepnft_ros.monitoring import EVENTS_DIR, ScalarLog  # noqa: E402
 from stepnft_ros.online import OnlineConfig, run_online  # noqa: E402
 from stepnft_ros.pipeline import DefaultSFT, ensure_sft_checkpoint  # noqa: E402
-from stepnft_ros.policy import load_checkpoint, save_checkpoint  # noqa: E402
+from stepnft_ros.policy import FlowPolicy, load_checkpoint, save_checkpoint  # noqa: E402
+from stepnft_ros.policy.checkpoint import read_header  # noqa: E402
 from stepnft_ros.progress import mcnemar_exact, wilson  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / 'results'
@@ -248,6 +250,56 @@ def record_main_job(args: argparse.Namespace) -> dict:
     return out
 
 
+def score_graph(args: argparse.Namespace) -> dict:
+    """A train_sim graph run (its learner's checkpoints) scored by this benchmark's evaluator on its test
+    seeds, and written as one more learning result: `summarize` then sets the ROS graph beside the
+    ROS-free loop at equal env steps, paired per test seed. Each version's outcomes are kept under
+    <run-dir>/bench_eval/, so an interrupted scoring resumes."""
+    torch.set_num_threads(1)
+    run = Path(args.run_dir)
+    history = json.loads((run / 'learner' / 'history.json').read_text())
+    if not history:
+        raise SystemExit(f'{run}: the learner has not finished an update yet')
+    _, meta = read_header(run / 'learner' / 'checkpoints' / f'v{history[-1]["weights_version"]:06d}')
+    learner_cfg = meta['learner_config']
+    versions = [0] + [h['weights_version'] for h in history]
+    picked = sorted({v for v in versions if v % args.every == 0} | {versions[-1]})
+    steps = dict(zip(versions, np.cumsum([0] + [h['env_steps'] for h in history]).tolist(), strict=True))
+    wall = {0: 0.0, **{h['weights_version']: h['wall_s'] for h in history}}
+    seeds = list(range(FIRST_TEST_SEED, FIRST_TEST_SEED + args.test_seeds))
+    cache = run / 'bench_eval'
+    cache.mkdir(exist_ok=True)
+    curve, outcomes = [], []
+    with EnvPool(partial(make_env, args.task, args.max_episode_steps), num_workers=args.workers, log=log) as pool:
+        for v in picked:
+            path = cache / f'v{v:06d}_{args.test_seeds}.json'
+            if path.exists():
+                scored = json.loads(path.read_text())
+            else:
+                model, _ = load_checkpoint(meta['initial'] if v == 0 else run / 'learner' / 'checkpoints' / f'v{v:06d}')
+                success, per_seed = pool.evaluate(FlowPolicy(model, mode='ode'), seeds, args.actions_per_chunk)
+                scored = {'eval_success': success, 'eval_outcomes': per_seed}
+                atomic_write_text(path, json.dumps(scored))
+            log(f'{run.name} v{v}: {scored["eval_success"]:.3f} at {steps[v]} env steps')
+            curve.append({'iteration': v, 'env_steps': steps[v], 'rl_wall_s': wall[v],
+                          'eval_success': scored['eval_success']})
+            outcomes.append(scored['eval_outcomes'])
+    seed = learner_cfg['seed'] if args.seed is None else args.seed
+    result = {
+        'task': args.task, 'method': args.method, 'seed': seed, 'test_seeds': args.test_seeds,
+        'source': f'ROS graph run {run} (learner checkpoints scored by bench/learning.py score-graph)',
+        'algo_config': meta['algo'], 'learner_config': learner_cfg,
+        'start': curve[0]['eval_success'], 'final': curve[-1]['eval_success'],
+        'best': max(c['eval_success'] for c in curve), 'env_steps': curve[-1]['env_steps'],
+        'wall_min': round(history[-1]['wall_s'] / 60.0, 2), 'rl_wall_min': round(history[-1]['wall_s'] / 60.0, 2),
+        'worker_restarts': 0, 'curve': curve, 'curve_outcomes': outcomes, 'history': history,
+        'start_outcomes': outcomes[0], 'final_outcomes': outcomes[-1],
+    }
+    out = RESULTS / 'learning' / f'{args.task}_{args.method}_s{seed}.json'
+    atomic_write_text(out, json.dumps(result, indent=1))
+    return result
+
+
 BUDGET_SLACK = 1.05  # runs stop at the first update past their budget, a few per cent over it
 
 
@@ -376,12 +428,24 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument('--run-dir', required=True)
     m.add_argument('--cmd', required=True, help='the command that ran it, as recorded')
     m.add_argument('--note', default='', help='what else a reader needs (e.g. what shared the cores)')
+    g = sub.add_parser('score-graph', help="score a train_sim graph run's checkpoints on the test seeds, "
+                                           'as a learning result')
+    g.add_argument('--run-dir', required=True)
+    g.add_argument('--method', default='ros_graph', help='its name in the summary')
+    g.add_argument('--seed', type=int, help="training seed to file it under (default: the learner's)")
+    g.add_argument('--every', type=int, default=1, help='score every n-th version (and the last)')
+    g.add_argument('--workers', type=int, default=2)
+    g.add_argument('--actions-per-chunk', type=int, default=4)
+    g.add_argument('--max-episode-steps', type=int, default=100)
+    g.add_argument('--task', required=True, help="the run's env_id")
     for q in (r, s):
         q.add_argument('--task', default='PickCube-v1')
+    for q in (r, s, g):
         q.add_argument('--test-seeds', type=int, default=200)
         q.add_argument('--work', default='runs/learning', help='run state (checkpoints, histories)')
     args = p.parse_args(argv)
-    out = {'run': run_one, 'summarize': summarize, 'main-job': record_main_job}[args.command](args)
+    out = {'run': run_one, 'summarize': summarize, 'main-job': record_main_job,
+           'score-graph': score_graph}[args.command](args)
     bulky = ('history', 'final_outcomes', 'curve_outcomes', 'tasks')
     print(json.dumps({k: v for k, v in out.items() if k not in bulky}, indent=1))
     return 0

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from ros_harness import bench_module
+import argparse
+import json
+
+import torch
+from ros_harness import bench_module, tiny_checkpoint
+
+from stepnft_ros.policy import load_checkpoint, save_checkpoint
 
 
 def _run(method: str, seed: int, steps: list[int], success: list[float], outcomes: list[list[bool]]) -> dict:
@@ -44,3 +50,50 @@ def test_outcomes_of_results_that_kept_only_the_start_and_the_final():
     run = _run('m', 0, [0, 1, 2], [0.0, 0.5, 1.0], [[False], [True], [True]])
     del run['curve_outcomes']
     assert [bench.outcomes_at(run, i) for i in range(3)] == [[False], None, [True]]
+
+
+def test_score_graph_scores_a_graph_runs_versions_once_and_files_them_as_a_learning_result(tmp_path, monkeypatch):
+    bench = bench_module('learning')
+    run = tmp_path / 'run'
+    initial = tiny_checkpoint(tmp_path / 'sft', seed=0)
+    history = [{'weights_version': v, 'env_steps': 100 * v, 'wall_s': 10.0 * v} for v in (1, 2, 3)]
+    for v in (1, 2, 3):  # what the learner writes: weights, and in the metadata its config and start
+        model, _ = load_checkpoint(tiny_checkpoint(tmp_path / f'w{v}', seed=v))
+        save_checkpoint(run / 'learner' / 'checkpoints' / f'v{v:06d}', model,
+                        {'weights_version': v, 'initial': str(initial), 'algo': {'lr': 1e-4},
+                         'learner_config': {'seed': 7}})
+    (run / 'learner' / 'history.json').write_text(json.dumps(history))
+    first_weight = {v: next(load_checkpoint(run / 'learner' / 'checkpoints' / f'v{v:06d}')[0].parameters())
+                    .flatten()[0].item() for v in (1, 2, 3)}
+    first_weight[0] = next(load_checkpoint(initial)[0].parameters()).flatten()[0].item()
+    scored = []
+
+    class Pool:  # the evaluation: version v solves the first v + 1 test seeds
+        def __init__(self, make_env, num_workers, log):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def evaluate(self, policy, seeds, actions_per_chunk):
+            assert policy.mode == 'ode' and actions_per_chunk == 4
+            weight = next(policy.model.parameters()).flatten()[0].item()
+            v = next(v for v, w in first_weight.items() if torch.isclose(torch.tensor(w), torch.tensor(weight)))
+            scored.append(v)
+            outcomes = [i <= v for i in range(len(seeds))]
+            return sum(outcomes) / len(outcomes), outcomes
+
+    monkeypatch.setattr(bench, 'EnvPool', Pool)
+    monkeypatch.setattr(bench, 'RESULTS', tmp_path / 'results')
+    args = argparse.Namespace(run_dir=str(run), method='ros_graph', seed=None, every=2, workers=1,
+                              actions_per_chunk=4, max_episode_steps=100, task='T', test_seeds=8)
+    result = bench.score_graph(args)
+    assert scored == [0, 2, 3]  # every 2nd version, and the last
+    assert [c['env_steps'] for c in result['curve']] == [0, 300, 600]  # cumulative, from the learner's history
+    assert [c['eval_success'] for c in result['curve']] == [1 / 8, 3 / 8, 4 / 8]
+    assert result['seed'] == 7 and result['start_outcomes'] == [True] + [False] * 7
+    assert json.loads((tmp_path / 'results' / 'learning' / 'T_ros_graph_s7.json').read_text()) == result
+    assert bench.score_graph(args) == result and scored == [0, 2, 3]  # kept outcomes: nothing scored again

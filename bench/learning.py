@@ -49,6 +49,10 @@ FIRST_TEST_SEED = 10_000  # demos use seeds from 200 and 3000, training episodes
 # The regime every method shares unless it says otherwise (see docs/benchmarks-and-results.md).
 BASE_ALGO = dict(lr=1e-4, epochs=4, minibatch_size=1024, executed_only=True, adam_beta1=0.9, adam_beta2=0.95)
 BASE_ONLINE = dict(episodes_per_iteration=256, group_size=8, labels='group_mean', noise_level=0.3)
+# the default π-StepNFT regime (`stepnft_recorded_step`): Flow-SDE noise only at the recorded solver step,
+# 1024 episodes per update, batch-mean labels
+REC_ALGO = dict(minibatch_size=4096)
+REC_ONLINE = dict(episodes_per_iteration=1024, group_size=1, labels='batch_mean', sde_noise='recorded_step')
 METHODS: dict[str, tuple[dict, dict]] = {
     # name: (StepNFTConfig overrides, OnlineConfig overrides)
     'stepnft': ({}, {}),
@@ -66,9 +70,7 @@ METHODS: dict[str, tuple[dict, dict]] = {
     # Flow-SDE noise only at the recorded step k* (the update credits the outcome to it alone):
     # bench/results/gradient_snr_recorded_a0.3.json halves the noise scale, so 1024 episodes per update;
     # the every-step twin is the control at the same scale.
-    'stepnft_recorded_step': ({'minibatch_size': 4096},
-                              {'episodes_per_iteration': 1024, 'group_size': 1, 'labels': 'batch_mean',
-                               'sde_noise': 'recorded_step'}),
+    'stepnft_recorded_step': (REC_ALGO, REC_ONLINE),
     # the lr sweep at that scale: with the update's direction about half signal at 1024 episodes, how far
     # one update may move before noise damage outweighs the gain
     'stepnft_recorded_step_lr3e-4': ({'minibatch_size': 4096, 'lr': 3e-4},
@@ -92,13 +94,15 @@ METHODS: dict[str, tuple[dict, dict]] = {
     'stepnft_replay4': ({'minibatch_size': 16384},
                         {'episodes_per_iteration': 1024, 'group_size': 1, 'labels': 'batch_mean',
                          'sde_noise': 'recorded_step', 'replay_iterations': 4}),
-    # ablations of π-StepNFT, one change each
-    'stepnft_terminal_binary': ({}, {'labels': 'terminal_binary', 'group_size': 1}),
-    'stepnft_batch_mean': ({}, {'labels': 'batch_mean', 'group_size': 1}),
-    'stepnft_whole_chunk': ({'executed_only': False}, {}),
-    'stepnft_weighted': ({'loss_form': 'weighted'}, {}),
-    'stepnft_terminal_target': ({'target': 'terminal'}, {}),
-    'stepnft_fixed_step0': ({'step_selection': '0'}, {}),
+    # ablations of π-StepNFT: one change each from the default regime (stepnft_recorded_step)
+    **{name: ({**REC_ALGO, **algo}, {**REC_ONLINE, **online}) for name, (algo, online) in {
+        'stepnft_whole_chunk': ({'executed_only': False}, {}),  # the loss covers unexecuted actions too
+        'stepnft_pm1_labels': ({}, {'labels': 'terminal_binary'}),  # ±1 from the outcome, no baseline
+        'stepnft_group_labels': ({}, {'labels': 'group_mean', 'group_size': 8}),  # 8 episodes per reset seed
+        'stepnft_weighted': ({'loss_form': 'weighted'}, {}),
+        'stepnft_terminal_target': ({'target': 'terminal'}, {}),
+        'stepnft_fixed_last_step': ({'step_selection': 'last'}, {}),  # noise and trace at k = K-1 only
+    }.items()},
     'stepnft_paper_scale': ({'epochs': 2, 'minibatch_size': 4096, 'lr': 1e-4},
                             {'episodes_per_iteration': 32, 'group_size': 1, 'labels': 'terminal_binary',
                              'noise_level': 0.5}),

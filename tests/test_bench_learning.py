@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
 import torch
 from ros_harness import bench_module, tiny_checkpoint
 
@@ -97,3 +98,29 @@ def test_score_graph_scores_a_graph_runs_versions_once_and_files_them_as_a_learn
     assert result['seed'] == 7 and result['start_outcomes'] == [True] + [False] * 7
     assert json.loads((tmp_path / 'results' / 'learning' / 'T_ros_graph_s7.json').read_text()) == result
     assert bench.score_graph(args) == result and scored == [0, 2, 3]  # kept outcomes: nothing scored again
+
+
+def test_each_ablation_changes_exactly_one_setting_of_the_default_regime():
+    learning = bench_module('learning')
+    ref_algo, ref_online = learning.METHODS[learning.REFERENCE_METHOD]
+    ablations = [name for name in learning.METHODS if name in (
+        'stepnft_whole_chunk', 'stepnft_pm1_labels', 'stepnft_weighted', 'stepnft_terminal_target',
+        'stepnft_fixed_last_step')]
+    assert len(ablations) == 5
+    for name in ablations:
+        algo, online = learning.METHODS[name]
+        changed = {k for k in {**ref_algo, **algo} if algo.get(k) != ref_algo.get(k)} | {
+            k for k in {**ref_online, **online} if online.get(k) != ref_online.get(k)}
+        assert len(changed) == 1, (name, changed)
+    # group labels need seed groups: the one ablation that changes two settings, both the label scheme's
+    algo, online = learning.METHODS['stepnft_group_labels']
+    assert algo == ref_algo and {k for k in online if online[k] != ref_online.get(k)} == {'labels', 'group_size'}
+
+
+def test_sft_ceiling_variants_parse_into_sft_specs_and_reject_typos():
+    ceiling = bench_module('sft_ceiling')
+    spec = ceiling.parse_variant('100x8000xd128', 'PushCube-v1')
+    assert (spec.env_id, spec.num_demos, spec.sft_steps, spec.d_model) == ('PushCube-v1', 100, 8000, 128)
+    assert ceiling.parse_variant('10x1000', 'PushCube-v1').d_model == 64
+    with pytest.raises(ValueError, match='DEMOSxSTEPS'):
+        ceiling.parse_variant('100-8000', 'PushCube-v1')

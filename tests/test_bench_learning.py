@@ -124,3 +124,16 @@ def test_sft_ceiling_variants_parse_into_sft_specs_and_reject_typos():
     assert ceiling.parse_variant('10x1000', 'PushCube-v1').d_model == 64
     with pytest.raises(ValueError, match='DEMOSxSTEPS'):
         ceiling.parse_variant('100-8000', 'PushCube-v1')
+
+
+def test_reach_counts_states_without_a_success_split_by_the_ode_outcome():
+    reach = bench_module('reach')
+    counts = torch.tensor([0, 0, 3, 8]).numpy()
+    ode = torch.tensor([False, False, True, True]).numpy()
+    s = reach.summarize_counts(counts, 8, ode)
+    assert s['mean_success'] == 11 / 32 and s['states_never'] == 0.5 and s['states_always'] == 0.25
+    assert s['ode_failed'] == {'states': 2, 'mean_success': 0.0, 'states_never': 1.0}
+    assert s['ode_solved']['mean_success'] == 11 / 16 and s['ode_solved']['states_never'] == 0.0
+    assert reach.parse_sampler('every_step:0.6') == ('every_step', 0.6)
+    with pytest.raises(ValueError, match='WHERE:NOISE_LEVEL'):
+        reach.parse_sampler('everywhere:0.3')

@@ -1,0 +1,105 @@
+"""From which initial states does the sampler ever succeed? Per-state success of Flow-SDE rollouts.
+
+A learner from episode outcomes gets a positive example from an initial state only if some rollout
+from it succeeds. This runs G rollouts of a checkpoint from each of a set of seeds, under several
+samplers (noise level, where the noise goes), and reports per sampler the share of states with no
+success in G tries and the mean success, plus the same split by the checkpoint's deterministic (ODE)
+outcome. Nothing is selected on these seeds; it is a diagnostic.
+
+    python bench/reach.py --checkpoint runs/learning/PushCube-v1/sft_start/sft --env-id PushCube-v1 \\
+        --samplers recorded_step:0.3 every_step:0.3 every_step:0.6 --group-size 8
+
+Writes bench/results/reach_<env-id>.json (per-seed success counts kept, resumable per sampler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
+
+from bench.learning import FIRST_TEST_SEED, RESULTS, make_env  # noqa: E402
+from stepnft_ros.atomic import atomic_write_text  # noqa: E402
+from stepnft_ros.env_pool import EnvPool  # noqa: E402
+from stepnft_ros.policy import FlowPolicy, load_checkpoint  # noqa: E402
+from stepnft_ros.policy.sampler import SDE_NOISE  # noqa: E402
+
+
+def parse_sampler(text: str) -> tuple[str, float]:
+    where, _, level = text.partition(':')
+    if where not in SDE_NOISE or not level:
+        raise ValueError(f'sampler {text!r} is not WHERE:NOISE_LEVEL with WHERE in {SDE_NOISE} (e.g. every_step:0.3)')
+    return where, float(level)
+
+
+def summarize_counts(successes: np.ndarray, group_size: int, ode: np.ndarray | None) -> dict:
+    """successes: per seed, how many of its group_size rollouts succeeded; ode: per seed ODE outcome."""
+    out = {'mean_success': float(successes.sum() / (group_size * len(successes))),
+           'states_never': float(np.mean(successes == 0)), 'states_always': float(np.mean(successes == group_size))}
+    if ode is not None:
+        for name, mask in (('ode_failed', ~ode), ('ode_solved', ode)):
+            if mask.any():
+                out[name] = {'states': int(mask.sum()), 'mean_success': float(successes[mask].mean() / group_size),
+                             'states_never': float(np.mean(successes[mask] == 0))}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--checkpoint', required=True)
+    p.add_argument('--env-id', default='PushCube-v1')
+    p.add_argument('--samplers', nargs='+', default=['recorded_step:0.3'], help='WHERE:NOISE_LEVEL')
+    p.add_argument('--group-size', type=int, default=8, help='rollouts per initial state')
+    p.add_argument('--seeds', type=int, default=200, help=f'initial states: seeds from {FIRST_TEST_SEED}')
+    p.add_argument('--actions-per-chunk', type=int, default=4)
+    p.add_argument('--max-episode-steps', type=int, default=100)
+    p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--seed', type=int, default=0, help="the sampler's noise seed")
+    p.add_argument('--out', help='default: bench/results/reach_<env-id>.json')
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    samplers = [parse_sampler(s) for s in args.samplers]
+    out = Path(args.out or RESULTS / f'reach_{args.env_id}.json')
+    result = json.loads(out.read_text()) if out.exists() else {}
+    if result.get('checkpoint') not in (None, str(args.checkpoint)):
+        raise ValueError(f'{out} holds results of {result["checkpoint"]}: pass another --out')
+    result.update(checkpoint=str(args.checkpoint), env_id=args.env_id, group_size=args.group_size,
+                  seeds=[FIRST_TEST_SEED, FIRST_TEST_SEED + args.seeds], samplers=result.get('samplers', {}))
+    model, _ = load_checkpoint(args.checkpoint)
+    seeds = list(range(FIRST_TEST_SEED, FIRST_TEST_SEED + args.seeds))
+    with EnvPool(partial(make_env, args.env_id, args.max_episode_steps), num_workers=args.workers) as pool:
+        if 'ode_outcomes' not in result:
+            result['ode_outcomes'] = pool.evaluate(FlowPolicy(model, mode='ode'), seeds, args.actions_per_chunk)[1]
+            atomic_write_text(out, json.dumps(result, indent=1))
+        ode = np.array(result['ode_outcomes'], bool)
+        for where, level in samplers:
+            name = f'{where}:{level}'
+            if name in result['samplers']:
+                continue
+            start = time.perf_counter()
+            policy = FlowPolicy(model, mode='sde', seed=args.seed, noise_level=level, sde_noise=where)
+            episodes = pool.run_episodes(policy, [s for s in seeds for _ in range(args.group_size)],
+                                         args.actions_per_chunk, id_prefix='reach')
+            counts = np.array([bool(e.success) for e in episodes]).reshape(len(seeds), args.group_size).sum(1)
+            result['samplers'][name] = {**summarize_counts(counts, args.group_size, ode),
+                                        'wall_s': round(time.perf_counter() - start, 1),
+                                        'successes_per_state': counts.tolist()}
+            print(f'[{time.strftime("%H:%M:%S")}] {name}: ' + json.dumps(
+                {k: v for k, v in result['samplers'][name].items() if k != 'successes_per_state'}),
+                file=sys.stderr, flush=True)
+            atomic_write_text(out, json.dumps(result, indent=1))
+    print(json.dumps({n: {k: v for k, v in s.items() if k != 'successes_per_state'}
+                      for n, s in result['samplers'].items()}, indent=1))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

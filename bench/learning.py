@@ -221,6 +221,10 @@ def summarize(args: argparse.Namespace) -> dict:
             entry = summary['tasks'][r['task']][r['method']]
             entry.setdefault(f'paired_vs_{REFERENCE_METHOD}', []).append(
                 {'seed': r['seed'], **paired(ref['final_outcomes'], r['final_outcomes'])})
+            if (same_budget := reference_at(ref, r['env_steps'])) is not None:
+                entry.setdefault(f'vs_{REFERENCE_METHOD}_at_equal_env_steps', []).append(
+                    {'seed': r['seed'], 'env_steps': r['env_steps'], 'success': r['final'], **same_budget,
+                     **paired(same_budget.pop('outcomes'), r['final_outcomes'])})
     for task, methods in summary['tasks'].items():
         at_budget(methods, [r for r in runs if r['task'] == task])
     primary = args.task
@@ -339,6 +343,17 @@ def at_budget(methods: dict, runs: list[dict]) -> None:
                 {'seed': seed, **paired(ref[seed], o)} if o is not None and ref.get(seed) is not None else None
                 for seed, (_, _, o) in rows]
         entry['at_reference_budget'] = block
+
+
+def reference_at(ref: dict, env_steps: int) -> dict | None:
+    """The reference run's last evaluation within `env_steps` (with the usual slack) and its per-seed
+    outcomes, so a shorter or longer run compares at its own budget; None where it kept no outcomes."""
+    inside = [i for i, c in enumerate(ref['curve']) if c['env_steps'] <= env_steps * BUDGET_SLACK]
+    outcomes = outcomes_at(ref, inside[-1]) if inside else None
+    if outcomes is None:
+        return None
+    c = ref['curve'][inside[-1]]
+    return {'reference_env_steps': c['env_steps'], 'reference_success': c['eval_success'], 'outcomes': outcomes}
 
 
 def outcomes_at(run: dict, i: int) -> list[bool] | None:

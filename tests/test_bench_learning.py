@@ -137,3 +137,13 @@ def test_reach_counts_states_without_a_success_split_by_the_ode_outcome():
     assert reach.parse_sampler('every_step:0.6') == ('every_step', 0.6)
     with pytest.raises(ValueError, match='WHERE:NOISE_LEVEL'):
         reach.parse_sampler('everywhere:0.3')
+
+
+def test_a_shorter_run_is_paired_with_the_reference_at_its_own_budget():
+    bench = bench_module('learning')
+    start, mid, late = [True, False, False, False], [True, True, False, False], [True, True, True, False]
+    ref = _run(bench.REFERENCE_METHOD, 0, [0, 100, 200, 300], [0.25, 0.5, 0.75, 0.25], [start, mid, late, start])
+    at = bench.reference_at(ref, 204)  # a run stopped at 204 env steps meets the reference's 200 (5 % slack)
+    assert (at['reference_env_steps'], at['reference_success'], at['outcomes']) == (200, 0.75, late)
+    assert bench.reference_at(ref, 50)['reference_env_steps'] == 0
+    assert bench.reference_at({'curve': ref['curve']}, 204) is None  # no per-seed outcomes kept

@@ -222,9 +222,10 @@ def summarize(args: argparse.Namespace) -> dict:
             entry.setdefault(f'paired_vs_{REFERENCE_METHOD}', []).append(
                 {'seed': r['seed'], **paired(ref['final_outcomes'], r['final_outcomes'])})
             if (same_budget := reference_at(ref, r['env_steps'])) is not None:
+                ref_outcomes = same_budget.pop('outcomes')
                 entry.setdefault(f'vs_{REFERENCE_METHOD}_at_equal_env_steps', []).append(
                     {'seed': r['seed'], 'env_steps': r['env_steps'], 'success': r['final'], **same_budget,
-                     **paired(same_budget.pop('outcomes'), r['final_outcomes'])})
+                     **paired(ref_outcomes, r['final_outcomes'])})
     for task, methods in summary['tasks'].items():
         at_budget(methods, [r for r in runs if r['task'] == task])
     primary = args.task

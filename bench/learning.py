@@ -46,6 +46,11 @@ from stepnft_ros.progress import mcnemar_exact, wilson  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / 'results'
 FIRST_TEST_SEED = 10_000  # demos use seeds from 200 and 3000, training episodes from 1000000
 
+
+def held_out_seeds(n: int) -> list[int]:
+    """The n held-out test seeds every evaluation of the benchmarks uses."""
+    return list(range(FIRST_TEST_SEED, FIRST_TEST_SEED + n))
+
 # The regime every method shares unless it says otherwise (see docs/benchmarks-and-results.md).
 BASE_ALGO = dict(lr=1e-4, epochs=4, minibatch_size=1024, executed_only=True, adam_beta1=0.9, adam_beta2=0.95)
 BASE_ONLINE = dict(episodes_per_iteration=256, group_size=8, labels='group_mean', noise_level=0.3)
@@ -59,9 +64,7 @@ METHODS: dict[str, tuple[dict, dict]] = {
     'grpo': ({'algo': 'grpo', 'lambda_kl': 0.0}, {}),
     # success-filtered BC in the recorded-step regime: the same rollouts and optimizer steps per update as
     # stepnft_recorded_step, flow matching on the successful episodes' executed actions
-    'filtered_bc': ({'algo': 'filtered_bc', 'minibatch_size': 4096},
-                    {'episodes_per_iteration': 1024, 'group_size': 1, 'labels': 'terminal_binary',
-                     'sde_noise': 'recorded_step'}),
+    'filtered_bc': ({**REC_ALGO, 'algo': 'filtered_bc'}, {**REC_ONLINE, 'labels': 'terminal_binary'}),
     # how far one update may move the policy (the regime's open question; see docs/benchmarks-and-results.md)
     'stepnft_lr3e-5': ({'lr': 3e-5}, {}),
     'stepnft_target_kl': ({'target_kl': 1e-3}, {}),
@@ -73,27 +76,19 @@ METHODS: dict[str, tuple[dict, dict]] = {
     'stepnft_recorded_step': (REC_ALGO, REC_ONLINE),
     # the lr sweep at that scale: with the update's direction about half signal at 1024 episodes, how far
     # one update may move before noise damage outweighs the gain
-    'stepnft_recorded_step_lr3e-4': ({'minibatch_size': 4096, 'lr': 3e-4},
-                                     {'episodes_per_iteration': 1024, 'group_size': 1, 'labels': 'batch_mean',
-                                      'sde_noise': 'recorded_step'}),
+    'stepnft_recorded_step_lr3e-4': ({**REC_ALGO, 'lr': 3e-4}, REC_ONLINE),
     # the likelihood baseline in the same regime (same rollouts, labels and optimizer steps): is the limit
     # π-StepNFT's loss, or the signal these rollouts carry?
-    'grpo_recorded_step': ({'algo': 'grpo', 'lambda_kl': 0.0, 'minibatch_size': 4096},
-                           {'episodes_per_iteration': 1024, 'group_size': 1, 'labels': 'batch_mean',
-                            'sde_noise': 'recorded_step'}),
+    'grpo_recorded_step': ({**REC_ALGO, 'algo': 'grpo', 'lambda_kl': 0.0}, REC_ONLINE),
     'stepnft_every_step_1024': ({'minibatch_size': 4096},
                                 {'episodes_per_iteration': 1024, 'group_size': 1, 'labels': 'batch_mean'}),
     # ... and only at the last solver step, where bench/results/gradient_snr_recorded_a0.3_per_step.json
     # found the signal of the recorded-step rollouts, with a larger a since that step's std is only
     # a·sqrt(Δ/3) (0.17 at a = 0.6). Measured: it costs success and learns no faster (docs/benchmarks-and-results.md).
-    'stepnft_last_step': ({'minibatch_size': 4096, 'step_selection': 'last'},
-                          {'episodes_per_iteration': 1024, 'group_size': 1, 'labels': 'batch_mean',
-                           'sde_noise': 'recorded_step', 'noise_level': 0.6}),
+    'stepnft_last_step': ({**REC_ALGO, 'step_selection': 'last'}, {**REC_ONLINE, 'noise_level': 0.6}),
     # the recorded-step regime, each update also reusing the previous 3 iterations' rollouts (≈ 4096
     # episodes behind each gradient; the policy moves little per update: KL ≈ 7e-4)
-    'stepnft_replay4': ({'minibatch_size': 16384},
-                        {'episodes_per_iteration': 1024, 'group_size': 1, 'labels': 'batch_mean',
-                         'sde_noise': 'recorded_step', 'replay_iterations': 4}),
+    'stepnft_replay4': ({'minibatch_size': 16384}, {**REC_ONLINE, 'replay_iterations': 4}),
     # ablations of π-StepNFT: one change each from the default regime (stepnft_recorded_step)
     **{name: ({**REC_ALGO, **algo}, {**REC_ONLINE, **online}) for name, (algo, online) in {
         'stepnft_whole_chunk': ({'executed_only': False}, {}),  # the loss covers unexecuted actions too
@@ -131,7 +126,7 @@ def run_one(args: argparse.Namespace) -> dict:
     algo_over, online_over = METHODS[args.method]
     algo = StepNFTConfig(**{**BASE_ALGO, **algo_over})
     online = OnlineConfig(**{**BASE_ONLINE, **online_over}, iterations=10_000, actions_per_chunk=4,
-                          eval_seeds=tuple(range(FIRST_TEST_SEED, FIRST_TEST_SEED + args.test_seeds)),
+                          eval_seeds=tuple(held_out_seeds(args.test_seeds)),
                           eval_every=args.eval_every, env_step_budget=args.env_steps, seed=args.seed,
                           first_train_seed=1_000_000 + 100_000 * args.seed)
     state_dir = run_dir / 'state'
@@ -275,7 +270,7 @@ def score_graph(args: argparse.Namespace) -> dict:
     picked = sorted({v for v in versions if v % args.every == 0} | {versions[-1]})
     steps = dict(zip(versions, np.cumsum([0] + [h['env_steps'] for h in history]).tolist(), strict=True))
     wall = {0: 0.0, **{h['weights_version']: h['wall_s'] for h in history}}
-    seeds = list(range(FIRST_TEST_SEED, FIRST_TEST_SEED + args.test_seeds))
+    seeds = held_out_seeds(args.test_seeds)
     cache = run / 'bench_eval'
     cache.mkdir(exist_ok=True)
     curve, outcomes = [], []
@@ -323,10 +318,9 @@ def at_budget(methods: dict, runs: list[dict]) -> None:
     limit = min(r['env_steps'] for r in reference) * BUDGET_SLACK
     reached = {}
     for r in runs:
-        inside = [i for i, c in enumerate(r['curve']) if c['env_steps'] <= limit]
-        if r['env_steps'] < limit / BUDGET_SLACK ** 2 or not inside:
+        i = last_evaluation_within(r, limit)
+        if r['env_steps'] < limit / BUDGET_SLACK ** 2 or i is None:
             continue  # stopped well short of the budget: not comparable
-        i = inside[-1]
         reached[(r['method'], r['seed'])] = (r, r['curve'][i], outcomes_at(r, i))
     ref = {seed: o for (m, seed), (_, _, o) in reached.items() if m == REFERENCE_METHOD}
     for method, entry in methods.items():
@@ -349,12 +343,18 @@ def at_budget(methods: dict, runs: list[dict]) -> None:
 def reference_at(ref: dict, env_steps: int) -> dict | None:
     """The reference run's last evaluation within `env_steps` (with the usual slack) and its per-seed
     outcomes, so a shorter or longer run compares at its own budget; None where it kept no outcomes."""
-    inside = [i for i, c in enumerate(ref['curve']) if c['env_steps'] <= env_steps * BUDGET_SLACK]
-    outcomes = outcomes_at(ref, inside[-1]) if inside else None
+    i = last_evaluation_within(ref, env_steps * BUDGET_SLACK)
+    outcomes = outcomes_at(ref, i) if i is not None else None
     if outcomes is None:
         return None
-    c = ref['curve'][inside[-1]]
+    c = ref['curve'][i]
     return {'reference_env_steps': c['env_steps'], 'reference_success': c['eval_success'], 'outcomes': outcomes}
+
+
+def last_evaluation_within(run: dict, env_steps: float) -> int | None:
+    """Index of the run's last evaluation at or below `env_steps`, None if even its first is past it."""
+    inside = [i for i, c in enumerate(run['curve']) if c['env_steps'] <= env_steps]
+    return inside[-1] if inside else None
 
 
 def outcomes_at(run: dict, i: int) -> list[bool] | None:

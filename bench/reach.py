@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
-from bench.learning import FIRST_TEST_SEED, RESULTS, make_env  # noqa: E402
+from bench.learning import FIRST_TEST_SEED, RESULTS, held_out_seeds, make_env  # noqa: E402
 from stepnft_ros.atomic import atomic_write_text  # noqa: E402
 from stepnft_ros.env_pool import EnvPool  # noqa: E402
 from stepnft_ros.policy import FlowPolicy, load_checkpoint  # noqa: E402
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     result.update(checkpoint=str(args.checkpoint), env_id=args.env_id, group_size=args.group_size,
                   seeds=[FIRST_TEST_SEED, FIRST_TEST_SEED + args.seeds], samplers=result.get('samplers', {}))
     model, _ = load_checkpoint(args.checkpoint)
-    seeds = list(range(FIRST_TEST_SEED, FIRST_TEST_SEED + args.seeds))
+    seeds = held_out_seeds(args.seeds)
     with EnvPool(partial(make_env, args.env_id, args.max_episode_steps), num_workers=args.workers) as pool:
         if 'ode_outcomes' not in result:
             result['ode_outcomes'] = pool.evaluate(FlowPolicy(model, mode='ode'), seeds, args.actions_per_chunk)[1]

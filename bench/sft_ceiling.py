@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
-from bench.learning import FIRST_TEST_SEED, RESULTS, make_env, paired  # noqa: E402
+from bench.learning import RESULTS, held_out_seeds, make_env, paired  # noqa: E402
 from stepnft_ros.atomic import atomic_write_text  # noqa: E402
 from stepnft_ros.env_pool import EnvPool  # noqa: E402
 from stepnft_ros.pipeline import DefaultSFT, ensure_sft_checkpoint  # noqa: E402
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = {v: parse_variant(v, args.task) for v in args.variants}  # all parsed before any work starts
     out = Path(args.out or RESULTS / f'sft_ceiling_{args.task}.json')
     result = json.loads(out.read_text()) if out.exists() else {'task': args.task, 'variants': {}}
-    seeds = list(range(FIRST_TEST_SEED, FIRST_TEST_SEED + args.test_seeds))
+    seeds = held_out_seeds(args.test_seeds)
     with EnvPool(partial(make_env, args.task, args.max_episode_steps), num_workers=args.workers) as pool:
         for name, spec in specs.items():
             if name in result['variants'] and len(result['variants'][name]['outcomes']) == len(seeds):

@@ -69,10 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     samplers = [parse_sampler(s) for s in args.samplers]
     out = Path(args.out or RESULTS / f'reach_{args.env_id}.json')
     result = json.loads(out.read_text()) if out.exists() else {}
-    if result.get('checkpoint') not in (None, str(args.checkpoint)):
-        raise ValueError(f'{out} holds results of {result["checkpoint"]}: pass another --out')
-    result.update(checkpoint=str(args.checkpoint), env_id=args.env_id, group_size=args.group_size,
-                  seeds=[FIRST_TEST_SEED, FIRST_TEST_SEED + args.seeds], samplers=result.get('samplers', {}))
+    settings = dict(checkpoint=str(args.checkpoint), env_id=args.env_id, group_size=args.group_size,
+                    seeds=[FIRST_TEST_SEED, FIRST_TEST_SEED + args.seeds], actions_per_chunk=args.actions_per_chunk,
+                    max_episode_steps=args.max_episode_steps, noise_seed=args.seed)
+    # Resuming adds samplers to the file; their counts only compare if everything else is the same.
+    changed = {k: (result[k], v) for k, v in settings.items() if k in result and result[k] != v}
+    if changed:
+        raise ValueError(f'{out} was measured with other settings {changed} (file, now): pass another --out')
+    result.update(settings, samplers=result.get('samplers', {}))
     model, _ = load_checkpoint(args.checkpoint)
     seeds = held_out_seeds(args.seeds)
     with EnvPool(partial(make_env, args.env_id, args.max_episode_steps), num_workers=args.workers) as pool:

@@ -139,6 +139,15 @@ def test_reach_counts_states_without_a_success_split_by_the_ode_outcome():
         reach.parse_sampler('everywhere:0.3')
 
 
+def test_reach_refuses_to_add_samplers_to_a_file_measured_with_other_settings(tmp_path):
+    reach = bench_module('reach')
+    out = tmp_path / 'reach.json'
+    out.write_text(json.dumps({'checkpoint': 'start.safetensors', 'group_size': 4, 'samplers': {}}))
+    with pytest.raises(ValueError, match='group_size'):
+        reach.main(['--checkpoint', 'start.safetensors', '--group-size', '8', '--out', str(out)])
+    assert json.loads(out.read_text())['group_size'] == 4  # the file is left as it was
+
+
 def test_a_shorter_run_is_paired_with_the_reference_at_its_own_budget():
     bench = bench_module('learning')
     start, mid, late = [True, False, False, False], [True, True, False, False], [True, True, True, False]

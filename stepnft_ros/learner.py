@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -219,9 +219,20 @@ class Learner:
         self.buffer = keep
         return accepted, scale
 
+    def _warn_about_lone_episodes(self, episodes: list[Episode]) -> None:
+        """group_mean labels an episode alone with its reset seed 0 (nothing to compare it with), so a graph
+        whose bridges run group_size 1 trains on nothing, silently unless this says so."""
+        seeds = Counter(e.seed for e in episodes)
+        alone = sum(seeds[e.seed] == 1 for e in episodes)
+        if alone > len(episodes) // 2:
+            self.log(f'warning: {alone} of {len(episodes)} episodes are the only one with their reset seed, and '
+                     "group_mean labels give them y = 0 (no gradient): set the bridges' group_size > 1 (e.g. 8)")
+
     def _update(self, episodes: list[Episode], scale: list[float]) -> dict:
         start = time.perf_counter()
         replayed = [e for eps, _ in self.recent for e in eps]
+        if self.cfg.labels == 'group_mean':
+            self._warn_about_lone_episodes(replayed + episodes)
         batch = collate_episodes(replayed + episodes, self.trainer.model.config, self.cfg.labels,
                                  episode_scale=[w for _, ws in self.recent for w in ws] + scale,
                                  intervention_negatives=self.cfg.intervention_negatives)

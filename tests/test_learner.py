@@ -25,11 +25,11 @@ def setup(tmp_path):
     env = PointReach()
     counter = iter(range(10_000))
 
-    def add(n, version=0):
+    def add(n, version=0, seed=None):
         for _ in range(n):
             i = next(counter)
-            store.write(run_episode(env, policy, seed=i, actions_per_chunk=2, weights_version=version,
-                                    episode_id=f'ep{i:04d}'))
+            store.write(run_episode(env, policy, seed=i if seed is None else seed, actions_per_chunk=2,
+                                    weights_version=version, episode_id=f'ep{i:04d}'))
     return tmp_path, ckpt, store, add
 
 
@@ -156,6 +156,19 @@ def test_unreadable_episodes_are_reported_once_and_skipped(setup):
     assert sum('skipping unreadable episode ep9999' in line for line in logs) == 1
     learner.poll()
     assert sum('skipping unreadable episode ep9999' in line for line in logs) == 1
+
+
+def test_group_mean_labels_on_episodes_alone_with_their_seed_are_flagged(setup):
+    tmp_path, ckpt, store, add = setup
+    add(3)  # three reset seeds, one episode each: every label is 0
+    learner, logs = make(tmp_path, ckpt, store, labels='group_mean')
+    [record] = learner.poll()
+    assert record['label_zero_fraction'] == 1.0
+    assert any("group_size > 1" in line for line in logs)
+    add(3, seed=7)  # one group of three
+    logs.clear()
+    assert len(learner.poll()) == 1
+    assert not any('group_size' in line for line in logs)
 
 
 def test_plot_is_written(tmp_path):

@@ -411,6 +411,8 @@ class StepNFTTrainer:
         labelled = batch.weight > 0
         out['label_mean'] = float(y[labelled].mean().item()) if labelled.any() else 0.0
         out['label_positive_fraction'] = float((y[labelled] > 0).float().mean().item()) if labelled.any() else 0.0
+        # group_mean gives y = 0 to groups whose episodes agree: their decisions carry no gradient.
+        out['label_zero_fraction'] = float((y[labelled] == 0).float().mean().item()) if labelled.any() else 0.0
         return out
 
     def _bc_loss(self, human: HumanBatch, device: torch.device) -> torch.Tensor:

@@ -237,7 +237,7 @@ def summarize(args: argparse.Namespace) -> dict:
 
 
 def record_main_job(args: argparse.Namespace) -> dict:
-    """bench/results/main_job.json from a finished `bash scripts/main.sh --run-dir DIR` run: its summary,
+    """bench/results/<name>.json from a finished `bash scripts/main.sh --run-dir DIR` run: its summary,
     every evaluation and each update's learning signals, read from the nodes' own files."""
     run = Path(args.run_dir)
     summary = json.loads((run / 'summary.json').read_text())
@@ -250,7 +250,9 @@ def record_main_job(args: argparse.Namespace) -> dict:
            'updates_detail': [{k: round(h[k], 6) if isinstance(h[k], float) else h[k] for k in keep if k in h}
                               for h in json.loads((run / 'learner/history.json').read_text())],
            'note': args.note}
-    atomic_write_text(RESULTS / 'main_job.json', json.dumps(out, indent=1) + '\n')
+    if not args.name.startswith('main_job'):
+        raise ValueError(f"--name must start with 'main_job' (summarize collects main_job*.json), got {args.name!r}")
+    atomic_write_text(RESULTS / f'{args.name}.json', json.dumps(out, indent=1) + '\n')
     return out
 
 
@@ -448,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument('--run-dir', required=True)
     m.add_argument('--cmd', required=True, help='the command that ran it, as recorded')
     m.add_argument('--note', default='', help='what else a reader needs (e.g. what shared the cores)')
+    m.add_argument('--name', default='main_job', help='results file stem: main_job (the defaults) or main_job_<what '
+                                                     'differs> for a main job run with other parameters')
     g = sub.add_parser('score-graph', help="score a train_sim graph run's checkpoints on the test seeds, "
                                            'as a learning result')
     g.add_argument('--run-dir', required=True)

@@ -244,12 +244,15 @@ def record_main_job(args: argparse.Namespace) -> dict:
     start = json.loads((run / 'sft_default/sft_spec.json').read_text())  # the embedded start it built
     keep = ('weights_version', 'train_success', 'env_steps', 'holdout_preference_accuracy', 'preference_accuracy',
             'kl', 'clip_fraction', 'delta_v_norm', 'update_s')
+    evaluations = json.loads((run / 'eval_history.json').read_text())
     out = {'command': args.cmd, 'task': start['env_id'], 'sft_start': start, **summary,
-           'evaluations': [{k: h[k] for k in ('weights_version', 'eval_success', 'episodes')}
-                           for h in json.loads((run / 'eval_history.json').read_text())],
+           'evaluations': [{k: h[k] for k in ('weights_version', 'eval_success', 'episodes', 'first_seed', 'outcomes')
+                            if k in h} for h in evaluations],
            'updates_detail': [{k: round(h[k], 6) if isinstance(h[k], float) else h[k] for k in keep if k in h}
                               for h in json.loads((run / 'learner/history.json').read_text())],
            'note': args.note}
+    if 'outcomes' in evaluations[0] and 'outcomes' in evaluations[-1]:  # evaluators from 2026-12-02 on
+        out['final_vs_start'] = paired(evaluations[0]['outcomes'], evaluations[-1]['outcomes'])
     if not args.name.startswith('main_job'):
         raise ValueError(f"--name must start with 'main_job' (summarize collects main_job*.json), got {args.name!r}")
     atomic_write_text(RESULTS / f'{args.name}.json', json.dumps(out, indent=1) + '\n')

@@ -89,7 +89,9 @@ class ManiSkillEvaluator(Node):
         record = {'weights_version': announced.version, 'eval_success': success, 'episodes': len(episodes),
                   'mean_env_steps': sum(e.env_steps for e in episodes) / len(episodes),
                   'eval_s': round(time.perf_counter() - start, 1)}
-        self.history.append(record)
+        # Per seed (in self.seeds order): two versions compare seed by seed, not only rate against rate.
+        outcomes = [bool(e.success) for e in episodes]
+        self.history.append({**record, 'first_seed': self.seeds[0], 'outcomes': outcomes})
         self.done_versions.add(announced.version)
         atomic_write_text(self.out_dir / 'eval_history.json', json.dumps(self.history, indent=1) + '\n')
         if self.scalars is not None:

@@ -148,6 +148,28 @@ def test_reach_refuses_to_add_samplers_to_a_file_measured_with_other_settings(tm
     assert json.loads(out.read_text())['group_size'] == 4  # the file is left as it was
 
 
+def test_a_main_job_is_recorded_with_its_start_and_final_paired_seed_by_seed(tmp_path, monkeypatch):
+    bench = bench_module('learning')
+    monkeypatch.setattr(bench, 'RESULTS', tmp_path / 'results')
+    run = tmp_path / 'run'
+    (run / 'sft_default').mkdir(parents=True)
+    (run / 'learner').mkdir()
+    (run / 'summary.json').write_text(json.dumps({'start': 0.25, 'final': 0.75, 'wall_min': 1.0}))
+    (run / 'sft_default/sft_spec.json').write_text(json.dumps({'env_id': 'PushCube-v1'}))
+    (run / 'learner/history.json').write_text(json.dumps([{'weights_version': 1, 'kl': 0.001}]))
+    (run / 'eval_history.json').write_text(json.dumps([
+        {'weights_version': 0, 'eval_success': 0.25, 'episodes': 4, 'first_seed': 10000,
+         'outcomes': [True, False, False, False]},
+        {'weights_version': 2, 'eval_success': 0.75, 'episodes': 4, 'first_seed': 10000,
+         'outcomes': [False, True, True, True]}]))
+    args = argparse.Namespace(run_dir=str(run), cmd='bash scripts/main.sh', note='', name='main_job_group_labels')
+    out = bench.record_main_job(args)
+    assert out['final_vs_start'] == {'gained': 3, 'lost': 1, 'p_value': 0.625}
+    assert json.loads((tmp_path / 'results/main_job_group_labels.json').read_text())['evaluations'][1]['outcomes'][1]
+    with pytest.raises(ValueError, match="start with 'main_job'"):
+        bench.record_main_job(argparse.Namespace(**{**vars(args), 'name': 'group'}))
+
+
 def test_a_shorter_run_is_paired_with_the_reference_at_its_own_budget():
     bench = bench_module('learning')
     start, mid, late = [True, False, False, False], [True, True, False, False], [True, True, True, False]

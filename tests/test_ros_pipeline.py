@@ -104,6 +104,7 @@ def test_train_sim_records_bags_updates_and_hot_swaps(tmp_path, ros_domain):
     evaluated = json.loads((run / 'eval_history.json').read_text())
     assert {0, 2} <= {h['weights_version'] for h in evaluated}, 'the SFT start and the final version are scored'
     assert all(h['episodes'] == 2 and 0 <= h['eval_success'] <= 1 for h in evaluated)
+    assert all(len(h['outcomes']) == 2 and sum(h['outcomes']) / 2 == h['eval_success'] for h in evaluated)
     assert (run / 'success.png').read_bytes()[:4] == b'\x89PNG'
     assert 'final version 2 evaluated' in logs['maniskill_evaluator.log']
     # The live view: TensorBoard scalars of every update and every evaluation, by weights version.

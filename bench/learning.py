@@ -239,6 +239,8 @@ def summarize(args: argparse.Namespace) -> dict:
 def record_main_job(args: argparse.Namespace) -> dict:
     """bench/results/<name>.json from a finished `bash scripts/main.sh --run-dir DIR` run: its summary,
     every evaluation and each update's learning signals, read from the nodes' own files."""
+    if not args.name.startswith('main_job'):
+        raise ValueError(f"--name must start with 'main_job' (summarize collects main_job*.json), got {args.name!r}")
     run = Path(args.run_dir)
     summary = json.loads((run / 'summary.json').read_text())
     start = json.loads((run / 'sft_default/sft_spec.json').read_text())  # the embedded start it built
@@ -253,8 +255,6 @@ def record_main_job(args: argparse.Namespace) -> dict:
            'note': args.note}
     if 'outcomes' in evaluations[0] and 'outcomes' in evaluations[-1]:  # evaluators from 2026-12-02 on
         out['final_vs_start'] = paired(evaluations[0]['outcomes'], evaluations[-1]['outcomes'])
-    if not args.name.startswith('main_job'):
-        raise ValueError(f"--name must start with 'main_job' (summarize collects main_job*.json), got {args.name!r}")
     atomic_write_text(RESULTS / f'{args.name}.json', json.dumps(out, indent=1) + '\n')
     return out
 

@@ -80,8 +80,7 @@ METHODS: dict[str, tuple[dict, dict]] = {
     # the likelihood baseline in the same regime (same rollouts, labels and optimizer steps): is the limit
     # π-StepNFT's loss, or the signal these rollouts carry?
     'grpo_recorded_step': ({**REC_ALGO, 'algo': 'grpo', 'lambda_kl': 0.0}, REC_ONLINE),
-    'stepnft_every_step_1024': ({'minibatch_size': 4096},
-                                {'episodes_per_iteration': 1024, 'group_size': 1, 'labels': 'batch_mean'}),
+    'stepnft_every_step_1024': (REC_ALGO, {**REC_ONLINE, 'sde_noise': 'every_step'}),
     # ... and only at the last solver step, where bench/results/gradient_snr_recorded_a0.3_per_step.json
     # found the signal of the recorded-step rollouts, with a larger a since that step's std is only
     # a·sqrt(Δ/3) (0.17 at a = 0.6). Measured: it costs success and learns no faster (docs/benchmarks-and-results.md).

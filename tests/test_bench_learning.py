@@ -17,7 +17,7 @@ def _run(method: str, seed: int, steps: list[int], success: list[float], outcome
              for i, (s, p) in enumerate(zip(steps, success, strict=True))]
     return {'task': 'T', 'method': method, 'seed': seed, 'start': success[0], 'final': success[-1],
             'env_steps': steps[-1], 'curve': curve, 'curve_outcomes': outcomes,
-            'start_outcomes': outcomes[0], 'final_outcomes': outcomes[-1]}
+            'start_outcomes': outcomes[0], 'final_outcomes': outcomes[-1], 'test_seeds': len(outcomes[0])}
 
 
 def test_at_budget_compares_every_method_where_all_reference_runs_have_been():
@@ -100,21 +100,36 @@ def test_score_graph_scores_a_graph_runs_versions_once_and_files_them_as_a_learn
     assert bench.score_graph(args) == result and scored == [0, 2, 3]  # kept outcomes: nothing scored again
 
 
-def test_each_ablation_changes_exactly_one_setting_of_the_default_regime():
+def test_each_ablation_changes_exactly_one_setting_of_the_group_label_regime():
     learning = bench_module('learning')
-    ref_algo, ref_online = learning.METHODS[learning.REFERENCE_METHOD]
-    ablations = [name for name in learning.METHODS if name in (
-        'stepnft_whole_chunk', 'stepnft_pm1_labels', 'stepnft_weighted', 'stepnft_terminal_target',
-        'stepnft_fixed_last_step')]
-    assert len(ablations) == 5
-    for name in ablations:
+    base_algo, base_online = learning.METHODS[learning.ABLATION_BASE]
+    one_change = [name for name in learning.ABLATIONS if name != learning.REFERENCE_METHOD]
+    assert len(one_change) == 5
+    for name in one_change:
         algo, online = learning.METHODS[name]
-        changed = {k for k in {**ref_algo, **algo} if algo.get(k) != ref_algo.get(k)} | {
-            k for k in {**ref_online, **online} if online.get(k) != ref_online.get(k)}
+        changed = {k for k in {**base_algo, **algo} if algo.get(k) != base_algo.get(k)} | {
+            k for k in {**base_online, **online} if online.get(k) != base_online.get(k)}
         assert len(changed) == 1, (name, changed)
-    # group labels need seed groups: the one ablation that changes two settings, both the label scheme's
-    algo, online = learning.METHODS['stepnft_group_labels']
-    assert algo == ref_algo and {k for k in online if online[k] != ref_online.get(k)} == {'labels', 'group_size'}
+    # batch-mean labels without seed groups: the label-scheme ablation that changes both of their settings
+    algo, online = learning.METHODS[learning.REFERENCE_METHOD]
+    assert algo == base_algo and {k for k in online if online[k] != base_online.get(k)} == {'labels', 'group_size'}
+
+
+def test_the_ablation_table_pairs_each_ablation_with_the_base_at_the_smaller_budget():
+    bench = bench_module('learning')
+    start, mid, late = [True, False, False, False], [True, True, False, False], [True, True, True, False]
+    runs = [
+        _run(bench.ABLATION_BASE, 0, [0, 100, 200, 300], [0.25, 0.5, 0.75, 0.5], [start, mid, late, mid]),
+        _run('stepnft_whole_chunk', 0, [0, 102], [0.25, 0.25], [start, start]),  # shorter: the base at 100
+        _run('stepnft_weighted', 1, [0, 100], [0.25, 0.5], [start, mid]),  # no base run of training seed 1
+        _run('grpo', 0, [0, 100], [0.25, 0.5], [start, mid]),  # not an ablation
+    ]
+    table = bench.ablation_table(runs)
+    assert list(table) == ['T'] and len(table['T']) == 1
+    row = table['T'][0]
+    assert (row['method'], row['env_steps'], row['success'], row['base_env_steps'], row['base_success']) == (
+        'stepnft_whole_chunk', 102, 0.25, 100, 0.5)
+    assert (row['gained'], row['lost']) == (0, 1) and row['interval'][0] < 0.25 < row['interval'][1]
 
 
 def test_sft_ceiling_variants_parse_into_sft_specs_and_reject_typos():

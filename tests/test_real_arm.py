@@ -147,6 +147,22 @@ def test_a_late_answer_under_latency_hiding_continues_the_old_plan_then_skips_an
         ChunkScheduler(actions_per_chunk=2, blend_actions=1)
 
 
+def test_a_late_chunk_with_fewer_actions_left_than_a_chunk_plans_its_next_request_from_its_last_one():
+    s = ChunkScheduler(actions_per_chunk=4, latency_hiding=True)
+    s.set_latency(2.0)
+    s.requested(0)
+    s.add_chunk(0, chunk(0, horizon=4))  # horizon = actions_per_chunk: no spare actions to run on
+    assert [s.action(k)[0] for k in (1, 2)] == [0, 1] and s.should_request(2)
+    s.requested(2)
+    assert [s.action(k)[0] for k in (3, 4)] == [2, 3]
+    s.add_chunk(2, chunk(100, horizon=4))  # its actions for ticks 3, 4 have passed: 2 of 4 are left
+    assert s.action(5)[0] == 102 and s.should_request(5)  # not 2 ticks after its last action, as before
+    s.requested(5)
+    assert s.action(6)[0] == 103
+    s.add_chunk(5, chunk(200, horizon=4))
+    assert s.action(7)[0] == 201  # no tick without an action
+
+
 # ---- command adapters ---------------------------------------------------------------------------
 
 

@@ -182,7 +182,9 @@ class ChunkScheduler:
             else:
                 self._retire([old])
         self._active = new
-        self._plan_end = tick + self.actions_per_chunk - 1
+        # a late chunk has fewer actions left than actions_per_chunk: the plan (and the next request's
+        # timing) ends with its last one, not after it
+        self._plan_end = min(tick + self.actions_per_chunk - 1, new + len(self._chunks[new]))
 
     def _drop_blend(self) -> None:
         if self._blend is not None:

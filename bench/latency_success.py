@@ -135,6 +135,17 @@ def summarize(results: list[dict], hz: float) -> dict:
             'outcomes': outcomes}
 
 
+def pair_with_synchronous(rows: list[dict]) -> None:
+    """Each schedule's outcomes against the synchronous schedule's at the same delay, seed by seed."""
+    for row in rows:
+        sync = next((r for r in rows if r['delay_ms'] == row['delay_ms'] and r['schedule'] == 'synchronous'), None)
+        if sync is not None and row is not sync:
+            pairs = list(zip(sync['outcomes'], row['outcomes'], strict=True))
+            gained, lost = sum(b and not a for a, b in pairs), sum(a and not b for a, b in pairs)
+            p_value = float(f'{mcnemar_exact(gained, lost):.3g}')
+            row['vs_synchronous'] = {'gained': gained, 'lost': lost, 'p_value': p_value}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--checkpoint', required=True, help='a FlowVLA checkpoint trained on --task with state obs')
@@ -166,12 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                        **summarize(list(pool.map(episode, jobs, chunksize=4)), hz)}
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != 'outcomes'}), file=sys.stderr, flush=True)
-    for row in rows:  # each schedule against the synchronous one at the same delay, seed by seed
-        sync = next((r for r in rows if r['delay_ms'] == row['delay_ms'] and r['schedule'] == 'synchronous'), None)
-        if sync is not None and row is not sync:
-            gained = sum(b and not a for a, b in zip(sync['outcomes'], row['outcomes'], strict=True))
-            lost = sum(a and not b for a, b in zip(sync['outcomes'], row['outcomes'], strict=True))
-            row['vs_synchronous'] = {'gained': gained, 'lost': lost, 'p_value': round(mcnemar_exact(gained, lost), 4)}
+    pair_with_synchronous(rows)
     result = {'benchmark': 'latency_success', 'task': args.task, 'checkpoint': args.checkpoint, 'control_hz': hz,
               'test_seeds': args.test_seeds, 'first_test_seed': FIRST_TEST_SEED,
               'actions_per_chunk': args.actions_per_chunk, 'max_episode_steps': args.max_episode_steps,

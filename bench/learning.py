@@ -262,6 +262,8 @@ def ablation_table(runs: list[dict]) -> dict:
             continue
         budget = min(r['env_steps'], base['env_steps']) * BUDGET_SLACK
         i, j = last_evaluation_within(r, budget), last_evaluation_within(base, budget)
+        if i is None or j is None:
+            continue
         ours, theirs = outcomes_at(r, i), outcomes_at(base, j)
         n = r['test_seeds']
         row = {'method': r['method'], 'seed': r['seed'], 'start': r['start'],
@@ -272,6 +274,7 @@ def ablation_table(runs: list[dict]) -> dict:
             row |= paired(theirs, ours)
         table.setdefault(r['task'], []).append(row)
     return table
+
 
 def record_main_job(args: argparse.Namespace) -> dict:
     """bench/results/<name>.json from a finished `bash scripts/main.sh --run-dir DIR` run: its summary,

@@ -35,16 +35,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
-from sim_bridge.maniskill_env import ManiSkillEnv, ManiSkillEnvConfig  # noqa: E402
+from bench.learning import FIRST_TEST_SEED, RESULTS, held_out_seeds, make_env  # noqa: E402
 from stepnft_ros.atomic import atomic_write_text  # noqa: E402
 from stepnft_ros.control import ChunkScheduler  # noqa: E402
-from stepnft_ros.env_pool import policy_shape  # noqa: E402
+from stepnft_ros.env_pool import episode_noise, policy_shape  # noqa: E402
 from stepnft_ros.policy import FlowPolicy, load_checkpoint  # noqa: E402
 from stepnft_ros.progress import mcnemar_exact, wilson  # noqa: E402
 from stepnft_ros.rollout import to_observation  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / 'results'
-FIRST_TEST_SEED = 10_000  # the held-out seeds of bench/learning.py
 SCHEDULES = {
     'synchronous': dict(latency_hiding=False),
     'latency_hiding': dict(latency_hiding=True, blend_actions=0),
@@ -58,14 +56,13 @@ def _init(checkpoint: str, task: str, max_episode_steps: int) -> None:
     torch.set_num_threads(1)
     model, _ = load_checkpoint(checkpoint)
     _worker['policy'] = FlowPolicy(model, mode='ode')
-    _worker['env'] = ManiSkillEnv(ManiSkillEnvConfig(env_id=task, control_mode='pd_ee_delta_pose', obs_mode='state',
-                                                     max_episode_steps=max_episode_steps, reconfigure_on_reset=True))
+    _worker['env'] = make_env(task, max_episode_steps)
 
 
 def control_hz(task: str) -> float:
-    env = ManiSkillEnv(ManiSkillEnvConfig(env_id=task, control_mode='pd_ee_delta_pose', obs_mode='state'))
+    env = make_env(task, 1)
     try:
-        return float(env._env.unwrapped.control_freq)
+        return 1.0 / env.control_period
     finally:
         env.close()
 
@@ -76,7 +73,7 @@ def episode(job: tuple[str, float, float, int, int]) -> dict:
     policy, env = _worker['policy'], _worker['env']
     horizon, action_dim = policy_shape(policy)
     rng = np.random.default_rng(seed)
-    noise = torch.Generator().manual_seed(seed * 1009)  # EnvPool's per-episode draw: same ODE chunks at delay 0
+    noise = episode_noise(seed)  # EnvPool's draw: the same ODE chunks as the evaluator at delay 0
     scheduler = ChunkScheduler(actions_per_chunk, request_timeout_ticks=50, **SCHEDULES[schedule])
     arrivals: list[tuple[float, int, np.ndarray]] = []  # (arrival tick, observation tick, chunk)
     latencies: list[float] = []
@@ -164,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := set(schedules) - set(SCHEDULES):
         raise SystemExit(f'unknown schedules {sorted(unknown)}; choose from {sorted(SCHEDULES)}')
     hz = control_hz(args.task)
-    seeds = list(range(FIRST_TEST_SEED, FIRST_TEST_SEED + args.test_seeds))
+    seeds = held_out_seeds(args.test_seeds)
     rows = []
     start = time.time()
     with ProcessPoolExecutor(args.workers, initializer=_init,

@@ -232,13 +232,17 @@ def summarize(args: argparse.Namespace) -> dict:
     return summary
 
 
+def same_seed_run(runs: list[dict], run: dict, method: str) -> dict | None:
+    """`method`'s run of the same task and training seed as `run`, if there is one."""
+    return next((q for q in runs if (q['task'], q['method'], q['seed']) == (run['task'], method, run['seed'])), None)
+
+
 def compare_with_reference(summary: dict, runs: list[dict]) -> None:
     """Every method against π-StepNFT's reference run of the same task and training seed: paired on the
     test seeds at both final versions, and at the run's own env-step budget."""
     for r in runs:
-        ref = next((q for q in runs if (q['task'], q['method'], q['seed']) == (r['task'], REFERENCE_METHOD, r['seed'])
-                    and 'final_outcomes' in q), None)
-        if ref is None or r is ref or 'final_outcomes' not in r:
+        ref = same_seed_run(runs, r, REFERENCE_METHOD)
+        if ref is None or 'final_outcomes' not in ref or r is ref or 'final_outcomes' not in r:
             continue
         entry = summary['tasks'][r['task']][r['method']]
         entry.setdefault(f'paired_vs_{REFERENCE_METHOD}', []).append(
@@ -256,8 +260,7 @@ def ablation_table(runs: list[dict]) -> dict:
     intervals, paired per test seed."""
     table: dict = {}
     for r in runs:
-        base = next((q for q in runs if (q['task'], q['method'], q['seed']) == (r['task'], ABLATION_BASE, r['seed'])),
-                    None)
+        base = same_seed_run(runs, r, ABLATION_BASE)
         if r['method'] not in ABLATIONS or base is None:
             continue
         budget = min(r['env_steps'], base['env_steps']) * BUDGET_SLACK

@@ -183,7 +183,7 @@ class EnvPool:
 
         def start(i: int) -> None:
             position, seed, occurrence = todo.popleft()
-            noise = torch.Generator().manual_seed(int(seed) * 1009 + occurrence)
+            noise = episode_noise(seed, occurrence)
             episode = Episode(episode_id=f'{id_prefix}-seed{seed}-{occurrence}', weights_version=weights_version,
                               seed=int(seed))
             self.workers[i].running = _Running(episode=episode, noise=noise)
@@ -279,6 +279,11 @@ class EnvPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def episode_noise(seed: int, occurrence: int = 0) -> torch.Generator:
+    """The generator of the initial noise of every decision of the `occurrence`-th episode from `seed`."""
+    return torch.Generator().manual_seed(int(seed) * 1009 + occurrence)
 
 
 def policy_shape(policy: SamplingPolicy) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import sys
 import termios
 import time
@@ -46,8 +47,9 @@ class OperatorClient:
     def __init__(self, robot: str, timeout_s: float) -> None:
         self.robot, self.timeout_s = robot.strip('/'), timeout_s
         self.context = rclpy.Context()
-        # No rclpy signal handler: Ctrl-C must raise KeyboardInterrupt here so the terminal is restored.
+        # No rclpy signal handler: `run` owns Ctrl-C (see `interrupt`).
         rclpy.init(context=self.context, signal_handler_options=SignalHandlerOptions.NO)
+        self.interrupted = False
         self.node = rclpy.create_node(f'stepnft_operator_{os.getpid()}', context=self.context)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
@@ -65,10 +67,20 @@ class OperatorClient:
         except ValueError:
             self.node.get_logger().warning(f'unreadable status {msg.data[:200]!r}', throttle_duration_sec=5.0)
 
+    def interrupt(self, *_) -> None:
+        """SIGINT handler: only set a flag. A KeyboardInterrupt raised inside rclpy's executor can be
+        swallowed by a callback or leave it half-way through a wait, so the tool then never exits."""
+        self.interrupted = True
+
+    def _spin_once(self, timeout_s: float) -> None:
+        self.executor.spin_once(timeout_sec=timeout_s)
+        if self.interrupted:  # the one place Ctrl-C surfaces: between executor calls, never inside one
+            raise KeyboardInterrupt
+
     def spin(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while True:
-            self.executor.spin_once(timeout_sec=max(0.0, min(0.05, deadline - time.monotonic())))
+            self._spin_once(max(0.0, min(0.05, deadline - time.monotonic())))
             if time.monotonic() >= deadline:
                 return
 
@@ -76,7 +88,7 @@ class OperatorClient:
         """The first status published after `received_before` messages, or None on timeout."""
         deadline = time.monotonic() + timeout_s
         while self.received <= received_before and time.monotonic() < deadline:
-            self.executor.spin_once(timeout_sec=0.05)
+            self._spin_once(0.05)
         return self.status if self.received > received_before else None
 
     def act(self, key: str) -> tuple[bool, str]:
@@ -88,7 +100,7 @@ class OperatorClient:
             if time.monotonic() > deadline:
                 return False, (f'no {client.srv_name} service after {self.timeout_s:g} s: is episode_operator '
                                f'running with {self.robot!r} in its robots?')
-            self.executor.spin_once(timeout_sec=0.05)
+            self._spin_once(0.05)
         future = client.call_async(srv.Request() if data is None else srv.Request(data=data))
         # The node may wait on the policy server (its own timeout, default 5 s) before answering.
         deadline = time.monotonic() + self.timeout_s + 10.0
@@ -96,7 +108,7 @@ class OperatorClient:
             if time.monotonic() > deadline:
                 client.remove_pending_request(future)
                 return False, f'{client.srv_name}: no answer'
-            self.executor.spin_once(timeout_sec=0.05)
+            self._spin_once(0.05)
         result = future.result()
         return bool(result.success), str(result.message)
 
@@ -127,6 +139,7 @@ def run(robot: str, keys: str | None, timeout_s: float, out=sys.stdout) -> int:
     client = OperatorClient(robot, timeout_s)
     fd, saved = sys.stdin.fileno(), None
     failed = False
+    previous_handler = signal.signal(signal.SIGINT, client.interrupt)
     try:
         if keys is None and os.isatty(fd):
             saved = termios.tcgetattr(fd)
@@ -157,6 +170,7 @@ def run(robot: str, keys: str | None, timeout_s: float, out=sys.stdout) -> int:
         say('interrupted')
         return 130
     finally:
+        signal.signal(signal.SIGINT, previous_handler)
         if saved is not None:
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
         client.close()

@@ -8,6 +8,8 @@ outcome. Nothing is selected on these seeds; it is a diagnostic.
 
     python bench/reach.py --checkpoint runs/learning/PushCube-v1/sft_start/sft --env-id PushCube-v1 \\
         --samplers recorded_step:0.3 every_step:0.3 every_step:0.6 --group-size 8
+    # step noise correlated over each episode's decisions (ρ = 0.9), on the states the first never solved:
+    python bench/reach.py ... --samplers recorded_step:0.3:0.9 --never-of recorded_step:0.3
 
 Writes bench/results/reach_<env-id>.json (per-seed success counts kept, resumable per sampler).
 """
@@ -33,11 +35,14 @@ from stepnft_ros.policy import FlowPolicy, load_checkpoint  # noqa: E402
 from stepnft_ros.policy.sampler import SDE_NOISE  # noqa: E402
 
 
-def parse_sampler(text: str) -> tuple[str, float]:
-    where, _, level = text.partition(':')
-    if where not in SDE_NOISE or not level:
-        raise ValueError(f'sampler {text!r} is not WHERE:NOISE_LEVEL with WHERE in {SDE_NOISE} (e.g. every_step:0.3)')
-    return where, float(level)
+def parse_sampler(text: str) -> tuple[str, float, float]:
+    """WHERE:NOISE_LEVEL[:RHO] -> (where, a, step-noise correlation ρ, 0 when not given)."""
+    where, level, *rest = text.split(':') + ['']
+    rho = rest[0] if rest and rest[0] else '0'
+    if where not in SDE_NOISE or not level or len(rest) > 2:
+        raise ValueError(f'sampler {text!r} is not WHERE:NOISE_LEVEL[:RHO] with WHERE in {SDE_NOISE} '
+                         '(e.g. every_step:0.3 or recorded_step:0.3:0.9)')
+    return where, float(level), float(rho)
 
 
 def summarize_counts(successes: np.ndarray, group_size: int, ode: np.ndarray | None) -> dict:
@@ -63,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--max-episode-steps', type=int, default=100)
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--seed', type=int, default=0, help="the sampler's noise seed")
+    p.add_argument('--never-of', metavar='SAMPLER',
+                   help='only the states a sampler already in the file never solved (stored as NAME@never_of:SAMPLER)')
     p.add_argument('--out', help='default: bench/results/reach_<env-id>.json')
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -84,17 +91,25 @@ def main(argv: list[str] | None = None) -> int:
             result['ode_outcomes'] = pool.evaluate(FlowPolicy(model, mode='ode'), seeds, args.actions_per_chunk)[1]
             atomic_write_text(out, json.dumps(result, indent=1))
         ode = np.array(result['ode_outcomes'], bool)
-        for where, level in samplers:
-            name = f'{where}:{level}'
+        subset = np.ones(len(seeds), bool)
+        if args.never_of:
+            if args.never_of not in result['samplers']:
+                raise ValueError(f'--never-of {args.never_of}: no such sampler in {out} ({list(result["samplers"])})')
+            subset = np.array(result['samplers'][args.never_of]['successes_per_state']) == 0
+        states = [s for s, keep in zip(seeds, subset, strict=True) if keep]
+        for where, level, rho in samplers:
+            name = f'{where}:{level}' + (f':{rho}' if rho else '') + (f'@never_of:{args.never_of}' if args.never_of
+                                                                      else '')
             if name in result['samplers']:
                 continue
             start = time.perf_counter()
-            policy = FlowPolicy(model, mode='sde', seed=args.seed, noise_level=level, sde_noise=where)
-            episodes = pool.run_episodes(policy, [s for s in seeds for _ in range(args.group_size)],
+            policy = FlowPolicy(model, mode='sde', seed=args.seed, noise_level=level, sde_noise=where,
+                                step_noise_correlation=rho)
+            episodes = pool.run_episodes(policy, [s for s in states for _ in range(args.group_size)],
                                          args.actions_per_chunk, id_prefix='reach')
-            counts = np.array([bool(e.success) for e in episodes]).reshape(len(seeds), args.group_size).sum(1)
-            result['samplers'][name] = {**summarize_counts(counts, args.group_size, ode),
-                                        'wall_s': round(time.perf_counter() - start, 1),
+            counts = np.array([bool(e.success) for e in episodes]).reshape(len(states), args.group_size).sum(1)
+            result['samplers'][name] = {**summarize_counts(counts, args.group_size, ode[subset]),
+                                        'wall_s': round(time.perf_counter() - start, 1), 'seeds': states,
                                         'successes_per_state': counts.tolist()}
             print(f'[{time.strftime("%H:%M:%S")}] {name}: ' + json.dumps(
                 {k: v for k, v in result['samplers'][name].items() if k != 'successes_per_state'}),

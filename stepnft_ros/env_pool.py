@@ -27,6 +27,7 @@ import torch
 
 from stepnft_ros.episodes.schema import Decision, Episode
 from stepnft_ros.policy.policy import SamplingPolicy
+from stepnft_ros.policy.sampler import CorrelatedStepNoise
 from stepnft_ros.rollout import Env, to_observation
 
 EnvFactory = Callable[[], Env]
@@ -72,6 +73,7 @@ class WorkerCrash(RuntimeError):
 class _Running:
     episode: Episode
     noise: torch.Generator
+    step_noise: CorrelatedStepNoise | None = None  # SDE policies with step_noise_correlation > 0
     pending: tuple[Decision, np.ndarray] | None = None
 
 
@@ -180,13 +182,16 @@ class EnvPool:
         results: dict[int, Episode] = {}
         tags: dict[int, tuple[int, int, int]] = {}
         cfg_h, cfg_d = policy_shape(policy)
+        correlated = policy.a > 0.0 and policy.step_noise_correlation > 0.0
 
         def start(i: int) -> None:
             position, seed, occurrence = todo.popleft()
             noise = episode_noise(seed, occurrence)
             episode = Episode(episode_id=f'{id_prefix}-seed{seed}-{occurrence}', weights_version=weights_version,
                               seed=int(seed))
-            self.workers[i].running = _Running(episode=episode, noise=noise)
+            step_noise = CorrelatedStepNoise(policy.step_noise_correlation,
+                                             episode_noise(seed, occurrence, stream='step')) if correlated else None
+            self.workers[i].running = _Running(episode=episode, noise=noise, step_noise=step_noise)
             tags[i] = (position, seed, occurrence)
             self._send(self.workers[i], ('reset', int(seed)))
 
@@ -229,7 +234,9 @@ class EnvPool:
                 observations = [to_observation(raw) for _, raw in waiting]
                 noise = torch.stack([torch.randn((cfg_h, cfg_d), generator=self.workers[i].running.noise)
                                      for i, _ in waiting])
-                out = policy.infer_batch(observations, initial_noise=noise)
+                step_noise = torch.stack([self.workers[i].running.step_noise.next((cfg_h, cfg_d))
+                                          for i, _ in waiting]) if correlated else None
+                out = policy.infer_batch(observations, initial_noise=noise, step_noise=step_noise)
                 for j, (i, _) in enumerate(waiting):
                     decision = Decision(observation=observations[j], chunk=out.chunks[j],
                                         trace=out.trace.index(torch.tensor([j])))
@@ -281,9 +288,11 @@ class EnvPool:
         self.close()
 
 
-def episode_noise(seed: int, occurrence: int = 0) -> torch.Generator:
-    """The generator of the initial noise of every decision of the `occurrence`-th episode from `seed`."""
-    return torch.Generator().manual_seed(int(seed) * 1009 + occurrence)
+def episode_noise(seed: int, occurrence: int = 0, stream: str = 'initial') -> torch.Generator:
+    """The generator of one noise stream of the `occurrence`-th episode from `seed`: 'initial' (every
+    decision's ε) or 'step' (its correlated SDE step noise, apart so that ε does not depend on it)."""
+    offset = {'initial': 0, 'step': 1 << 40}[stream]
+    return torch.Generator().manual_seed(int(seed) * 1009 + occurrence + offset)
 
 
 def policy_shape(policy: SamplingPolicy) -> tuple[int, int]:

@@ -41,6 +41,8 @@ class OnlineConfig:
     """a for the Flow-SDE rollouts; None uses the policy config's."""
     sde_noise: str = 'every_step'
     """Flow-SDE noise at every solver step, or only at the recorded step k* ('recorded_step')."""
+    step_noise_correlation: float = 0.0
+    """ρ of each episode's AR(1) stream of SDE step noise over its decisions (0: independent draws)."""
     replay_iterations: int = 1
     """Each update trains on the rollouts of the last this many iterations (1: this iteration's only).
     Each trace keeps the v_old of the policy that sampled it, so older decisions stay valid ranking
@@ -84,7 +86,7 @@ def run_online(env: Env | EnvPool, model: FlowBackend, online: OnlineConfig, alg
     done_iterations = history[-1]['iteration'] if history else 0
     explore = FlowPolicy(model, mode=algo.rollout, seed=online.seed + 7919 * done_iterations,
                          noise_level=online.noise_level, fixed_step=algo.fixed_step(model.config.num_steps),
-                         sde_noise=online.sde_noise)
+                         sde_noise=online.sde_noise, step_noise_correlation=online.step_noise_correlation)
     evaluator = FlowPolicy(model, mode='ode')
 
     def evaluate_into(entry: dict) -> None:

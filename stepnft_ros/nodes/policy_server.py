@@ -55,7 +55,7 @@ from stepnft_ros.episodes.store import EpisodeStore
 from stepnft_ros.nodes.common import ConfigError, ManagedNode, Params, run_node
 from stepnft_ros.policy import CheckpointError, load_checkpoint, make_policy
 from stepnft_ros.policy.onnx_backend import describe_backend
-from stepnft_ros.policy.sampler import recorded_step
+from stepnft_ros.policy.sampler import CorrelatedStepNoise, recorded_step
 from stepnft_ros.policy.types import Observation, ObservationError, validate_observation
 
 MODES = {'train': 'sde', 'eval': 'ode', 'deploy': 'ode'}
@@ -63,9 +63,10 @@ RAW_STAMPS_KEPT = 8  # observations whose parts are kept as they arrived until t
 HUMAN_PENDING = 32  # human observations (or action chunks) kept while waiting for their other half
 
 
-def robot_noise(seed: int, namespace: str, episode: int) -> torch.Generator:
-    """The ODE noise stream of one robot's episode in eval / deploy mode (stable across runs)."""
-    return torch.Generator().manual_seed(zlib.crc32(f'{seed}/{namespace}/{episode}'.encode()))
+def robot_noise(seed: int, namespace: str, episode: int, stream: str = '') -> torch.Generator:
+    """A noise stream of one robot's episode (stable across runs): the ODE noise in eval / deploy mode,
+    or stream 'step' for the correlated SDE step noise in train mode."""
+    return torch.Generator().manual_seed(zlib.crc32(f'{seed}/{namespace}/{episode}{stream}'.encode()))
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Robot:
     successes: int = 0
     subscriptions: list = field(default_factory=list)
     noise: torch.Generator | None = None  # eval / deploy: this robot's own ODE noise stream
+    step_noise: CorrelatedStepNoise | None = None  # train with step_noise_correlation > 0: this episode's ξ
     reports_executed: bool = False  # it publishes executed_chunk: its episodes wait for the last report
     next_seed: int | None = None  # the reset seed heard for the episode the robot starts next
     intervening: bool = False  # a person has the arm (the operator's takeover)
@@ -114,6 +116,8 @@ class PolicyServer(ManagedNode):
         batch_window_s = p.get('batch_window_ms', 2.0) / 1000.0
         noise_level = p.get('noise_level', -1.0)
         sde_noise = p.get('sde_noise', 'every_step')  # or 'recorded_step': noise only at the traced step
+        # ρ of each episode's AR(1) stream of step noise over its decisions (0: independent draws)
+        step_noise_correlation = p.get('step_noise_correlation', 0.0)
         step_selection = p.get('step_selection', 'uniform')  # the traced step k*: or 'last', or an index
         self.seed = seed = p.get('seed', 0)
         device = p.get('device', 'cpu')
@@ -144,9 +148,10 @@ class PolicyServer(ManagedNode):
             self.policy = make_policy(model, backend=backend, mode=MODES[self.mode], seed=seed, device=device,
                                       noise_level=None if noise_level < 0 else noise_level, sde_noise=sde_noise,
                                       fixed_step=recorded_step(step_selection, cfg.num_steps),
-                                      threads=torch.get_num_threads())
+                                      threads=torch.get_num_threads(), step_noise_correlation=step_noise_correlation)
         except (ValueError, CheckpointError) as err:
-            raise ConfigError(f"parameters 'backend' / 'device' / 'sde_noise' / 'step_selection': {err}") from None
+            raise ConfigError(f"parameters 'backend' / 'device' / 'sde_noise' / 'step_selection' / "
+                              f"'step_noise_correlation': {err}") from None
         self.action_names = action_names or [f'a{i}' for i in range(cfg.action_dim)]
         if len(self.action_names) != cfg.action_dim:
             raise ConfigError(f"parameter 'action_names' has {len(self.action_names)} names, "
@@ -429,9 +434,10 @@ class PolicyServer(ManagedNode):
         cfg = self.policy.model.config
         for start in range(0, len(ready), self.max_batch):
             batch = ready[start:start + self.max_batch]
-            noise = None if self.recording else torch.stack([
-                torch.randn((cfg.horizon, cfg.action_dim), generator=r.noise) for r in batch])
-            out = self.policy.infer_batch([r.pending[1] for r in batch], initial_noise=noise)
+            shape = (cfg.horizon, cfg.action_dim)
+            noise = None if self.recording else torch.stack([torch.randn(shape, generator=r.noise) for r in batch])
+            step_noise = torch.stack([r.step_noise.next(shape) for r in batch]) if self._correlated else None
+            out = self.policy.infer_batch([r.pending[1] for r in batch], initial_noise=noise, step_noise=step_noise)
             for i, robot in enumerate(batch):
                 stamp_ns, obs = robot.pending
                 robot.pending = None
@@ -462,9 +468,17 @@ class PolicyServer(ManagedNode):
         # Wall-clock first: ids sort by start time and stay unique across server restarts.
         return f'{time.time_ns()}_{re.sub(r"[^A-Za-z0-9_.-]", "_", robot.namespace.strip("/"))}_{stamp_ns}'
 
+    @property
+    def _correlated(self) -> bool:
+        return self.policy.a > 0.0 and self.policy.step_noise_correlation > 0.0
+
     def _reseed(self, robot: Robot) -> None:
+        """New noise streams for the robot's next episode."""
         if not self.recording:
             robot.noise = robot_noise(self.seed, robot.namespace, robot.episodes_done)
+        elif self._correlated:
+            robot.step_noise = CorrelatedStepNoise(self.policy.step_noise_correlation, robot_noise(
+                self.seed, robot.namespace, robot.episodes_done, stream='step'))
 
     # ---- outcomes --------------------------------------------------------------------------
 
@@ -544,6 +558,7 @@ class PolicyServer(ManagedNode):
         robot.last_answer = None
         robot.pending = None
         robot.next_seed = None  # a restarted bridge publishes its own
+        self._reseed(robot)  # the next episode leans its own way
         robot.assembler.restart()  # what follows is a new start: a restarted sim's clock may be behind
         if robot.human_assembler is not None:
             robot.human_assembler.restart()

@@ -44,7 +44,7 @@ from stepnft_ros.policy.checkpoint import WEIGHTS_FILE, CheckpointError, load_ch
 from stepnft_ros.policy.config import PolicyConfig
 from stepnft_ros.policy.modeling import FlowVLA
 from stepnft_ros.policy.policy import FlowPolicy, PolicyOutput, SamplingPolicy, check_sampling_mode
-from stepnft_ros.policy.sampler import check_sde_noise
+from stepnft_ros.policy.sampler import check_sde_noise, check_step_noise_correlation
 from stepnft_ros.policy.types import Observation, stack_observations
 
 if TYPE_CHECKING:
@@ -406,9 +406,10 @@ class OnnxFlowPolicy(SamplingPolicy):
 
     def __init__(self, source: FlowVLA | str | Path, mode: str = 'sde', noise_level: float | None = None,
                  seed: int = 0, device: str = 'cpu', fixed_step: int | None = None, threads: int = 1,
-                 sde_noise: str = 'every_step') -> None:
+                 sde_noise: str = 'every_step', step_noise_correlation: float = 0.0) -> None:
         check_sampling_mode(mode)  # before the (slow) export
         check_sde_noise(sde_noise)
+        check_step_noise_correlation(step_noise_correlation)
         self.providers_wanted = select_providers(device)
         self.threads = threads
         self.export_dir: Path | None = None
@@ -423,7 +424,8 @@ class OnnxFlowPolicy(SamplingPolicy):
             self.export_dir = Path(source)
             self._install(_Sessions.from_dir(self.export_dir, self.providers_wanted, threads))
         # The sampler's tensors (and the torch model kept for hot swaps) live on the CPU.
-        self._init_sampling(self.config, mode, noise_level, seed, 'cpu', fixed_step, sde_noise)
+        self._init_sampling(self.config, mode, noise_level, seed, 'cpu', fixed_step, sde_noise,
+                            step_noise_correlation=step_noise_correlation)
         log.info('onnxruntime policy on %s (%d intra-op thread(s))', self.provider, threads)
 
     def _check_compatible(self, new: PolicyConfig) -> None:
@@ -500,9 +502,10 @@ class OnnxFlowPolicy(SamplingPolicy):
 
     @torch.no_grad()
     def infer_batch(self, observations: Sequence[Observation],
-                    initial_noise: torch.Tensor | None = None) -> PolicyOutput:
+                    initial_noise: torch.Tensor | None = None,
+                    step_noise: torch.Tensor | None = None) -> PolicyOutput:
         """Validates every observation (ObservationError on bad input) and samples one chunk each
-        (initial_noise: as FlowPolicy.infer_batch)."""
+        (initial_noise, step_noise: as FlowPolicy.infer_batch)."""
         s = self._sessions  # one set of weights per batch, even if a swap happens meanwhile
         cfg = s.config
         prefix, pad = self.encode_prefix(observations, s)  # computed once, reused by all K steps
@@ -512,7 +515,7 @@ class OnnxFlowPolicy(SamplingPolicy):
             out = velocity.run(None, {'x': x.numpy(), 'tau': tau.numpy(), 'prefix': prefix, 'prefix_pad': pad})
             return torch.from_numpy(out[0])
 
-        x_final, trace = self._sample(v, cfg, prefix.shape[0], initial_noise)
+        x_final, trace = self._sample(v, cfg, prefix.shape[0], initial_noise, step_noise)
         chunks = x_final * s.action_std + s.action_mean  # the one place actions are de-normalized
         return PolicyOutput(chunks=chunks.numpy(), trace=trace)
 
@@ -573,7 +576,7 @@ def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
 def make_policy(source: FlowVLA | str | Path, backend: str = 'torch', mode: str = 'sde',
                 noise_level: float | None = None, seed: int = 0, device: str = 'cpu',
                 fixed_step: int | None = None, threads: int = 1,
-                sde_noise: str = 'every_step') -> FlowPolicy | OnnxFlowPolicy:
+                sde_noise: str = 'every_step', step_noise_correlation: float = 0.0) -> FlowPolicy | OnnxFlowPolicy:
     """A policy on `backend`: 'torch' (FlowPolicy) or 'onnxruntime' (OnnxFlowPolicy).
 
     `source`: a policy backend (FlowVLA, SmolVLABackend), a checkpoint directory, or (onnxruntime only)
@@ -583,7 +586,7 @@ def make_policy(source: FlowVLA | str | Path, backend: str = 'torch', mode: str 
     if backend not in BACKENDS:
         raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
     kwargs = dict(mode=mode, noise_level=noise_level, seed=seed, device=device, fixed_step=fixed_step,
-                  sde_noise=sde_noise)
+                  sde_noise=sde_noise, step_noise_correlation=step_noise_correlation)
     if backend == 'onnxruntime':
         if not isinstance(source, nn.Module) and (Path(source) / MANIFEST_FILE).is_file():
             return OnnxFlowPolicy(source, threads=threads, **kwargs)

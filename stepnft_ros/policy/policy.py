@@ -10,7 +10,7 @@ import torch
 
 from stepnft_ros.policy.backend import FlowBackend
 from stepnft_ros.policy.config import PolicyConfig
-from stepnft_ros.policy.sampler import check_sde_noise, sample_chunk
+from stepnft_ros.policy.sampler import check_sde_noise, check_step_noise_correlation, sample_chunk
 from stepnft_ros.policy.types import Observation, Trace, stack_observations
 
 SAMPLING_MODES = ('sde', 'ode')
@@ -39,9 +39,12 @@ class SamplingPolicy:
 
     def _init_sampling(self, cfg: PolicyConfig, mode: str, noise_level: float | None, seed: int,
                        device: str | torch.device, fixed_step: int | None, sde_noise: str = 'every_step',
-                       initial_noise_scale: float = 1.0) -> None:
+                       initial_noise_scale: float = 1.0, step_noise_correlation: float = 0.0) -> None:
         check_sampling_mode(mode)
         check_sde_noise(sde_noise)
+        check_step_noise_correlation(step_noise_correlation)
+        # ρ of each episode's step-noise stream; the caller that knows episodes keeps the streams.
+        self.step_noise_correlation = float(step_noise_correlation)
         if not (np.isfinite(initial_noise_scale) and initial_noise_scale >= 0.0):
             raise ValueError(f'initial_noise_scale must be a finite number >= 0, got {initial_noise_scale}')
         self.initial_noise_scale = float(initial_noise_scale)
@@ -66,17 +69,19 @@ class SamplingPolicy:
         self.generator.manual_seed(self.seed if seed is None else seed)
 
     def _sample(self, velocity, cfg: PolicyConfig, batch_size: int,
-                initial_noise: torch.Tensor | None) -> tuple[torch.Tensor, Trace]:
+                initial_noise: torch.Tensor | None,
+                step_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, Trace]:
         """x_K (normalized) and the trace of one batch; initial_noise as in infer_batch."""
         noise = initial_noise_for(batch_size, cfg, self.generator, self.device, initial_noise)
         noise = noise * self.initial_noise_scale
         k_star = None if self.fixed_step is None else torch.full(
             (batch_size,), self.fixed_step, dtype=torch.long, device=self.device)
         return sample_chunk(velocity, noise, cfg.num_steps, self.a, generator=self.generator, k_star=k_star,
-                            sde_noise=self.sde_noise)
+                            sde_noise=self.sde_noise, step_noise=step_noise)
 
     def infer_batch(self, observations: Sequence[Observation],
-                    initial_noise: torch.Tensor | None = None) -> PolicyOutput:
+                    initial_noise: torch.Tensor | None = None,
+                    step_noise: torch.Tensor | None = None) -> PolicyOutput:
         raise NotImplementedError
 
     def infer(self, observation: Observation) -> PolicyOutput:
@@ -89,25 +94,29 @@ class FlowPolicy(SamplingPolicy):
 
     def __init__(self, model: FlowBackend, mode: str = 'sde', noise_level: float | None = None,
                  seed: int = 0, device: str | torch.device = 'cpu', fixed_step: int | None = None,
-                 sde_noise: str = 'every_step', initial_noise_scale: float = 1.0) -> None:
+                 sde_noise: str = 'every_step', initial_noise_scale: float = 1.0,
+                 step_noise_correlation: float = 0.0) -> None:
         check_sampling_mode(mode)
         self.model = model.to(device).eval()
-        self._init_sampling(model.config, mode, noise_level, seed, device, fixed_step, sde_noise, initial_noise_scale)
+        self._init_sampling(model.config, mode, noise_level, seed, device, fixed_step, sde_noise, initial_noise_scale,
+                            step_noise_correlation)
 
     @torch.no_grad()
     def infer_batch(self, observations: Sequence[Observation],
-                    initial_noise: torch.Tensor | None = None) -> PolicyOutput:
+                    initial_noise: torch.Tensor | None = None,
+                    step_noise: torch.Tensor | None = None) -> PolicyOutput:
         """Validates every observation (ObservationError on bad input) and samples one chunk each.
 
         initial_noise: (B, H, D) ε per observation instead of draws from the policy's generator, so
         a caller can keep one noise stream per robot (an ODE chunk then does not depend on which
-        other robots share its batch).
+        other robots share its batch); step_noise: (B, H, D) ξ of the recorded SDE step per observation
+        (each robot's CorrelatedStepNoise stream), fresh draws when None.
         """
         cfg = self.model.config
         batch = stack_observations(observations, cfg).to(self.device)
         prefix = self.model.encode_prefix(batch)  # computed once, reused by all K steps
         x_final, trace = self._sample(lambda x, tau: self.model.velocity(x, tau, prefix), cfg, batch.batch_size,
-                                      initial_noise)
+                                      initial_noise, step_noise)
         chunks = self.model.normalizer.unnormalize_action(x_final)
         return PolicyOutput(chunks=chunks.cpu().numpy(), trace=trace.to('cpu'))
 

@@ -93,12 +93,16 @@ def euler_step(x: torch.Tensor, v: torch.Tensor, delta_k: torch.Tensor) -> torch
 def sample_chunk(velocity: VelocityFn, noise: torch.Tensor, num_steps: int, a: float,
                  generator: torch.Generator | None = None,
                  k_star: torch.Tensor | None = None,
-                 sde_noise: str = 'every_step') -> tuple[torch.Tensor, Trace]:
+                 sde_noise: str = 'every_step',
+                 step_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, Trace]:
     """Integrate from x_0 = ε (τ = 1) to x_K (τ = 0); a = 0 is the ODE sampler, a > 0 the Flow-SDE.
 
     noise: (B, H, D) the initial ε; k_star: (B,) steps to record (default: uniform per decision,
-    the paper's best choice); sde_noise: see SDE_NOISE. Returns x_K (B, H, D) and the trace of step k*.
+    the paper's best choice); sde_noise: see SDE_NOISE; step_noise: (B, H, D) standard normal ξ for
+    step k* instead of a fresh draw (CorrelatedStepNoise). Returns x_K (B, H, D) and the trace of k*.
     """
+    if step_noise is not None and tuple(step_noise.shape) != tuple(noise.shape):
+        raise ValueError(f'step_noise has shape {tuple(step_noise.shape)}, expected {tuple(noise.shape)}')
     check_sde_noise(sde_noise)
     b = noise.shape[0]
     device = noise.device
@@ -116,6 +120,8 @@ def sample_chunk(velocity: VelocityFn, noise: torch.Tensor, num_steps: int, a: f
             sigma_k = sde_sigma(tau_k, tau_next, a)
             mu = sde_mean(x, v, tau_k, tau_next, sigma_k)
             xi = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+            if step_noise is not None:
+                xi = torch.where((k_star == k).reshape(-1, 1, 1), step_noise.to(xi), xi)
             x_new = mu + sde_std(sigma_k, delta_k).reshape(-1, 1, 1) * xi
         else:
             x_new = euler_step(x, v, delta_k)
@@ -129,3 +135,31 @@ def sample_chunk(velocity: VelocityFn, noise: torch.Tensor, num_steps: int, a: f
     trace = Trace(x_k=x_k, x_next=x_next, v_old=v_old, k=k_star.long(),
                   a=torch.full((b,), float(a), device=device), x_final=x.clone())
     return x, trace
+
+
+class CorrelatedStepNoise:
+    """One episode's step noise ξ as an AR(1) stream over its decisions: ξ_t = ρ·ξ_{t−1} + √(1−ρ²)·η_t.
+
+    Each ξ_t is still standard normal, so every recorded step keeps the Flow-SDE transition the
+    loss assumes; only successive decisions of one episode lean the same way (ρ = 1: one direction
+    for the whole episode), so exploration moves the trajectory instead of jittering around it.
+    """
+
+    def __init__(self, correlation: float, generator: torch.Generator) -> None:
+        check_step_noise_correlation(correlation)
+        self.correlation, self.generator = float(correlation), generator
+        self.previous: torch.Tensor | None = None
+
+    def next(self, shape: tuple[int, ...]) -> torch.Tensor:
+        fresh = torch.randn(shape, generator=self.generator)
+        if self.previous is None:
+            self.previous = fresh
+        else:
+            rho = self.correlation
+            self.previous = rho * self.previous + (1.0 - rho * rho) ** 0.5 * fresh
+        return self.previous
+
+
+def check_step_noise_correlation(correlation: float) -> None:
+    if not 0.0 <= correlation <= 1.0:
+        raise ValueError(f'step_noise_correlation must be in [0, 1], got {correlation}')

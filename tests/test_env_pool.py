@@ -11,7 +11,7 @@ from toy_env import PointReach
 
 from stepnft_ros.env_pool import EnvPool
 from stepnft_ros.policy import FlowPolicy, FlowVLA, PolicyConfig
-from stepnft_ros.policy.sampler import grid_at, sde_mean, sde_sigma, sde_std
+from stepnft_ros.policy.sampler import recorded_noise
 
 
 class CrashOnce(PointReach):
@@ -95,14 +95,6 @@ def test_each_update_trains_on_the_replay_window_of_recent_iterations():
     assert all(0.0 <= h['train_success'] <= 1.0 for h in history[1:])
 
 
-def recorded_xi(decision) -> torch.Tensor:
-    """ξ of a decision's recorded Flow-SDE step, from its trace alone (x_k, x_{k*+1}, v_old)."""
-    t = decision.trace
-    tau_k, tau_next, delta_k = grid_at(t.k, 4)
-    sigma = sde_sigma(tau_k, tau_next, t.a)
-    return (t.x_next - sde_mean(t.x_k, t.v_old, tau_k, tau_next, sigma)) / sde_std(sigma, delta_k).reshape(-1, 1, 1)
-
-
 def test_correlated_step_noise_leans_each_episode_one_way():
     model = small_model()
     seeds = [100, 100, 101]
@@ -113,9 +105,9 @@ def test_correlated_step_noise_leans_each_episode_one_way():
                                         seeds, actions_per_chunk=2)
     first = []
     for e in episodes:
-        xi = [recorded_xi(d) for d in e.decisions]
+        xi = [recorded_noise(d.trace, 4) for d in e.decisions]
         assert len(xi) > 2 and all(torch.allclose(x, xi[0], atol=1e-4) for x in xi)  # ρ = 1: one ξ per episode
         first.append(xi[0])
     assert not torch.allclose(first[0], first[1], atol=1e-2)  # the group's episodes lean different ways
-    xi = [recorded_xi(d) for d in independent[0].decisions]
+    xi = [recorded_noise(d.trace, 4) for d in independent[0].decisions]
     assert not torch.allclose(xi[0], xi[1], atol=1e-2)

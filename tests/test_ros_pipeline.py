@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 rclpy = pytest.importorskip('rclpy', reason='ROS 2 is installed by scripts/setup.sh')
@@ -24,6 +25,7 @@ from stepnft_ros import ros_io  # noqa: E402
 from stepnft_ros.episodes.store import EpisodeStore  # noqa: E402
 from stepnft_ros.monitoring import read_scalars  # noqa: E402
 from stepnft_ros.policy.checkpoint import read_header  # noqa: E402
+from stepnft_ros.policy.sampler import recorded_noise  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -121,7 +123,8 @@ def test_camera_images_flow_through_bridge_and_policy_server(tmp_path, graph):
     ckpt = tiny_checkpoint(tmp_path / 'vision', camera_names=('base_camera',), image_size=32)
     episodes = tmp_path / 'episodes'
     server = graph.start('stepnft_ros.nodes.policy_server', 'policy_server', {
-        'checkpoint': str(ckpt), 'episode_dir': str(episodes), 'robots': ['env0'], 'mode': 'train'})
+        'checkpoint': str(ckpt), 'episode_dir': str(episodes), 'robots': ['env0'], 'mode': 'train',
+        'sde_noise': 'recorded_step', 'step_noise_correlation': 1.0})
     bridge = graph.start('sim_bridge.maniskill_node', 'maniskill_bridge', {
         'obs_mode': 'rgb', 'image_size': 32, 'max_episode_steps': 6, 'max_episodes': 2,
         'reconfigure_on_reset': False}, namespace='env0')
@@ -133,8 +136,13 @@ def test_camera_images_flow_through_bridge_and_policy_server(tmp_path, graph):
     deadline = time.monotonic() + 10
     while len(store.episode_ids()) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
+    leanings = []
     for episode_id in store.episode_ids():
         episode = store.load(episode_id)
+        # step_noise_correlation 1: the server kept one step-noise direction for each episode
+        xi = [recorded_noise(d.trace, 3) for d in episode.decisions]  # tiny_checkpoint: K = 3
+        assert torch.allclose(xi[0], xi[1], atol=1e-4)
+        leanings.append(xi[0])
         image = episode.decisions[0].observation.images['base_camera']
         assert image.shape == (32, 32, 3) and image.dtype == np.uint8 and image.std() > 0  # a rendered scene
         assert len(episode.decisions) == 2 and episode.success is False  # 6 steps: chunks of 4 and 2; random policy
@@ -150,6 +158,7 @@ def test_camera_images_flow_through_bridge_and_policy_server(tmp_path, graph):
         assert deserialize_message(first['instruction'][1], String).data == episode.decisions[0].observation.instruction
         assert {t for t, _, _ in episode.decisions[1].robot_messages} == {
             'joint_states', 'task_state', 'camera/base_camera/image_raw'}  # the instruction once per episode
+    assert not torch.allclose(leanings[0], leanings[1], atol=1e-2)  # a new direction per episode
 
 
 def test_a_respawned_bridge_has_its_predecessors_unfinished_episode_dropped(tmp_path, graph, probe):

@@ -7,8 +7,17 @@ import pytest
 import torch
 
 from stepnft_ros.policy import FlowPolicy, FlowVLA, Observation, PolicyConfig
-from stepnft_ros.policy.sampler import (CorrelatedStepNoise, euler_step, grid_at, sample_chunk, sde_mean, sde_sigma,
-                                        sde_std, time_grid)
+from stepnft_ros.policy.sampler import (
+    CorrelatedStepNoise,
+    euler_step,
+    grid_at,
+    recorded_noise,
+    sample_chunk,
+    sde_mean,
+    sde_sigma,
+    sde_std,
+    time_grid,
+)
 
 
 def test_time_grid_matches_formula():
@@ -146,14 +155,6 @@ def test_initial_noise_scale_shrinks_the_chains_starting_point():
             FlowPolicy(model, initial_noise_scale=bad)
 
 
-def recorded_xi(trace, velocity, num_steps: int, a: float) -> torch.Tensor:
-    """The standard-normal ξ behind each recorded transition: (x_{k*+1} − μ) / s."""
-    tau_k, tau_next, delta_k = grid_at(trace.k, num_steps)
-    sigma = sde_sigma(tau_k, tau_next, a)
-    mu = sde_mean(trace.x_k, velocity(trace.x_k, tau_k), tau_k, tau_next, sigma)
-    return (trace.x_next - mu) / sde_std(sigma, delta_k).reshape(-1, 1, 1)
-
-
 @pytest.mark.parametrize('sde_noise', ['recorded_step', 'every_step'])
 def test_given_step_noise_is_the_recorded_steps_xi(sde_noise):
     velocity = lambda x, tau: 0.5 * x + tau[:, None, None]  # noqa: E731
@@ -161,7 +162,7 @@ def test_given_step_noise_is_the_recorded_steps_xi(sde_noise):
     step_noise = torch.randn(6, 5, 2, generator=torch.Generator().manual_seed(3))
     _, trace = sample_chunk(velocity, noise, 4, a=0.4, generator=torch.Generator().manual_seed(2),
                             sde_noise=sde_noise, step_noise=step_noise)
-    assert torch.allclose(recorded_xi(trace, velocity, 4, 0.4), step_noise, atol=1e-4)
+    assert torch.allclose(recorded_noise(trace, 4), step_noise, atol=1e-4)
     with pytest.raises(ValueError, match='step_noise has shape'):
         sample_chunk(velocity, noise, 4, a=0.4, step_noise=step_noise[:, :4])
 

@@ -137,6 +137,14 @@ def sample_chunk(velocity: VelocityFn, noise: torch.Tensor, num_steps: int, a: f
     return x, trace
 
 
+def recorded_noise(trace: Trace, num_steps: int) -> torch.Tensor:
+    """The standard-normal ξ each trace's recorded step drew: (x_{k*+1} − μ(x_{k*}, v_old)) / s_{k*}."""
+    tau_k, tau_next, delta_k = grid_at(trace.k, num_steps)
+    sigma = sde_sigma(tau_k, tau_next, trace.a)
+    mu = sde_mean(trace.x_k, trace.v_old, tau_k, tau_next, sigma)
+    return (trace.x_next - mu) / sde_std(sigma, delta_k).reshape(-1, 1, 1)
+
+
 class CorrelatedStepNoise:
     """One episode's step noise ξ as an AR(1) stream over its decisions: ξ_t = ρ·ξ_{t−1} + √(1−ρ²)·η_t.
 

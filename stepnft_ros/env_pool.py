@@ -182,7 +182,7 @@ class EnvPool:
         results: dict[int, Episode] = {}
         tags: dict[int, tuple[int, int, int]] = {}
         cfg_h, cfg_d = policy_shape(policy)
-        correlated = policy.a > 0.0 and policy.step_noise_correlation > 0.0
+        correlated = policy.correlates_step_noise
 
         def start(i: int) -> None:
             position, seed, occurrence = todo.popleft()

@@ -436,7 +436,8 @@ class PolicyServer(ManagedNode):
             batch = ready[start:start + self.max_batch]
             shape = (cfg.horizon, cfg.action_dim)
             noise = None if self.recording else torch.stack([torch.randn(shape, generator=r.noise) for r in batch])
-            step_noise = torch.stack([r.step_noise.next(shape) for r in batch]) if self._correlated else None
+            step_noise = (torch.stack([r.step_noise.next(shape) for r in batch])
+                          if self.policy.correlates_step_noise else None)
             out = self.policy.infer_batch([r.pending[1] for r in batch], initial_noise=noise, step_noise=step_noise)
             for i, robot in enumerate(batch):
                 stamp_ns, obs = robot.pending
@@ -468,15 +469,11 @@ class PolicyServer(ManagedNode):
         # Wall-clock first: ids sort by start time and stay unique across server restarts.
         return f'{time.time_ns()}_{re.sub(r"[^A-Za-z0-9_.-]", "_", robot.namespace.strip("/"))}_{stamp_ns}'
 
-    @property
-    def _correlated(self) -> bool:
-        return self.policy.a > 0.0 and self.policy.step_noise_correlation > 0.0
-
     def _reseed(self, robot: Robot) -> None:
         """New noise streams for the robot's next episode."""
         if not self.recording:
             robot.noise = robot_noise(self.seed, robot.namespace, robot.episodes_done)
-        elif self._correlated:
+        elif self.policy.correlates_step_noise:
             robot.step_noise = CorrelatedStepNoise(self.policy.step_noise_correlation, robot_noise(
                 self.seed, robot.namespace, robot.episodes_done, stream='step'))
 
@@ -558,7 +555,8 @@ class PolicyServer(ManagedNode):
         robot.last_answer = None
         robot.pending = None
         robot.next_seed = None  # a restarted bridge publishes its own
-        self._reseed(robot)  # the next episode leans its own way
+        if self.recording:  # the step-noise stream restarts (from the same seed: discards are not outcomes)
+            self._reseed(robot)
         robot.assembler.restart()  # what follows is a new start: a restarted sim's clock may be behind
         if robot.human_assembler is not None:
             robot.human_assembler.restart()

@@ -64,6 +64,11 @@ class SamplingPolicy:
         """Noise level actually used: 0 for the ODE sampler."""
         return self.noise_level if self.mode == 'sde' else 0.0
 
+    @property
+    def correlates_step_noise(self) -> bool:
+        """Whether callers should pass each episode's CorrelatedStepNoise as `step_noise`."""
+        return self.a > 0.0 and self.step_noise_correlation > 0.0
+
     def reset(self, seed: int | None = None) -> None:
         """Re-seed the sampler's noise (default: the construction seed)."""
         self.generator.manual_seed(self.seed if seed is None else seed)

@@ -105,6 +105,9 @@ METHODS: dict[str, tuple[dict, dict]] = {
     # recorded step is still a Flow-SDE transition) at a = 0.8. On the PushCube start it leaves 18 % of
     # the states without a success in 8 tries instead of 32 % (bench/results/reach_PushCube-v1.json)
     'stepnft_correlated_noise': (REC_ALGO, {**GROUP_ONLINE, 'step_noise_correlation': 1.0, 'noise_level': 0.8}),
+    # ... with half the lr: seed 1 of the above moved far per update (KL ≈ 3e-2, ~70 % of decisions clipped)
+    'stepnft_correlated_noise_lr5e-5': ({**REC_ALGO, 'lr': 5e-5},
+                                        {**GROUP_ONLINE, 'step_noise_correlation': 1.0, 'noise_level': 0.8}),
     'stepnft_paper_scale': ({'epochs': 2, 'minibatch_size': 4096, 'lr': 1e-4},
                             {'episodes_per_iteration': 32, 'group_size': 1, 'labels': 'terminal_binary',
                              'noise_level': 0.5}),

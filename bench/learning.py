@@ -59,6 +59,7 @@ BASE_ONLINE = dict(episodes_per_iteration=256, group_size=8, labels='group_mean'
 REC_ALGO = dict(minibatch_size=4096)
 REC_ONLINE = dict(episodes_per_iteration=1024, group_size=1, labels='batch_mean', sde_noise='recorded_step')
 GROUP_ONLINE = {**REC_ONLINE, 'labels': 'group_mean', 'group_size': 8}
+CORRELATED_ONLINE = {**GROUP_ONLINE, 'step_noise_correlation': 1.0, 'noise_level': 0.8}  # one ξ per episode
 METHODS: dict[str, tuple[dict, dict]] = {
     # name: (StepNFTConfig overrides, OnlineConfig overrides)
     'stepnft': ({}, {}),
@@ -104,12 +105,11 @@ METHODS: dict[str, tuple[dict, dict]] = {
     # exploration that moves trajectories: one step-noise direction ξ per episode (ρ = 1; each decision's
     # recorded step is still a Flow-SDE transition) at a = 0.8. On the PushCube start it leaves 18 % of
     # the states without a success in 8 tries instead of 32 % (bench/results/reach_PushCube-v1.json)
-    'stepnft_correlated_noise': (REC_ALGO, {**GROUP_ONLINE, 'step_noise_correlation': 1.0, 'noise_level': 0.8}),
+    'stepnft_correlated_noise': (REC_ALGO, CORRELATED_ONLINE),
     # ... with half the lr: seed 1 of the above moved far per update (KL ≈ 3e-2, ~70 % of decisions clipped)
-    'stepnft_correlated_noise_lr5e-5': ({**REC_ALGO, 'lr': 5e-5},
-                                        {**GROUP_ONLINE, 'step_noise_correlation': 1.0, 'noise_level': 0.8}),
+    'stepnft_correlated_noise_lr5e-5': ({**REC_ALGO, 'lr': 5e-5}, CORRELATED_ONLINE),
     # ... with a = 0.5: on PickCube a = 0.8 dropped training success from 24 to 14 % and lost 4.5 points
-    'stepnft_correlated_noise_a0.5': (REC_ALGO, {**GROUP_ONLINE, 'step_noise_correlation': 1.0, 'noise_level': 0.5}),
+    'stepnft_correlated_noise_a0.5': (REC_ALGO, {**CORRELATED_ONLINE, 'noise_level': 0.5}),
     'stepnft_paper_scale': ({'epochs': 2, 'minibatch_size': 4096, 'lr': 1e-4},
                             {'episodes_per_iteration': 32, 'group_size': 1, 'labels': 'terminal_binary',
                              'noise_level': 0.5}),

@@ -96,13 +96,14 @@ def wait_quiet(max_wait_s: float, threshold: float = 0.3) -> float:
 class NodeProc:
     """One node as `python -m <module> --ros-args ...`, exactly as stepnft_ros.launcher starts it."""
 
-    def __init__(self, module: str, name: str, params: dict, work: Path, namespace: str = '') -> None:
+    def __init__(self, module: str, name: str, params: dict, work: Path, namespace: str = '',
+                 config: str = 'train_sim.yaml') -> None:
         tag = f'{namespace}_{name}'.strip('_')
         self.name = f'/{namespace}/{name}' if namespace else f'/{name}'
         params_file = work / f'{tag}.params.yaml'
         # Per-instance values only; the static ones come from the same config file the launcher passes.
         params_file.write_text(yaml.safe_dump({self.name: {'ros__parameters': params}}))
-        cmd = node_command(module, name, namespace, [config_dir() / 'train_sim.yaml', params_file])
+        cmd = node_command(module, name, namespace, [config_dir() / config, params_file])
         self.log_path = work / f'{tag}.log'
         self._log = open(self.log_path, 'w')
         env = dict(os.environ, PYTHONUNBUFFERED='1')
@@ -133,12 +134,13 @@ class NodeProc:
 class Graph:
     """Started nodes; stop() ends all of them (bridges first, so the server sees no new work)."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, config: str = 'train_sim.yaml') -> None:
         self.work = work
+        self.config = config  # the graph's params file in config/, as the launcher passes it
         self.nodes: list[NodeProc] = []
 
     def start(self, module: str, name: str, params: dict, namespace: str = '') -> NodeProc:
-        self.nodes.append(NodeProc(module, name, params, self.work, namespace))
+        self.nodes.append(NodeProc(module, name, params, self.work, namespace, self.config))
         return self.nodes[-1]
 
     def check(self, doing: str) -> None:

@@ -8,6 +8,10 @@ seeds in its own ManiSkill environment, and publishes /evaluation/success_rate
 success (read from `learner_history`) beside it, and TensorBoard scalars eval/* under
 <out_dir>/evaluator/tensorboard. After the version marked final by the
 learner it exits, which ends the train_sim graph.
+The latched topic keeps only the newest version, so an evaluator that starts after the learner's
+first updates (simulator start-up is slow) scores the due versions it missed from the learner's
+checkpoints first, version 0 being `checkpoint` (the starting weights): the run's start is always
+scored when that parameter is given.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from std_msgs.msg import Float32, String
 from sim_bridge.maniskill_env import ManiSkillEnv, ManiSkillEnvConfig
 from stepnft_ros import ros_io
 from stepnft_ros.atomic import atomic_write_text
-from stepnft_ros.learner import plot_history
+from stepnft_ros.learner import plot_history, version_dir
 from stepnft_ros.monitoring import EVENTS_DIR, ScalarLog
 from stepnft_ros.nodes.common import ConfigError, Params, finish, run_node
 from stepnft_ros.policy import CheckpointError, FlowPolicy, load_checkpoint
@@ -37,6 +41,7 @@ class ManiSkillEvaluator(Node):
         p = Params(self)
         self.out_dir = Path(p.required('out_dir', str))
         self.learner_history = p.get('learner_history', '')
+        self.initial_checkpoint = p.get('checkpoint', '')
         first_seed, episodes = p.get('first_eval_seed', 10_000), p.get('eval_episodes', 48)
         self.seeds = list(range(first_seed, first_seed + episodes))
         self.every = p.get('every_n_versions', 1)
@@ -70,6 +75,8 @@ class ManiSkillEvaluator(Node):
         except ValueError as err:
             self.get_logger().error(str(err))
             return
+        for missed in self._missed(announced):
+            self._evaluate(missed)
         due = announced.version % self.every == 0 or announced.final
         if due and announced.version not in self.done_versions:
             self._evaluate(announced)
@@ -77,6 +84,18 @@ class ManiSkillEvaluator(Node):
             self.get_logger().info(f'final version {announced.version} evaluated; plot at '
                                    f'{self.out_dir / "success.png"}')
             finish(self)
+
+    def _missed(self, announced: ros_io.WeightsAnnouncement) -> list[ros_io.WeightsAnnouncement]:
+        """Due versions before `announced` that were never scored and whose weights are on disk."""
+        missed = []
+        for version in range(0, announced.version, self.every):
+            if version in self.done_versions:
+                continue
+            path = (Path(self.initial_checkpoint) if version == 0 and self.initial_checkpoint
+                    else version_dir(Path(announced.checkpoint).parent, version) if version else None)
+            if path is not None and path.exists():
+                missed.append(ros_io.WeightsAnnouncement(version=version, checkpoint=str(path)))
+        return missed
 
     def _evaluate(self, announced: ros_io.WeightsAnnouncement) -> None:
         try:

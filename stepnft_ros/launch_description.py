@@ -126,7 +126,7 @@ def train_sim(args: TrainSimArgs, checkpoint: str) -> list[NodeSpec]:
     ]
     if args.evaluate:
         specs.append(NodeSpec('maniskill_evaluator', 'maniskill_evaluator', 'sim_bridge.maniskill_evaluator',
-                              ends_graph='exit', parameters={'out_dir': str(run),
+                              ends_graph='exit', parameters={'out_dir': str(run), 'checkpoint': checkpoint,
                                                              'learner_history': str(run / 'learner/history.json')}))
     for i, ns in enumerate(robots):
         bridge = {'first_seed': args.first_seed + i * args.seed_stride, 'publish_clock': i == 0,

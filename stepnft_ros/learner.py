@@ -37,6 +37,11 @@ OPTIMIZER_FILE = 'optimizer.safetensors'
 _VERSION_DIR = re.compile(r'^v(\d{6,})$')
 
 
+def version_dir(checkpoints: Path, version: int) -> Path:
+    """Where the learner writes weights version `version` (> 0) under its checkpoints directory."""
+    return checkpoints / f'v{version:06d}'
+
+
 @dataclass(frozen=True)
 class LearnerConfig:
     episodes_per_update: int = 16
@@ -120,13 +125,13 @@ class Learner:
 
     def checkpoint_path(self, version: int | None = None) -> Path:
         version = self.version if version is None else version
-        return self.initial_checkpoint if version == 0 else self.checkpoints / f'v{version:06d}'
+        return self.initial_checkpoint if version == 0 else version_dir(self.checkpoints, version)
 
     def _resume(self, device: str):
         versions = sorted((int(m.group(1)) for p in self.checkpoints.iterdir()
                            if (m := _VERSION_DIR.match(p.name))), reverse=True)
         for version in versions:
-            path = self.checkpoints / f'v{version:06d}'
+            path = version_dir(self.checkpoints, version)
             try:
                 model, meta = load_checkpoint(path, device=device)
                 opt = safetensors.torch.load_file(str(path / OPTIMIZER_FILE))

@@ -456,3 +456,25 @@ def test_group_mean_labels_are_refused_where_robots_have_no_seeds(tmp_path, grap
         'labels': 'group_mean', 'seeded_resets': False})  # what deploy_real sets
     assert learner.proc.wait(60) == 2
     assert "labels 'group_mean' groups episodes by their reset seed" in learner.output()
+
+
+def test_an_evaluator_that_starts_late_scores_the_versions_it_missed_from_disk(tmp_path):
+    """The latched /policy_weights holds only the newest version: the start and every due version
+    before it come from the learner's checkpoints, those already scored or not on disk excepted."""
+    from types import SimpleNamespace
+
+    from sim_bridge.maniskill_evaluator import ManiSkillEvaluator
+    from stepnft_ros.learner import version_dir
+    from stepnft_ros.ros_io import WeightsAnnouncement
+
+    checkpoints = tmp_path / 'learner' / 'checkpoints'
+    for version in (2, 4, 8):  # 6 was pruned
+        version_dir(checkpoints, version).mkdir(parents=True)
+    (tmp_path / 'sft').mkdir()
+    evaluator = SimpleNamespace(every=2, done_versions={2}, initial_checkpoint=str(tmp_path / 'sft'))
+    announced = WeightsAnnouncement(version=10, checkpoint=str(version_dir(checkpoints, 10)))
+    missed = ManiSkillEvaluator._missed(evaluator, announced)
+    assert [(m.version, m.checkpoint) for m in missed] == [
+        (0, str(tmp_path / 'sft')), (4, str(version_dir(checkpoints, 4))), (8, str(version_dir(checkpoints, 8)))]
+    evaluator.initial_checkpoint = ''  # not given: the start cannot be scored
+    assert [m.version for m in ManiSkillEvaluator._missed(evaluator, announced)] == [4, 8]

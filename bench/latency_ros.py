@@ -37,6 +37,7 @@ import json
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -80,10 +81,8 @@ def schedule_metrics(commands: list[tuple[float, np.ndarray]], joints: list[tupl
     arm = slice(0, arm_joints)
     arrivals = np.array([t for t, _ in commands])
     ticks = np.maximum(np.rint(np.diff(arrivals) / period), 1).astype(int)  # control ticks from one to the next
-    series = [commands[0][1]]
-    for gap, (_, q) in zip(ticks, commands[1:], strict=True):
-        series += [series[-1]] * (gap - 1) + [q]  # a held tick repeats the last target
-    commanded = np.stack(series)[:, arm]
+    # each target holds until the next command arrives: a held tick repeats the last target
+    commanded = np.repeat(np.stack([q for _, q in commands]), np.append(ticks, 1), axis=0)[:, arm]
     jerk = np.abs(np.diff(commanded, 3, axis=0)).max(axis=1) / period ** 3
     stamps = np.array([t for t, _ in joints])
     error = np.stack([q for _, q in joints])[:, arm] - reference(stamps, centre)[:, arm]
@@ -184,9 +183,8 @@ def run(args) -> dict:
         with Graph(work, config=CONFIG) as graph:
             arm = graph.start('sim_bridge.standin_arm', 'standin_arm', {'seed': args.seed})
             graph.start('stepnft_ros.nodes.safety_layer', 'safety_layer', {}, namespace=ROBOT)
-            arm_joints: list = []
-            node.create_subscription(ros_io.JointState, '/joint_states', lambda m: arm_joints.append(m),
-                                     ros_io.RELIABLE_QOS)
+            arm_joints: deque = deque(maxlen=1)  # the latest only
+            node.create_subscription(ros_io.JointState, '/joint_states', arm_joints.append, ros_io.RELIABLE_QOS)
             spin_until(executor, graph, lambda: arm_joints, 180, 'joint states from the stand-in arm')
             first = arm_joints[-1]
             centre = np.asarray(first.position)[[list(first.name).index(n) for n in names]]

@@ -36,6 +36,7 @@ from sim_bridge.maniskill_env import ManiSkillEnv, ManiSkillEnvConfig  # noqa: E
 from stepnft_ros.algo.stepnft import StepNFTConfig, StepNFTTrainer  # noqa: E402
 from stepnft_ros.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
 from stepnft_ros.env_pool import EnvPool  # noqa: E402
+from stepnft_ros.learner import version_dir  # noqa: E402
 from stepnft_ros.monitoring import EVENTS_DIR, ScalarLog  # noqa: E402
 from stepnft_ros.online import OnlineConfig, run_online  # noqa: E402
 from stepnft_ros.pipeline import DefaultSFT, ensure_sft_checkpoint  # noqa: E402
@@ -320,7 +321,8 @@ def score_graph(args: argparse.Namespace) -> dict:
     history = json.loads((run / 'learner' / 'history.json').read_text())
     if not history:
         raise SystemExit(f'{run}: the learner has not finished an update yet')
-    _, meta = read_header(run / 'learner' / 'checkpoints' / f'v{history[-1]["weights_version"]:06d}')
+    checkpoints = run / 'learner' / 'checkpoints'
+    _, meta = read_header(version_dir(checkpoints, history[-1]['weights_version']))
     learner_cfg = meta['learner_config']
     versions = [0] + [h['weights_version'] for h in history]
     picked = sorted({v for v in versions if v % args.every == 0} | {versions[-1]})
@@ -336,7 +338,7 @@ def score_graph(args: argparse.Namespace) -> dict:
             if path.exists():
                 scored = json.loads(path.read_text())
             else:
-                model, _ = load_checkpoint(meta['initial'] if v == 0 else run / 'learner' / 'checkpoints' / f'v{v:06d}')
+                model, _ = load_checkpoint(meta['initial'] if v == 0 else version_dir(checkpoints, v))
                 success, per_seed = pool.evaluate(FlowPolicy(model, mode='ode'), seeds, args.actions_per_chunk)
                 scored = {'eval_success': success, 'eval_outcomes': per_seed}
                 atomic_write_text(path, json.dumps(scored))

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from stepnft_ros.atomic import atomic_write_text  # noqa: E402
 from stepnft_ros.episodes.schema import Episode, collate_episodes  # noqa: E402
 from stepnft_ros.episodes.store import EpisodeStore  # noqa: E402
+from stepnft_ros.learner import version_dir  # noqa: E402
 from stepnft_ros.policy import load_checkpoint  # noqa: E402
 from stepnft_ros.policy.checkpoint import read_header  # noqa: E402
 from stepnft_ros.policy.sampler import euler_step, grid_at, sde_mean, sde_sigma, sde_std  # noqa: E402
@@ -60,7 +61,7 @@ def audit(run: Path, checkpoint: Path, episodes: int, actions_per_chunk: int, st
             by_version.setdefault(versions.pop(), []).append(e)
     per_version, residuals, ks, deltas, steps = [], [], [], [], None
     for version, group in sorted(by_version.items()):
-        path = checkpoint if version == 0 else run / 'learner' / 'checkpoints' / f'v{version:06d}'
+        path = checkpoint if version == 0 else version_dir(run / 'learner' / 'checkpoints', version)
         if not path.exists():
             per_version.append({'weights_version': version, 'episodes': len(group), 'checkpoint': 'missing'})
             continue

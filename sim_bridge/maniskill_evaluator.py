@@ -89,11 +89,11 @@ class ManiSkillEvaluator(Node):
         """Due versions before `announced` that were never scored and whose weights are on disk."""
         missed = []
         for version in range(0, announced.version, self.every):
-            if version in self.done_versions:
+            if version in self.done_versions or (version == 0 and not self.initial_checkpoint):
                 continue
-            path = (Path(self.initial_checkpoint) if version == 0 and self.initial_checkpoint
-                    else version_dir(Path(announced.checkpoint).parent, version) if version else None)
-            if path is not None and path.exists():
+            path = (Path(self.initial_checkpoint) if version == 0
+                    else version_dir(Path(announced.checkpoint).parent, version))
+            if path.exists():
                 missed.append(ros_io.WeightsAnnouncement(version=version, checkpoint=str(path)))
         return missed
 

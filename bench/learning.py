@@ -127,15 +127,24 @@ def make_env(env_id: str, max_episode_steps: int) -> ManiSkillEnv:
 
 
 def sft_spec(args: argparse.Namespace) -> DefaultSFT:
-    return replace(DefaultSFT(), env_id=args.task, num_demos=args.num_demos, sft_steps=args.sft_steps)
+    return replace(DefaultSFT(), env_id=args.task, num_demos=args.num_demos, sft_steps=args.sft_steps,
+                   d_model=args.d_model)
+
+
+def start_tag(args: argparse.Namespace) -> str:
+    """Suffix naming a start other than the default width: its SFT, start evaluation, runs and results
+    stay apart from the default's."""
+    return '' if args.d_model == DefaultSFT.d_model else f'_d{args.d_model}'
 
 
 def run_one(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
     task_dir = Path(args.work) / args.task
-    run_dir = task_dir / args.method / f's{args.seed}'
+    tag = start_tag(args)
+    name = args.method + tag  # the method as the results name it
+    run_dir = task_dir / name / f's{args.seed}'
     run_dir.mkdir(parents=True, exist_ok=True)
-    sft = ensure_sft_checkpoint(task_dir / 'sft_start', sft_spec(args), log=log)
+    sft = ensure_sft_checkpoint(task_dir / f'sft_start{tag}', sft_spec(args), log=log)
     algo_over, online_over = METHODS[args.method]
     algo = StepNFTConfig(**{**BASE_ALGO, **algo_over})
     online = OnlineConfig(**{**BASE_ONLINE, **online_over}, iterations=10_000, actions_per_chunk=4,
@@ -147,14 +156,14 @@ def run_one(args: argparse.Namespace) -> dict:
     if (state_dir / 'history.json').exists():  # resume
         model, _ = load_checkpoint(state_dir)
         history = json.loads((state_dir / 'history.json').read_text())
-        log(f'{args.method} s{args.seed}: resuming after iteration {history[-1]["iteration"]}')
+        log(f'{name} s{args.seed}: resuming after iteration {history[-1]["iteration"]}')
     else:
         model, _ = load_checkpoint(sft)
     trainer = StepNFTTrainer(model, algo, seed=args.seed + 1000 * len(history))
     if history:
         trainer.load_optimizer_tensors(safetensors.torch.load_file(str(state_dir / 'optimizer.safetensors')))
         trainer.updates = history[-1]['iteration']
-    start_cache = task_dir / f'start_eval_{args.test_seeds}.json'
+    start_cache = task_dir / f'start_eval_{args.test_seeds}{tag}.json'
     if not history and start_cache.exists():  # every method starts from the same SFT evaluation
         history = [json.loads(start_cache.read_text())]
     started = time.perf_counter()
@@ -164,7 +173,7 @@ def run_one(args: argparse.Namespace) -> dict:
         hist[-1]['total_wall_s'] = round(wall_before + time.perf_counter() - started, 1)
         if hist[-1]['iteration'] == 0 and not start_cache.exists():
             atomic_write_text(start_cache, json.dumps(hist[0]))
-        save_checkpoint(state_dir, tr.model, {'stage': args.method, 'iteration': hist[-1]['iteration']})
+        save_checkpoint(state_dir, tr.model, {'stage': name, 'iteration': hist[-1]['iteration']})
         atomic_write_bytes(state_dir / 'optimizer.safetensors', safetensors.torch.save(tr.optimizer_tensors()))
         atomic_write_text(state_dir / 'history.json', json.dumps(hist))
 
@@ -173,7 +182,7 @@ def run_one(args: argparse.Namespace) -> dict:
     def progress(e: dict) -> None:
         scalars.write('train', e, e['iteration'])
         ev = f' eval {e["eval_success"]:.3f}' if 'eval_success' in e else ''
-        log(f'{args.method} s{args.seed} it {e["iteration"]}: env_steps {e["env_steps"]} '
+        log(f'{name} s{args.seed} it {e["iteration"]}: env_steps {e["env_steps"]} '
             f'train {e.get("train_success", float("nan")):.3f}{ev} steps/s {e.get("rollout_steps_per_s", 0)} '
             f'pref_acc {e.get("preference_accuracy", float("nan")):.3f} kl {e.get("kl", float("nan")):.2e} '
             f'clip {e.get("clip_fraction", float("nan")):.3f} grad_steps {e.get("gradient_steps", 0):.0f}')
@@ -185,8 +194,9 @@ def run_one(args: argparse.Namespace) -> dict:
     scalars.close()
     evals = [h for h in history if 'eval_success' in h]
     result = {
-        'task': args.task, 'method': args.method, 'seed': args.seed, 'test_seeds': args.test_seeds,
-        'algo_config': asdict(algo), 'online_config': {k: v for k, v in asdict(online).items() if k != 'eval_seeds'},
+        'task': args.task, 'method': name, 'seed': args.seed, 'test_seeds': args.test_seeds,
+        'sft_start': asdict(sft_spec(args)), 'algo_config': asdict(algo),
+        'online_config': {k: v for k, v in asdict(online).items() if k != 'eval_seeds'},
         'start': evals[0]['eval_success'], 'final': evals[-1]['eval_success'],
         'best': max(h['eval_success'] for h in evals), 'env_steps': evals[-1]['env_steps'],  # at the final evaluation
         'wall_min': round(history[-1].get('total_wall_s', 0.0) / 60.0, 2),
@@ -197,9 +207,9 @@ def run_one(args: argparse.Namespace) -> dict:
         'start_outcomes': evals[0]['eval_outcomes'],
         'final_outcomes': evals[-1]['eval_outcomes'],
     }
-    out = RESULTS / 'learning' / f'{args.task}_{args.method}_s{args.seed}.json'
+    out = RESULTS / 'learning' / f'{args.task}_{name}_s{args.seed}.json'
     atomic_write_text(out, json.dumps(result, indent=1))
-    log(f'{args.method} s{args.seed}: {result["start"]:.3f} -> {result["final"]:.3f} '
+    log(f'{name} s{args.seed}: {result["start"]:.3f} -> {result["final"]:.3f} '
         f'(best {result["best"]:.3f}) at {result["env_steps"]} env steps -> {out}')
     return result
 
@@ -500,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument('--eval-every', type=int, default=4, help='updates between test evaluations')
     r.add_argument('--num-demos', type=int, default=DefaultSFT.num_demos, help='demos of the SFT start')
     r.add_argument('--sft-steps', type=int, default=DefaultSFT.sft_steps, help='SFT steps of the start')
+    r.add_argument('--d-model', type=int, default=DefaultSFT.d_model,
+                   help='width of the start policy; other than the default, runs and results are named '
+                        '<method>_d<width>')
     r.add_argument('--max-episode-steps', type=int, default=100)
     s = sub.add_parser('summarize', help='merge the result JSONs, plot the curves')
     s.add_argument('--second-task', default='PushCube-v1',

@@ -141,6 +141,15 @@ def test_sft_ceiling_variants_parse_into_sft_specs_and_reject_typos():
         ceiling.parse_variant('100-8000', 'PushCube-v1')
 
 
+def test_a_start_of_another_width_names_its_runs_apart_from_the_default():
+    learning = bench_module('learning')
+    args = argparse.Namespace(task='PickCube-v1', num_demos=300, sft_steps=8000, d_model=64)
+    assert learning.start_tag(args) == ''
+    wide = argparse.Namespace(**{**vars(args), 'd_model': 128})
+    assert learning.start_tag(wide) == '_d128'
+    assert learning.sft_spec(wide).d_model == 128 and learning.sft_spec(wide).env_id == 'PickCube-v1'
+
+
 def test_reach_counts_states_without_a_success_split_by_the_ode_outcome():
     reach = bench_module('reach')
     counts = torch.tensor([0, 0, 3, 8]).numpy()

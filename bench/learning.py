@@ -144,7 +144,8 @@ def run_one(args: argparse.Namespace) -> dict:
     name = args.method + tag  # the method as the results name it
     run_dir = task_dir / name / f's{args.seed}'
     run_dir.mkdir(parents=True, exist_ok=True)
-    sft = ensure_sft_checkpoint(task_dir / f'sft_start{tag}', sft_spec(args), log=log)
+    start_spec = sft_spec(args)
+    sft = ensure_sft_checkpoint(task_dir / f'sft_start{tag}', start_spec, log=log)
     algo_over, online_over = METHODS[args.method]
     algo = StepNFTConfig(**{**BASE_ALGO, **algo_over})
     online = OnlineConfig(**{**BASE_ONLINE, **online_over}, iterations=10_000, actions_per_chunk=4,
@@ -195,7 +196,7 @@ def run_one(args: argparse.Namespace) -> dict:
     evals = [h for h in history if 'eval_success' in h]
     result = {
         'task': args.task, 'method': name, 'seed': args.seed, 'test_seeds': args.test_seeds,
-        'sft_start': asdict(sft_spec(args)), 'algo_config': asdict(algo),
+        'sft_start': asdict(start_spec), 'algo_config': asdict(algo),
         'online_config': {k: v for k, v in asdict(online).items() if k != 'eval_seeds'},
         'start': evals[0]['eval_success'], 'final': evals[-1]['eval_success'],
         'best': max(h['eval_success'] for h in evals), 'env_steps': evals[-1]['env_steps'],  # at the final evaluation

@@ -9,6 +9,7 @@ import pytest
 import torch
 from ros_harness import bench_module, tiny_checkpoint
 
+from stepnft_ros.learner import version_dir
 from stepnft_ros.policy import load_checkpoint, save_checkpoint
 
 
@@ -58,13 +59,14 @@ def test_score_graph_scores_a_graph_runs_versions_once_and_files_them_as_a_learn
     run = tmp_path / 'run'
     initial = tiny_checkpoint(tmp_path / 'sft', seed=0)
     history = [{'weights_version': v, 'env_steps': 100 * v, 'wall_s': 10.0 * v} for v in (1, 2, 3)]
+    checkpoints = run / 'learner' / 'checkpoints'
     for v in (1, 2, 3):  # what the learner writes: weights, and in the metadata its config and start
         model, _ = load_checkpoint(tiny_checkpoint(tmp_path / f'w{v}', seed=v))
-        save_checkpoint(run / 'learner' / 'checkpoints' / f'v{v:06d}', model,
+        save_checkpoint(version_dir(checkpoints, v), model,
                         {'weights_version': v, 'initial': str(initial), 'algo': {'lr': 1e-4},
                          'learner_config': {'seed': 7}})
     (run / 'learner' / 'history.json').write_text(json.dumps(history))
-    first_weight = {v: next(load_checkpoint(run / 'learner' / 'checkpoints' / f'v{v:06d}')[0].parameters())
+    first_weight = {v: next(load_checkpoint(version_dir(checkpoints, v))[0].parameters())
                     .flatten()[0].item() for v in (1, 2, 3)}
     first_weight[0] = next(load_checkpoint(initial)[0].parameters()).flatten()[0].item()
     scored = []

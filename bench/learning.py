@@ -111,6 +111,10 @@ METHODS: dict[str, tuple[dict, dict]] = {
     'stepnft_correlated_noise_lr5e-5': ({**REC_ALGO, 'lr': 5e-5}, CORRELATED_ONLINE),
     # ... with a = 0.5: on PickCube a = 0.8 dropped training success from 24 to 14 % and lost 4.5 points
     'stepnft_correlated_noise_a0.5': (REC_ALGO, {**CORRELATED_ONLINE, 'noise_level': 0.5}),
+    # ... also keeping a moving average of the weights over updates (decay 0.7: about 3 updates), evaluated
+    # beside the trained weights at every evaluation: is the test score's update-to-update swing on PickCube
+    # (40.5-50 % while training success kept rising) update noise that averaging removes?
+    'stepnft_correlated_noise_a0.5_ema0.7': ({**REC_ALGO, 'ema_decay': 0.7}, {**CORRELATED_ONLINE, 'noise_level': 0.5}),
     'stepnft_paper_scale': ({'epochs': 2, 'minibatch_size': 4096, 'lr': 1e-4},
                             {'episodes_per_iteration': 32, 'group_size': 1, 'labels': 'terminal_binary',
                              'noise_level': 0.5}),
@@ -183,6 +187,7 @@ def run_one(args: argparse.Namespace) -> dict:
     def progress(e: dict) -> None:
         scalars.write('train', e, e['iteration'])
         ev = f' eval {e["eval_success"]:.3f}' if 'eval_success' in e else ''
+        ev += f' ema_eval {e["ema_eval_success"]:.3f}' if 'ema_eval_success' in e else ''
         log(f'{name} s{args.seed} it {e["iteration"]}: env_steps {e["env_steps"]} '
             f'train {e.get("train_success", float("nan")):.3f}{ev} steps/s {e.get("rollout_steps_per_s", 0)} '
             f'pref_acc {e.get("preference_accuracy", float("nan")):.3f} kl {e.get("kl", float("nan")):.2e} '
@@ -204,10 +209,17 @@ def run_one(args: argparse.Namespace) -> dict:
         'rl_wall_min': round(history[-1]['rl_wall_s'] / 60.0, 2), 'worker_restarts': restarts,
         'curve': [{k: h[k] for k in ('iteration', 'env_steps', 'rl_wall_s', 'eval_success')} for h in evals],
         'curve_outcomes': [h['eval_outcomes'] for h in evals],  # per test seed, for paired tests at any budget
-        'history': [{k: v for k, v in h.items() if k != 'eval_outcomes'} for h in history],
+        'history': [{k: v for k, v in h.items() if k not in ('eval_outcomes', 'ema_eval_outcomes')} for h in history],
         'start_outcomes': evals[0]['eval_outcomes'],
         'final_outcomes': evals[-1]['eval_outcomes'],
     }
+    if averaged := [h for h in evals if 'ema_eval_success' in h]:  # the weight average, on the same test seeds
+        result['ema_curve'] = [{'iteration': h['iteration'], 'env_steps': h['env_steps'],
+                                'eval_success': h['ema_eval_success'],
+                                'vs_trained_weights': paired(h['eval_outcomes'], h['ema_eval_outcomes']),
+                                'vs_start': paired(evals[0]['eval_outcomes'], h['ema_eval_outcomes'])}
+                               for h in averaged]
+        result['ema_curve_outcomes'] = [h['ema_eval_outcomes'] for h in averaged]
     out = RESULTS / 'learning' / f'{args.task}_{name}_s{args.seed}.json'
     atomic_write_text(out, json.dumps(result, indent=1))
     log(f'{name} s{args.seed}: {result["start"]:.3f} -> {result["final"]:.3f} '
@@ -542,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = {'run': run_one, 'summarize': summarize, 'main-job': record_main_job,
            'score-graph': score_graph}[args.command](args)
-    bulky = ('history', 'final_outcomes', 'curve_outcomes', 'tasks')
+    bulky = ('history', 'final_outcomes', 'curve_outcomes', 'ema_curve_outcomes', 'tasks')
     print(json.dumps({k: v for k, v in out.items() if k not in bulky}, indent=1))
     return 0
 

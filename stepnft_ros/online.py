@@ -76,7 +76,8 @@ def run_online(env: Env | EnvPool, model: FlowBackend, online: OnlineConfig, alg
     env: one environment (run in this process) or an EnvPool of worker processes. Record keys:
     iteration, env_steps (cumulative training steps), rl_wall_s (cumulative rollout + update
     time, evaluation excluded), train_success, eval_success on the iterations that evaluate
-    (with eval_outcomes, one bool per eval seed), plus the update metrics. `history` and `trainer`
+    (with eval_outcomes, one bool per eval seed; the trainer's weight average, if it keeps one, as
+    ema_eval_success and ema_eval_outcomes), plus the update metrics. `history` and `trainer`
     resume an interrupted run (the model must be the trainer's); `on_iteration` sees the history
     after every iteration (e.g. to checkpoint it).
     """
@@ -89,9 +90,15 @@ def run_online(env: Env | EnvPool, model: FlowBackend, online: OnlineConfig, alg
                          sde_noise=online.sde_noise, step_noise_correlation=online.step_noise_correlation)
     evaluator = FlowPolicy(model, mode='ode')
 
+    averaged = trainer.averaged_model
+    averaged_evaluator = FlowPolicy(averaged, mode='ode') if averaged is not None else None
+
     def evaluate_into(entry: dict) -> None:
         entry['eval_success'], entry['eval_outcomes'] = pool.evaluate(evaluator, online.eval_seeds,
                                                                       online.actions_per_chunk)
+        if averaged_evaluator is not None and entry['iteration'] > 0:  # before the first update it is the start
+            entry['ema_eval_success'], entry['ema_eval_outcomes'] = pool.evaluate(
+                averaged_evaluator, online.eval_seeds, online.actions_per_chunk)
 
     def record(entry: dict) -> None:
         history.append(entry)

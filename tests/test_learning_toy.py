@@ -33,3 +33,17 @@ def test_stepnft_improves_a_weak_sft_policy_on_point_reach():
     assert sft_success < 0.4, 'the SFT policy should be weak, or the test proves nothing'
     assert final_success >= sft_success + 0.15, [round(h['eval_success'], 3) for h in history]
     assert all(np.isfinite(h['loss']) for h in history[1:])
+
+
+def test_the_weight_average_is_evaluated_beside_the_trained_weights_on_the_same_seeds():
+    torch.manual_seed(0)
+    cfg = PolicyConfig(state_dim=4, action_dim=2, horizon=4, d_model=16, n_heads=2, prefix_layers=0,
+                       expert_layers=1, num_steps=4, noise_level=0.5)
+    seeds = tuple(range(1000, 1008))
+    history = run_online(PointReach(), FlowVLA(cfg),
+                         OnlineConfig(iterations=2, episodes_per_iteration=8, actions_per_chunk=4, eval_seeds=seeds),
+                         StepNFTConfig(lr=1e-2, epochs=1, minibatch_size=64, ema_decay=0.5))
+    assert 'ema_eval_success' not in history[0]  # before any update the average is the start itself
+    for entry in history[1:]:
+        assert len(entry['ema_eval_outcomes']) == len(seeds)
+        assert entry['ema_eval_success'] == np.mean(entry['ema_eval_outcomes'])

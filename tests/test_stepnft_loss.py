@@ -280,3 +280,33 @@ def test_micro_batched_filtered_bc_learns_from_the_successes_only():
     metrics = StepNFTTrainer(model, cfg, seed=5).update(batch)
     assert metrics['gradient_steps'] == 4 and math.isfinite(metrics['loss'])
     assert not torch.equal(start, torch.cat([p.detach().flatten() for p in model.parameters()]))
+
+
+def test_weight_average_follows_the_updates_and_resumes_from_saved_state():
+    def flat(module: torch.nn.Module) -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+    cfg = StepNFTConfig(lr=1e-2, epochs=1, minibatch_size=8, ema_decay=0.75)
+    model, batch = _toy_batch()
+    trainer = StepNFTTrainer(model, cfg, seed=5)
+    trainer.update(batch)
+    first = flat(model)
+    assert torch.equal(flat(trainer.averaged_model), first)  # the first update starts the average at θ1
+    trainer.update(batch)
+    second = flat(model)
+    assert not torch.equal(first, second)
+    assert torch.allclose(flat(trainer.averaged_model), 0.75 * first + 0.25 * second, atol=1e-6)
+
+    saved = trainer.optimizer_tensors()
+    resumed_model, _ = _toy_batch()
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = StepNFTTrainer(resumed_model, cfg, seed=5)
+    resumed.load_optimizer_tensors(saved)
+    assert torch.equal(flat(resumed.averaged_model), flat(trainer.averaged_model))
+    resumed.generator.set_state(trainer.generator.get_state())  # the same minibatch draws from here on
+    trainer.update(batch)
+    resumed.update(batch)
+    assert torch.allclose(flat(resumed.averaged_model), flat(trainer.averaged_model), atol=1e-6)
+    assert StepNFTTrainer(_toy_batch()[0], StepNFTConfig()).averaged_model is None
+    with pytest.raises(ValueError, match='ema_decay'):
+        StepNFTConfig(ema_decay=1.0)

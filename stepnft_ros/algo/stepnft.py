@@ -91,6 +91,10 @@ class StepNFTConfig:
     """Episodes of each batch kept out of its update (0: none). After the update, the preference
     accuracy on their decisions (`holdout_preference_accuracy`) tells a gradient that generalizes
     (> 0.5) from one that fits the batch's noise (≈ 0.5)."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights, ema ← d·ema + (1 − d)·θ after each update (0: none;
+    the first update starts it at θ). Rollouts and the loss stay on θ (on-policy); the average is a candidate
+    for evaluation and deployment, with each update's noise averaged over about 1 / (1 − d) updates."""
 
     def __post_init__(self) -> None:
         def check(ok: bool, msg: str) -> None:
@@ -116,6 +120,7 @@ class StepNFTConfig:
         check(self.clip_ratio > 0, f'clip_ratio must be > 0, got {self.clip_ratio}')
         check(self.target_kl >= 0, f'target_kl must be >= 0, got {self.target_kl}')
         check(0.0 <= self.holdout_fraction < 1.0, f'holdout_fraction must be in [0, 1), got {self.holdout_fraction}')
+        check(0.0 <= self.ema_decay < 1.0, f'ema_decay must be in [0, 1), got {self.ema_decay}')
         check_step_selection(self.step_selection)
 
     def fixed_step(self, num_steps: int) -> int | None:
@@ -287,6 +292,9 @@ def grpo_loss(v_theta: torch.Tensor, trace: Trace, advantage: torch.Tensor, weig
     return loss, metrics
 
 
+EMA_PREFIX = 'ema.'  # the weight average's tensors among the trainer's saved state
+
+
 def require_distributable(cfg: StepNFTConfig) -> None:
     """Data-parallel ranks must draw identical noise; filtered_bc draws its own per minibatch."""
     if cfg.algo == 'filtered_bc':
@@ -327,6 +335,18 @@ class StepNFTTrainer:
         # its own stream: the behaviour-cloning term leaves the π-StepNFT minibatches as they were
         self.bc_generator = torch.Generator().manual_seed(seed + 7919)
         self.updates = 0
+        self.ema: torch.optim.swa_utils.AveragedModel | None = None
+        if cfg.ema_decay > 0:
+            if fsdp:
+                raise ValueError('ema_decay needs the whole model on every rank; it does not combine with FSDP')
+            self.ema = torch.optim.swa_utils.AveragedModel(
+                model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay))
+            self.ema.eval()
+
+    @property
+    def averaged_model(self) -> FlowBackend | None:
+        """The weight average (cfg.ema_decay), a policy like the trained one; None when off."""
+        return None if self.ema is None else self.ema.module
 
     def update(self, batch: DecisionBatch, human: HumanBatch | None = None,
                bc_weight: float = 0.0) -> dict[str, float]:
@@ -400,6 +420,8 @@ class StepNFTTrainer:
                 break
         model.eval()
         self.updates += 1
+        if self.ema is not None:
+            self.ema.update_parameters(model)
         out = {key: value / max(steps, 1) for key, value in sums.items()}
         if held_out.any():
             out['holdout_preference_accuracy'] = self._preference_accuracy(batch, prefix, mask, held_out)
@@ -522,17 +544,26 @@ class StepNFTTrainer:
         return torch.cat(correct).float().mean().item() if correct else 0.5
 
     def optimizer_tensors(self) -> dict[str, torch.Tensor]:
-        """AdamW moments and step counts as flat tensors (safetensors-friendly) for resumable training."""
+        """AdamW moments and step counts as flat tensors (safetensors-friendly) for resumable training, and
+        the weight average under `ema.` when there is one."""
         out = {}
         for index, state in self.optimizer.state_dict()['state'].items():
             for key, value in state.items():
                 out[f'{index}.{key}'] = torch.as_tensor(value).detach().cpu().clone()
+        if self.ema is not None:
+            out.update({EMA_PREFIX + k: v.detach().cpu().clone() for k, v in self.ema.state_dict().items()})
         return out
 
     def load_optimizer_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Inverse of optimizer_tensors (ValueError if they do not fit this trainer's parameters)."""
+        """Inverse of optimizer_tensors (ValueError if they do not fit this trainer's parameters). State saved
+        without a weight average leaves this trainer's (a copy of the model) as it is."""
+        averaged = {k[len(EMA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EMA_PREFIX)}
+        if averaged and self.ema is not None:
+            self.ema.load_state_dict(averaged)
         state: dict[int, dict[str, torch.Tensor]] = {}
         for name, value in tensors.items():
+            if name.startswith(EMA_PREFIX):
+                continue
             index, key = name.split('.', 1)
             state.setdefault(int(index), {})[key] = value
         full = self.optimizer.state_dict()

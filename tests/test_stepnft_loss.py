@@ -198,6 +198,11 @@ def test_grpo_loss_at_the_old_policy_is_minus_the_advantage_and_follows_it():
     assert torch.allclose(v.grad[3], torch.zeros_like(v.grad[3]))  # zero advantage: no gradient
 
 
+def flat(module: torch.nn.Module) -> torch.Tensor:
+    """All of a module's parameters as one vector."""
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
 def _toy_batch(flip_episodes=()):
     """Six one-decision-per-step episodes of a tiny policy; labels of `flip_episodes` inverted."""
     import numpy as np
@@ -228,7 +233,7 @@ def test_held_out_episodes_do_not_move_the_policy_and_are_scored_after_the_updat
     def trained(flip):
         model, batch = _toy_batch(flip)
         metrics = StepNFTTrainer(model, cfg, seed=5).update(batch)
-        return torch.cat([p.detach().flatten() for p in model.parameters()]), metrics
+        return flat(model), metrics
     params, metrics = trained(())
     params_flipped, metrics_flipped = trained(held_episodes)  # only the held-out labels differ
     assert torch.equal(params, params_flipped)
@@ -245,13 +250,13 @@ def test_filtered_bc_clones_only_the_successful_decisions():
 
     def trained(scramble_failures: bool) -> tuple[torch.Tensor, torch.Tensor]:
         model, batch = _toy_batch()
-        start = torch.cat([p.detach().flatten() for p in model.parameters()])
+        start = flat(model)
         if scramble_failures:  # what the failed episodes did must not matter
             failed = batch.y <= 0
             assert failed.any() and (~failed).any()
             batch.trace.x_final[failed] = 10.0 * torch.randn_like(batch.trace.x_final[failed])
         StepNFTTrainer(model, cfg, seed=5).update(batch)
-        return start, torch.cat([p.detach().flatten() for p in model.parameters()])
+        return start, flat(model)
     start, params = trained(False)
     assert not torch.equal(start, params)
     assert torch.equal(params, trained(True)[1])
@@ -265,7 +270,7 @@ def test_micro_batches_give_the_same_update_as_the_whole_minibatch(algo):
         trainer = StepNFTTrainer(model, cfg, seed=5)
         trainer.optimizer = torch.optim.SGD(trainer.params, lr=0.1)  # Adam would magnify float-order noise
         metrics = trainer.update(batch)
-        return torch.cat([p.detach().flatten() for p in model.parameters()]), metrics
+        return flat(model), metrics
     whole, whole_metrics = trained(0)
     micro, micro_metrics = trained(5)  # uneven: 16 = 5 + 5 + 5 + 1
     assert torch.allclose(whole, micro, atol=1e-6)
@@ -276,16 +281,13 @@ def test_micro_batches_give_the_same_update_as_the_whole_minibatch(algo):
 def test_micro_batched_filtered_bc_learns_from_the_successes_only():
     cfg = StepNFTConfig(algo='filtered_bc', lr=1e-2, epochs=2, minibatch_size=16, microbatch_size=3)
     model, batch = _toy_batch()
-    start = torch.cat([p.detach().flatten() for p in model.parameters()])
+    start = flat(model)
     metrics = StepNFTTrainer(model, cfg, seed=5).update(batch)
     assert metrics['gradient_steps'] == 4 and math.isfinite(metrics['loss'])
-    assert not torch.equal(start, torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert not torch.equal(start, flat(model))
 
 
 def test_weight_average_follows_the_updates_and_resumes_from_saved_state():
-    def flat(module: torch.nn.Module) -> torch.Tensor:
-        return torch.cat([p.detach().flatten() for p in module.parameters()])
-
     cfg = StepNFTConfig(lr=1e-2, epochs=1, minibatch_size=8, ema_decay=0.75)
     model, batch = _toy_batch()
     trainer = StepNFTTrainer(model, cfg, seed=5)

@@ -29,6 +29,7 @@ LOSS_FORMS = ('ranking', 'weighted')
 TARGETS = ('next_step', 'terminal')
 ROLLOUTS = ('sde', 'ode')
 ALGOS = ('stepnft', 'grpo', 'filtered_bc')
+EMA_PREFIX = 'ema.'  # the weight average's tensors among the trainer's saved state
 
 
 @dataclass(frozen=True)
@@ -291,8 +292,6 @@ def grpo_loss(v_theta: torch.Tensor, trace: Trace, advantage: torch.Tensor, weig
                                        ratio=ratio, approx_kl=(ratio - 1.0) - log_ratio)}
     return loss, metrics
 
-
-EMA_PREFIX = 'ema.'  # the weight average's tensors among the trainer's saved state
 
 
 def require_distributable(cfg: StepNFTConfig) -> None:

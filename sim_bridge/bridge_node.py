@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from rclpy.duration import Duration as RclpyDuration
 from rclpy.node import Node
 from rosgraph_msgs.msg import Clock
 from std_msgs.msg import String
@@ -104,7 +105,7 @@ class SimBridge(Node):
         self.task_pub = self.create_publisher(ros_io.JointState, ros_io.TASK_STATE, ros_io.SENSOR_QOS)
         self.image_pubs = {cam: self.create_publisher(ros_io.Image, ros_io.camera_topic(cam), ros_io.SENSOR_QOS)
                            for cam in self.env.camera_names}
-        self.summary_pub = self.create_publisher(String, ros_io.EPISODE_SUMMARY, ros_io.RELIABLE_QOS)
+        self.summary_pub = self.create_publisher(String, ros_io.EPISODE_SUMMARY, ros_io.SUMMARY_QOS)
         self.clock_pub = self.create_publisher(Clock, ros_io.CLOCK, 10) if publish_clock else None
         self.create_subscription(ros_io.JointTrajectory, ros_io.ACTION_CHUNK, self._on_chunk, ros_io.RELIABLE_QOS)
         self.executed_pub = self.create_publisher(ros_io.JointTrajectory, ros_io.EXECUTED_CHUNK, ros_io.RELIABLE_QOS)
@@ -274,7 +275,19 @@ class SimBridge(Node):
     def _finish(self, why: str) -> None:
         self.state = FINISHED
         self.get_logger().info(f'{why}; {self.total_steps} env steps')
+        self._flush_summaries()
         finish(self)
+
+    def _flush_summaries(self, match_timeout_s: float = 3.0, ack_timeout_s: float = 10.0) -> None:
+        """Before exiting: the summaries live only in this process, so give a recorder still being
+        discovered a moment to match, then wait until every matched one has acknowledged them."""
+        deadline = time.monotonic() + match_timeout_s
+        while self.summary_pub.get_subscription_count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.summary_pub.get_subscription_count() and not self.summary_pub.wait_for_all_acked(
+                RclpyDuration(seconds=ack_timeout_s)):
+            self.get_logger().warning(f'episode summaries not acknowledged within {ack_timeout_s:g} s: '
+                                      'a recorder may miss some')
 
     def _on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         if self.state == WAITING_CHUNK:

@@ -39,7 +39,7 @@ class EvalRecorder(Node):
         for ns in robots:
             topic = f'/{ns.strip("/")}/{ros_io.EPISODE_SUMMARY}'
             self.create_subscription(String, topic, lambda msg, ns=ns: self._on_summary(ns, msg),
-                                     ros_io.EVENTS_QOS)
+                                     ros_io.SUMMARY_QOS)
         self.get_logger().info(f'waiting for {self.expected} episodes from {robots}; results -> {self.out}')
 
     def _on_summary(self, ns: str, msg: String) -> None:

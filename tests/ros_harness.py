@@ -104,6 +104,29 @@ class Graph:
             node.stop()
 
 
+def run_launch(args: list[str], timeout: float, log: Path) -> subprocess.CompletedProcess:
+    """`stepnft launch <args>` to its end; its console goes to `log` too. Past `timeout` the launcher
+    gets SIGINT (it stops its nodes, no orphans left on the domain) and the test fails with the tail
+    of its console and of any node logs under a `--run-dir`."""
+    import sys
+
+    proc = subprocess.Popen([sys.executable, '-m', 'stepnft_ros.cli', 'launch', *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_processes([proc], 20)
+        stdout, stderr = proc.communicate()
+        log.write_text(stdout + stderr)
+        run_dir = Path(args[args.index('--run-dir') + 1]) if '--run-dir' in args else None
+        node_logs = ''.join(f'\n--- {p.name}:\n{p.read_text()[-1500:]}'
+                            for p in sorted(run_dir.glob('logs/*.log'))) if run_dir else ''
+        raise AssertionError(f'`stepnft launch {args[0]}` still running after {timeout} s:\n'
+                             f'{(stdout + stderr)[-4000:]}{node_logs}') from None
+    log.write_text(stdout + stderr)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
 def spin_until(executor, condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
+import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import yaml
-from ros_harness import REPO, tiny_checkpoint
+from ros_harness import REPO, run_launch, tiny_checkpoint
 
 from sim_bridge import maniskill_ood as ood
 from sim_bridge.evaluation import EpisodeResult, EvalJob, aggregate, format_table, run_evaluation
@@ -287,13 +286,10 @@ def test_eval_sim_graph_writes_the_results_json(tmp_path, ros_domain):
     params_file.write_text(yaml.safe_dump(params))
     ckpt = tiny_checkpoint(tmp_path / 'tiny')
     out = tmp_path / 'results.json'
-    proc = subprocess.run(
-        [sys.executable, '-m', 'stepnft_ros.cli', 'launch', 'eval_sim', '--checkpoint', str(ckpt),
-         '--run-dir', str(tmp_path / 'run'), '--splits', 'id,execution', '--episodes', '2', '--out', str(out),
-         '--params-file', str(params_file)],
-        capture_output=True, text=True, timeout=180, cwd=REPO)
+    proc = run_launch(['eval_sim', '--checkpoint', str(ckpt), '--run-dir', str(tmp_path / 'run'), '--splits',
+                       'id,execution', '--episodes', '2', '--out', str(out), '--params-file', str(params_file)],
+                      180, tmp_path / 'launch.log')
     log = proc.stdout + proc.stderr
-    (tmp_path / 'launch.log').write_text(log)
     assert proc.returncode == 0, log[-4000:]
     report = json.loads(out.read_text())
     assert report['episodes'] == 4 and report['source'] == 'eval_sim' and report['sampler'] == 'ode'
@@ -316,7 +312,7 @@ def test_eval_recorder_drops_bad_summaries_and_counts_each_episode_once(tmp_path
     try:
         recorder = graph.start('sim_bridge.eval_recorder', 'eval_recorder', {
             'out': str(out), 'expected_episodes': 3, 'robots': ['a', 'b'], 'checkpoint': 'ck'})
-        pubs = [node.create_publisher(String, f'{ns}/episode_summary', ros_io.RELIABLE_QOS) for ns in 'ab']
+        pubs = [node.create_publisher(String, f'{ns}/episode_summary', ros_io.SUMMARY_QOS) for ns in 'ab']
         spin_until(executor, lambda: all(p.get_subscription_count() for p in pubs), 20, 'the recorder')
         summary = {'task': 'PickCube-v1', 'suite': 'PickCube-v1', 'split': 'id', 'seed': 1, 'success': True,
                    'env_steps': 30, 'wall_s': 0.5, 'instruction': 'pick'}
@@ -336,6 +332,34 @@ def test_eval_recorder_drops_bad_summaries_and_counts_each_episode_once(tmp_path
     assert report['splits'] == {'id': {'successes': 1, 'episodes': 2, 'rate': 0.5, 'mean_env_steps': 40.0},
                                 'execution': {'successes': 0, 'episodes': 1, 'rate': 0.0, 'mean_env_steps': 40.0}}
     assert report['checkpoint'] == 'ck' and report['source'] == 'eval_sim'
+
+
+@pytest.mark.slow
+def test_eval_recorder_that_starts_late_still_gets_the_summaries_already_published(tmp_path, ros_domain, probe):
+    """A loaded machine can discover the recorder after a bridge reported: transient-local summaries."""
+    from ros_harness import Graph
+    from std_msgs.msg import String
+
+    from stepnft_ros import ros_io
+
+    node, executor = probe
+    pub = node.create_publisher(String, 'a/episode_summary', ros_io.SUMMARY_QOS)
+    for seed, success in ((1, True), (2, False)):
+        pub.publish(String(data=json.dumps({'task': 'PickCube-v1', 'suite': 'PickCube-v1', 'split': 'id',
+                                            'seed': seed, 'success': success, 'env_steps': 30, 'wall_s': 0.5,
+                                            'instruction': 'pick'})))
+    graph = Graph(tmp_path / 'logs')
+    out = tmp_path / 'results.json'
+    try:
+        recorder = graph.start('sim_bridge.eval_recorder', 'eval_recorder', {
+            'out': str(out), 'expected_episodes': 2, 'robots': ['a'], 'checkpoint': 'ck'})
+        deadline = time.monotonic() + 30
+        while recorder.proc.poll() is None and time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.1)  # the probe serves the recorder the history
+        assert recorder.proc.poll() == 0, recorder.output()[-2000:]
+    finally:
+        graph.stop_all()
+    assert json.loads(out.read_text())['splits']['id']['successes'] == 1
 
 
 def test_eval_sim_graph_spreads_seeds_over_bridges():

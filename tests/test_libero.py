@@ -188,11 +188,9 @@ def test_bad_parameters_stop_the_bridge_with_exit_2_and_one_line(tmp_path, graph
 
 def test_train_sim_on_a_libero_task(tmp_path, ros_domain):
     """`stepnft launch train_sim --suite`: LIBERO bridges as the robots, camera episodes as bags, an update."""
-    import subprocess
-    import sys
 
     import yaml
-    from ros_harness import REPO
+    from ros_harness import REPO, run_launch
 
     from stepnft_ros.policy.checkpoint import read_header
 
@@ -204,12 +202,10 @@ def test_train_sim_on_a_libero_task(tmp_path, ros_domain):
     ckpt = tiny_checkpoint(tmp_path / 'sft', state_dim=25, action_dim=7, camera_names=('agentview', 'wrist'),
                            image_size=32)
     run = tmp_path / 'run'
-    proc = subprocess.run(
-        [sys.executable, '-m', 'stepnft_ros.cli', 'launch', 'train_sim', '--suite', 'libero_goal', '--tasks', '1',
-         '--num-envs', '1', '--run-dir', str(run), '--checkpoint', str(ckpt), '--params-file', str(params_file)],
-        capture_output=True, text=True, timeout=240, cwd=REPO)
+    proc = run_launch(['train_sim', '--suite', 'libero_goal', '--tasks', '1', '--num-envs', '1', '--run-dir',
+                       str(run), '--checkpoint', str(ckpt), '--params-file', str(params_file)],
+                      240, tmp_path / 'launch.log')
     out = proc.stdout + proc.stderr
-    (tmp_path / 'launch.log').write_text(out)
     assert proc.returncode == 0, out[-4000:]
     assert '[train] update 1/1' in out, f'see {tmp_path / "launch.log"}'
     store = EpisodeStore(run / 'episodes')

@@ -530,6 +530,7 @@ def test_stepnft_launch_deploy_real_standin_dry_run(tmp_path, probe):
     proc = subprocess.Popen([sys.executable, '-m', 'stepnft_ros.cli', 'launch', 'deploy_real', '--standin',
                              '--checkpoint', str(ckpt), '--run-dir', str(tmp_path / 'run')],
                             stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    failure = None
     try:
         spin_until(executor, lambda: len(joints) > 3 and start.service_is_ready(), 90,
                    'the stand-in arm and the operator')
@@ -539,10 +540,13 @@ def test_stepnft_launch_deploy_real_standin_dry_run(tmp_path, probe):
         before = joints[-1]
         spin_until(executor, lambda: np.abs(joints[-1][:7] - before[:7]).max() > 0.02, 60,
                    'the policy to move the stand-in FR3 through the safety layer')
+    except AssertionError as err:
+        failure = err
     finally:
         stop_processes([proc], 20)
         log.close()
     out = (tmp_path / 'launch.log').read_text()
+    assert failure is None, f'{failure} ({len(joints)} joint states seen); the launch log:\n{out[-4000:]}'
     assert proc.returncode == 0, out[-3000:]
     for name in ('/arm/safety_layer', '/arm/arm_bridge', '/policy_server', '/episode_operator', '/standin_arm'):
         assert f'started {name}' in out

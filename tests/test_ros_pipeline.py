@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import yaml
 rclpy = pytest.importorskip('rclpy', reason='ROS 2 is installed by scripts/setup.sh')
 
 from rclpy.serialization import deserialize_message  # noqa: E402
-from ros_harness import REPO, Graph, spin_until, tiny_checkpoint  # noqa: E402
+from ros_harness import REPO, Graph, run_launch, spin_until, tiny_checkpoint  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
 from stepnft_ros import ros_io  # noqa: E402
@@ -52,12 +50,9 @@ def test_train_sim_records_bags_updates_and_hot_swaps(tmp_path, ros_domain):
     params_file.write_text(yaml.safe_dump(params))
     ckpt = tiny_checkpoint(tmp_path / 'sft')
     run = tmp_path / 'run'
-    proc = subprocess.run(
-        [sys.executable, '-m', 'stepnft_ros.cli', 'launch', 'train_sim', '--run-dir', str(run), '--num-envs', '2',
-         '--checkpoint', str(ckpt), '--params-file', str(params_file)],
-        capture_output=True, text=True, timeout=240, cwd=REPO)
+    proc = run_launch(['train_sim', '--run-dir', str(run), '--num-envs', '2', '--checkpoint', str(ckpt),
+                       '--params-file', str(params_file)], 240, tmp_path / 'launch.log')
     out = proc.stdout + proc.stderr
-    (tmp_path / 'launch.log').write_text(out)
     logs = {p.name: p.read_text() for p in (run / 'logs').glob('*.log')}
     assert proc.returncode == 0, out[-4000:] + ''.join(text[-2000:] for text in logs.values())
     assert sorted(logs) == ['env0_maniskill_bridge.log', 'env1_maniskill_bridge.log', 'learner.log',

@@ -562,7 +562,7 @@ def test_train_sim_on_maniskill_cameras_with_a_smolvla_checkpoint(vlm_dir, tmp_p
     instruction, SDE sampling in the policy server, episode bags, two learner updates of the expert only,
     the new weights hot-swapped into the server; then `stepnft eval` of the result."""
     import yaml
-    from ros_harness import PICKCUBE_ACTION_DIM, PICKCUBE_STATE_DIM, REPO
+    from ros_harness import PICKCUBE_ACTION_DIM, PICKCUBE_STATE_DIM, REPO, run_launch
 
     ckpt = tmp_path / 'smolvla'
     save_checkpoint(ckpt, make_tiny(vlm_dir, state_dim=PICKCUBE_STATE_DIM, action_dim=PICKCUBE_ACTION_DIM),
@@ -573,10 +573,9 @@ def test_train_sim_on_maniskill_cameras_with_a_smolvla_checkpoint(vlm_dir, tmp_p
     params['/**/maniskill_bridge']['ros__parameters'].update(image_size=IMAGE_SIZE, reconfigure_on_reset=False)
     (tmp_path / 'params.yaml').write_text(yaml.safe_dump(params))
     run = tmp_path / 'run'
-    proc = subprocess.run(
-        [sys.executable, '-m', 'stepnft_ros.cli', 'launch', 'train_sim', '--run-dir', str(run), '--num-envs', '1',
-         '--checkpoint', str(ckpt), '--obs-mode', 'rgb', '--no-eval', '--params-file', str(tmp_path / 'params.yaml')],
-        capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = run_launch(['train_sim', '--run-dir', str(run), '--num-envs', '1', '--checkpoint', str(ckpt),
+                       '--obs-mode', 'rgb', '--no-eval', '--params-file', str(tmp_path / 'params.yaml')],
+                      300, tmp_path / 'launch.log')
     logs = {p.name: p.read_text() for p in (run / 'logs').glob('*.log')}
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + ''.join(t[-2000:] for t in logs.values())
     assert 'update 2:' in logs['learner.log'] and 'hot-swapped to weights version 1' in logs['policy_server.log']

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -108,22 +109,22 @@ def run_launch(args: list[str], timeout: float, log: Path) -> subprocess.Complet
     """`stepnft launch <args>` to its end; its console goes to `log` too. Past `timeout` the launcher
     gets SIGINT (it stops its nodes, no orphans left on the domain) and the test fails with the tail
     of its console and of any node logs under a `--run-dir`."""
-    import sys
-
     proc = subprocess.Popen([sys.executable, '-m', 'stepnft_ros.cli', 'launch', *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO)
+    timed_out = False
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        timed_out = True
         stop_processes([proc], 20)
         stdout, stderr = proc.communicate()
-        log.write_text(stdout + stderr)
+    log.write_text(stdout + stderr)
+    if timed_out:
         run_dir = Path(args[args.index('--run-dir') + 1]) if '--run-dir' in args else None
         node_logs = ''.join(f'\n--- {p.name}:\n{p.read_text()[-1500:]}'
                             for p in sorted(run_dir.glob('logs/*.log'))) if run_dir else ''
         raise AssertionError(f'`stepnft launch {args[0]}` still running after {timeout} s:\n'
-                             f'{(stdout + stderr)[-4000:]}{node_logs}') from None
-    log.write_text(stdout + stderr)
+                             f'{(stdout + stderr)[-4000:]}{node_logs}')
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 

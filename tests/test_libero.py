@@ -188,7 +188,6 @@ def test_bad_parameters_stop_the_bridge_with_exit_2_and_one_line(tmp_path, graph
 
 def test_train_sim_on_a_libero_task(tmp_path, ros_domain):
     """`stepnft launch train_sim --suite`: LIBERO bridges as the robots, camera episodes as bags, an update."""
-
     import yaml
     from ros_harness import REPO, run_launch
 

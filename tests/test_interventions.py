@@ -216,7 +216,7 @@ def test_a_persons_teleop_during_a_takeover_is_recorded_and_cloned(tmp_path, pro
         bridge = graph.start('stepnft_ros.nodes.arm_bridge', 'arm_bridge', {
             'joint_names': joints, 'control_rate_hz': 10.0, 'actions_per_chunk': 2, 'request_timeout_s': 1.0,
             'max_observation_age_s': 1.0}, namespace='arm')
-        graph.start('stepnft_ros.nodes.episode_operator', 'episode_operator', {'robots': ['arm']})
+        operator = graph.start('stepnft_ros.nodes.episode_operator', 'episode_operator', {'robots': ['arm']})
         position = np.zeros(2)
         joint_pub = node.create_publisher(ros_io.JointState, '/joint_states', ros_io.SENSOR_QOS)
         node.create_timer(0.03, lambda: joint_pub.publish(
@@ -248,7 +248,8 @@ def test_a_persons_teleop_during_a_takeover_is_recorded_and_cloned(tmp_path, pro
             spin_until(executor, future.done, 20, f'the answer of {name}')
             assert future.result().success, (name, future.result().message)
 
-        for n, pattern in ((server, 'serving 1 robot'), (bridge, 'waiting for episode_active')):
+        for n, pattern in ((server, 'serving 1 robot'), (bridge, 'waiting for episode_active'),
+                           (operator, 'arm: policy server found')):
             n.wait_for(pattern, timeout=90)
         call(Trigger, ros_io.OPERATOR_START)
         spin_until(executor, lambda: len(policy_commands) >= 4, 30, 'the policy to command the arm')

@@ -138,6 +138,7 @@ def test_operator_labels_reach_the_policy_server_and_the_learner(tmp_path, graph
     node.create_subscription(String, ros_io.POLICY_WEIGHTS,
                              lambda m: weights.append(ros_io.WeightsAnnouncement.from_msg(m)), ros_io.LATCHED_QOS)
     server.wait_for('serving 1 robot')
+    operator_node.wait_for('arm: policy server found')
 
     def act_for_three_chunks():
         spin_until(executor, lambda: arm.active and len(arm.executed[-1]) >= 3, 30, 'the arm to execute 3 chunks')
@@ -226,6 +227,7 @@ def test_operator_labels_reach_the_policy_server_and_the_learner(tmp_path, graph
     assert 'shutting down during episode 5' in operator_node.output()
     operator_node = graph.start('stepnft_ros.nodes.episode_operator', 'episode_operator',
                                 {'robots': ['arm'], 'server_timeout_s': 2.0})
+    operator_node.wait_for('arm: policy server found')
     assert op('start') == (True, 'arm: episode 1 started: the arm may act')
     server.wait_for(r'discarded episode \S+ \(\d+ decisions, not written\)', count=2)
 
@@ -243,9 +245,11 @@ def test_operator_labels_reach_the_policy_server_and_the_learner(tmp_path, graph
 def test_a_takeover_marks_the_decisions_that_led_into_it_and_is_recorded_with_the_episode(tmp_path, graph, probe):
     node, executor = probe
     _, episodes, server = start_recording_server(graph, tmp_path, intervention_window_s=0.5)
-    graph.start('stepnft_ros.nodes.episode_operator', 'episode_operator', {'robots': ['arm'], 'server_timeout_s': 2.0})
+    operator_node = graph.start('stepnft_ros.nodes.episode_operator', 'episode_operator',
+                                {'robots': ['arm'], 'server_timeout_s': 2.0})
     arm, op = FakeArm(node, 'arm'), Operator(node, executor, 'arm')
     server.wait_for('serving 1 robot')
+    operator_node.wait_for('arm: policy server found')
     assert op('takeover') == (False, 'arm: no active episode to take over: start one first')
     assert op('start')[0]
     spin_until(executor, lambda: len(arm.executed[-1]) >= 12, 30, 'the policy to act for a while')

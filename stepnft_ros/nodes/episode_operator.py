@@ -141,6 +141,10 @@ class _Robot:
         self.status_pub = node.create_publisher(String, f'{ns}/{ros_io.OPERATOR_STATUS}', ros_io.LATCHED_QOS)
         self.outcome = node.create_client(SetBool, f'{ns}/{ros_io.EPISODE_OUTCOME}', callback_group=group)
         self.discard = node.create_client(Trigger, f'{ns}/{ros_io.EPISODE_DISCARD}', callback_group=group)
+        self.server_seen = False
+
+    def server_ready(self) -> bool:
+        return self.outcome.service_is_ready() and self.discard.service_is_ready()
 
 
 class EpisodeOperator(Node):
@@ -179,6 +183,9 @@ class EpisodeOperator(Node):
                 # partial, not a lambda: executors await a callback only if it is a coroutine function
                 self.create_service(srv_type, f'{ns}/{name}', partial(handler, robot), callback_group=self.group)
             self._publish(robot)  # latched "not active": an arm that joins (or an operator restart) holds still
+        # Says when each robot's policy server is found or lost, so an operator (or a script) knows
+        # before pressing start whether the server can be reached; discovery takes seconds on a busy host.
+        self.create_timer(0.2, self._on_discovery, callback_group=self.group)
         if heartbeat_s > 0:
             # episode_active is repeated, not only latched: an arm bridge with active_timeout_s stops
             # its arm when the repeats stop (this process killed, the network to it gone).
@@ -315,6 +322,15 @@ class EpisodeOperator(Node):
         robot.active_pub.publish(Bool(data=led.phase == ACTIVE))
         robot.intervention_pub.publish(Bool(data=led.intervening))
         robot.status_pub.publish(String(data=json.dumps(led.status())))
+
+    def _on_discovery(self) -> None:
+        for ns, robot in self.robots.items():
+            ready = robot.server_ready()
+            if ready and not robot.server_seen:
+                self.get_logger().info(f'{ns}: policy server found')
+            elif robot.server_seen and not ready:
+                self.get_logger().warning(f'{ns}: policy server lost: start and label will be refused until it is back')
+            robot.server_seen = ready
 
     def _on_heartbeat(self) -> None:
         for robot in self.robots.values():

@@ -5,6 +5,7 @@ import shutil
 from dataclasses import replace
 
 import pytest
+import torch
 from ros_harness import tiny_checkpoint
 from toy_env import PointReach
 
@@ -202,9 +203,14 @@ def test_two_ranks_take_the_updates_one_process_takes_and_resume_together(setup)
     start = load_checkpoint(ckpt)[0].state_dict()
     one = load_checkpoint(tmp_path / 'one/learner/checkpoints/v000002')[0].state_dict()
     two = load_checkpoint(tmp_path / 'two/learner/checkpoints/v000002')[0].state_dict()
-    moved = max((value - start[key]).abs().max().item() for key, value in one.items())
-    apart = max((value - two[key]).abs().max().item() for key, value in one.items())
-    assert apart < 0.25 * moved, (apart, moved)  # measured: 3.5e-4 apart, 4e-3 moved
+    step_one = torch.cat([(value - start[key]).flatten() for key, value in one.items()])
+    step_two = torch.cat([(two[key] - start[key]).flatten() for key in one])
+    # Float summation order differs between one and two processes; where a gradient is ~0 AdamW turns that
+    # into an opposite lr-sized step, so a few elements may disagree by a whole step (seen: 3e-3 of 4e-3
+    # moved, on a CI machine). Lost moments or mis-shared data would move most elements differently.
+    disagree = ((step_one - step_two).abs() > 0.1 * step_one.abs().max()).float().mean().item()
+    assert disagree < 0.01, disagree  # measured: 25 of 34414 elements (7e-4)
+    assert torch.nn.functional.cosine_similarity(step_one, step_two, dim=0) > 0.99
 
 
 def test_ranks_refuse_filtered_bc(setup):

@@ -120,6 +120,11 @@ METHODS: dict[str, tuple[dict, dict]] = {
     # of training success per update and its test score levels at 40-50 %. Does each batch teach more?
     'stepnft_correlated_noise_a0.5_epochs8': ({**REC_ALGO, 'epochs': 8},
                                               {**CORRELATED_ONLINE, 'noise_level': 0.5}),
+    # ... with 512 episodes per update instead of 1024 (64 reset states × 8), the same minibatch size, so the
+    # same optimizer steps per env step on fresher rollouts and twice the updates. 8 epochs taught no more
+    # per batch than 4: if one update's progress is saturated by its batch, updates per env step are the lever.
+    'stepnft_correlated_noise_a0.5_episodes512': (REC_ALGO, {**CORRELATED_ONLINE, 'noise_level': 0.5,
+                                                             'episodes_per_iteration': 512}),
     'stepnft_paper_scale': ({'epochs': 2, 'minibatch_size': 4096, 'lr': 1e-4},
                             {'episodes_per_iteration': 32, 'group_size': 1, 'labels': 'terminal_binary',
                              'noise_level': 0.5}),
@@ -482,6 +487,16 @@ def paired(before: list[bool], after: list[bool]) -> dict:
     return {'gained': gained, 'lost': lost, 'p_value': float(f'{mcnemar_exact(gained, lost):.3g}')}
 
 
+def plot_methods(args: argparse.Namespace) -> dict:
+    """Plots the named methods' runs of one task (every training seed) to args.out."""
+    runs = [json.loads(p.read_text()) for p in sorted((RESULTS / 'learning').glob(f'{args.task}_*.json'))]
+    runs = [r for r in runs if r['method'] in args.methods]
+    if missing := sorted(set(args.methods) - {r['method'] for r in runs}):
+        raise SystemExit(f'no {args.task} results for: {", ".join(missing)}')
+    plot(runs, Path(args.out))
+    return {'task': args.task, 'plotted': [f'{r["method"]} s{r["seed"]}' for r in runs], 'out': args.out}
+
+
 def plot(runs: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use('Agg')
@@ -490,9 +505,10 @@ def plot(runs: list[dict], path: Path) -> None:
     tasks = sorted({r['task'] for r in runs})
     fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 3.8 * len(tasks)), dpi=110, squeeze=False)
     colours = {}
+    palette = plt.get_cmap('tab10' if len({r['method'] for r in runs}) <= 10 else 'tab20')  # tab20 pairs hues
     for row, task in enumerate(tasks):
         for r in (r for r in runs if r['task'] == task):
-            colour = colours.setdefault(r['method'], plt.get_cmap('tab20')(len(colours) % 20))  # > 10 methods
+            colour = colours.setdefault(r['method'], palette(len(colours) % palette.N))
             n = r['test_seeds']
             for col, x_key, scale in ((0, 'env_steps', 1e-6), (1, 'rl_wall_s', 1 / 60)):
                 xs = [c[x_key] * scale for c in r['curve']]
@@ -535,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser('summarize', help='merge the result JSONs, plot the curves')
     s.add_argument('--second-task', default='PushCube-v1',
                    help="the task reported as `second_task`; every task's runs are under `tasks`")
+    c = sub.add_parser('plot', help="one task's curves for the named methods only (the summary's plot holds all)")
+    c.add_argument('--methods', nargs='+', required=True)
+    c.add_argument('--out', required=True, help='PNG path')
     m = sub.add_parser('main-job', help='record a finished main job (bash scripts/main.sh) as main_job.json')
     m.add_argument('--run-dir', required=True)
     m.add_argument('--cmd', required=True, help='the command that ran it, as recorded')
@@ -551,13 +570,13 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument('--actions-per-chunk', type=int, default=4)
     g.add_argument('--max-episode-steps', type=int, default=100)
     g.add_argument('--task', required=True, help="the run's env_id")
-    for q in (r, s):
+    for q in (r, s, c):
         q.add_argument('--task', default='PickCube-v1')
     for q in (r, s, g):
         q.add_argument('--test-seeds', type=int, default=200)
         q.add_argument('--work', default='runs/learning', help='run state (checkpoints, histories)')
     args = p.parse_args(argv)
-    out = {'run': run_one, 'summarize': summarize, 'main-job': record_main_job,
+    out = {'run': run_one, 'summarize': summarize, 'plot': plot_methods, 'main-job': record_main_job,
            'score-graph': score_graph}[args.command](args)
     bulky = ('history', 'final_outcomes', 'curve_outcomes', 'ema_curve_outcomes', 'tasks')
     print(json.dumps({k: v for k, v in out.items() if k not in bulky}, indent=1))

@@ -206,3 +206,19 @@ def test_a_shorter_run_is_paired_with_the_reference_at_its_own_budget():
     assert (at['reference_env_steps'], at['reference_success'], at['outcomes']) == (200, 0.75, late)
     assert bench.reference_at(ref, 50)['reference_env_steps'] == 0
     assert bench.reference_at({'curve': ref['curve']}, 204) is None  # no per-seed outcomes kept
+
+
+def test_plot_draws_only_the_named_methods_of_one_task_and_names_a_missing_one(tmp_path, monkeypatch):
+    bench = bench_module('learning')
+    monkeypatch.setattr(bench, 'RESULTS', tmp_path)
+    (tmp_path / 'learning').mkdir()
+    outcomes = [[True, False], [True, True]]
+    for method, seed, task in (('a', 0, 'T'), ('a', 1, 'T'), ('b', 0, 'T'), ('a', 0, 'U')):
+        (tmp_path / 'learning' / f'{task}_{method}_s{seed}.json').write_text(
+            json.dumps({**_run(method, seed, [0, 10], [0.5, 1.0], outcomes), 'task': task}))
+    out = tmp_path / 'a.png'
+    drawn = bench.plot_methods(argparse.Namespace(task='T', methods=['a'], out=str(out)))
+    assert drawn['plotted'] == ['a s0', 'a s1']
+    assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    with pytest.raises(SystemExit, match='no T results for: c'):
+        bench.plot_methods(argparse.Namespace(task='T', methods=['a', 'c'], out=str(out)))

@@ -243,8 +243,13 @@ ABLATIONS = ('stepnft_whole_chunk', 'stepnft_pm1_labels', 'stepnft_weighted', 's
              'stepnft_fixed_last_step', 'stepnft_recorded_step')  # the last: batch-mean labels, one seed per episode
 
 
+def load_runs() -> list[dict]:
+    """Every (method, task, seed) result under bench/results/learning/."""
+    return [json.loads(p.read_text()) for p in sorted((RESULTS / 'learning').glob('*.json'))]
+
+
 def summarize(args: argparse.Namespace) -> dict:
-    runs = [json.loads(p.read_text()) for p in sorted((RESULTS / 'learning').glob('*.json'))]
+    runs = load_runs()
     summary: dict = {'test_seeds': args.test_seeds, 'tasks': {}}
     for r in runs:
         entry = summary['tasks'].setdefault(r['task'], {}).setdefault(
@@ -489,8 +494,7 @@ def paired(before: list[bool], after: list[bool]) -> dict:
 
 def plot_methods(args: argparse.Namespace) -> dict:
     """Plots the named methods' runs of one task (every training seed) to args.out."""
-    runs = [json.loads(p.read_text()) for p in sorted((RESULTS / 'learning').glob(f'{args.task}_*.json'))]
-    runs = [r for r in runs if r['method'] in args.methods]
+    runs = [r for r in load_runs() if r['task'] == args.task and r['method'] in args.methods]
     if missing := sorted(set(args.methods) - {r['method'] for r in runs}):
         raise SystemExit(f'no {args.task} results for: {", ".join(missing)}')
     plot(runs, Path(args.out))

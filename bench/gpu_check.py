@@ -41,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
 from stepnft_ros.algo.stepnft import StepNFTConfig, StepNFTTrainer  # noqa: E402
+from stepnft_ros.atomic import atomic_write_text  # noqa: E402
 from stepnft_ros.episodes.schema import Decision, Episode, collate_episodes  # noqa: E402
 from stepnft_ros.policy import FlowPolicy, FlowVLA, Observation, PolicyConfig  # noqa: E402
 
@@ -111,6 +112,18 @@ def check_policy_latency(args, device: torch.device) -> dict:
                             policy.infer_batch(obs)
                     rows.append({'config': name, 'mode': mode, 'batch': batch, 'precision': precision,
                                  **timed(step, args.repeats, args.warmup, device)})
+        if device.type == 'cuda':  # the ODE chunk replayed from a CUDA graph, against the eager loop
+            eager = FlowPolicy(model, mode='ode', seed=0, device=str(device))
+            graphed = FlowPolicy(model, mode='ode', seed=0, device=str(device), cuda_graph=True)
+            for batch in (1, 16):
+                obs = observations(cfg, batch)
+                eager.reset()
+                graphed.reset()
+                diff = float(np.abs(graphed.infer_batch(obs).chunks - eager.infer_batch(obs).chunks).max())
+                rows.append({'config': name, 'mode': 'ode', 'batch': batch, 'precision': 'fp32', 'cuda_graph': True,
+                             'max_abs_diff_vs_eager': diff,
+                             **timed(lambda obs=obs, graphed=graphed: graphed.infer_batch(obs), args.repeats,
+                                     args.warmup, device)})
     return {'rows': rows}
 
 
@@ -268,6 +281,20 @@ CHECKS = {
 }
 
 
+def package_versions() -> dict:
+    """The versions the checks ran against (that machine's image, not this project's pins), None where absent."""
+    from importlib import metadata
+
+    out = {}
+    for dist in ('torch', 'numpy', 'transformers', 'huggingface-hub', 'lerobot', 'av', 'mujoco', 'onnxruntime',
+                 'onnxruntime-gpu', 'ros-rclpy'):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--device', default='cuda', help="'cuda' (default) or 'cpu' to check that the script runs")
@@ -289,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     args.episodes, args.minibatch = (8, 64) if args.quick else (256, 4096)
     torch.set_num_threads(max(1, os.cpu_count() or 1) if device.type == 'cpu' else 1)
     report = {'benchmark': 'gpu_check', 'device': str(device), 'host': platform.node(), 'quick': args.quick,
-              'date': time.strftime('%Y-%m-%d %H:%M:%S'), 'checks': {}}
+              'date': time.strftime('%Y-%m-%d %H:%M:%S'), 'packages': package_versions(), 'checks': {}}
     for name in args.checks.split(','):
         log(f'{name} ...')
         start = time.perf_counter()
@@ -302,10 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         result['seconds'] = round(time.perf_counter() - start, 1)
         report['checks'][name] = result
         log(f'{name}: {result["status"]} ({result["seconds"]} s)')
-    text = json.dumps(report, indent=1)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + '\n')
-    print(text)
+        atomic_write_text(Path(args.out), json.dumps(report, indent=1) + '\n')  # after each: a cut run keeps the rest
+    print(json.dumps(report, indent=1))
     return 0 if all(r['status'] != 'error' for r in report['checks'].values()) else 1
 
 

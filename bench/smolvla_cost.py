@@ -149,6 +149,8 @@ def measure(job: dict) -> dict:
                     out['chunk_cached_prefix_s'] = seconds(
                         lambda: [model.velocity(x, tau, prefix) for _ in range(cfg.num_steps)], job['repeats'], device)
                     out['chunk_s'] = seconds(lambda: policy.infer_batch(obs), job['repeats'], device)
+                if device.type == 'cuda':
+                    out.update(graph_rows(model, policy, obs, prefix, job['repeats'], device))
             out['inference_extra_gib'] = mem.extra_gib
             return out
         n = job['decisions']
@@ -177,6 +179,27 @@ def measure(job: dict) -> dict:
         out['update_extra_gib'] = mem.extra_gib
         out.update(held_gib(trainer))
         return out
+
+
+def graph_rows(model, eager, obs, prefix, repeats: int, device: torch.device) -> dict:
+    """The ODE chunk replayed from a CUDA graph (FlowPolicy(cuda_graph=True)): the K solver steps alone
+    on the cached prefix, the whole chunk, and how far its actions are from the eager loop's."""
+    from stepnft_ros.policy import FlowPolicy
+    from stepnft_ros.policy.cuda_graph import GraphedODE
+
+    cfg = model.config
+    graphed = FlowPolicy(model, mode='ode', seed=0, device=device, cuda_graph=True)
+    solve = GraphedODE(cfg.num_steps)
+    noise = torch.randn(len(obs), cfg.horizon, cfg.action_dim, device=device)
+    k_star = torch.zeros(len(obs), dtype=torch.long, device=device)
+    out = {'chunk_cached_prefix_graph_s': seconds(lambda: solve(model.velocity, prefix, noise, k_star), repeats,
+                                                  device),
+           'chunk_graph_s': seconds(lambda: graphed.infer_batch(obs), repeats, device)}
+    eager.reset()
+    graphed.reset()
+    diff = graphed.infer_batch(obs).chunks - eager.infer_batch(obs).chunks
+    out['graph_max_abs_diff_vs_eager'] = float(np.abs(diff).max())
+    return out
 
 
 def held_gib(trainer) -> dict:

@@ -299,7 +299,8 @@ def test_policy_server_answers_and_hot_swaps_on_onnxruntime(tmp_path, probe):
     ({'backend': 'tensorrt'}, "backend must be one of ('torch', 'onnxruntime')"),
     ({'sde_noise': 'some_steps'}, "sde_noise must be one of ('every_step', 'recorded_step')"),
     ({'step_selection': 'first'}, "step_selection must be 'uniform', 'last' or a step index, got 'first'"),
-    ({'step_noise_correlation': 1.5}, 'step_noise_correlation must be in [0, 1], got 1.5')])
+    ({'step_noise_correlation': 1.5}, 'step_noise_correlation must be in [0, 1], got 1.5'),
+    ({'cuda_graph': True}, "cuda_graph needs mode 'ode' on a CUDA device, got mode 'ode' on cpu")])
 def test_policy_server_refuses_an_unknown_backend_or_sampler(tmp_path, ros_domain, bad, message):
     from ros_harness import Graph, tiny_checkpoint
 
@@ -309,7 +310,7 @@ def test_policy_server_refuses_an_unknown_backend_or_sampler(tmp_path, ros_domai
             'checkpoint': str(tiny_checkpoint(tmp_path / 'ckpt', state_dim=5, action_dim=2)), 'robots': ['arm'],
             'mode': 'eval', **bad})
         assert server.proc.wait(60) == 2
-        assert (f"parameters 'backend' / 'device' / 'sde_noise' / 'step_selection' / 'step_noise_correlation': "
-                f'{message}') in server.output()
+        assert (f"parameters 'backend' / 'device' / 'sde_noise' / 'step_selection' / 'step_noise_correlation' / "
+                f"'cuda_graph': {message}") in server.output()
     finally:
         graph.stop_all()

@@ -110,6 +110,20 @@ def test_ode_sampling_equals_lerobots_sample_actions(vlm_dir):
     assert np.abs(ours - theirs).max() < 1e-5
 
 
+def test_velocity_equals_lerobots_denoise_step(vlm_dir):
+    """Our velocity builds its masks on the device (CUDA-graph capturable); the result must not change."""
+    backend = make_tiny(vlm_dir, action_pad=2)
+    batch = stack_observations(observations(3, seed=5), backend.config)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, HORIZON, ACTION_DIM, generator=g)
+    tau = torch.rand(3, generator=g)
+    with torch.no_grad():
+        pad, cache = backend.encode_prefix(batch)
+        ours = backend.velocity(x, tau, (pad, cache))
+        theirs = backend.flow.denoise_step(pad, cache, torch.nn.functional.pad(x, (0, 2)), tau)[..., :ACTION_DIM]
+    assert torch.equal(ours, theirs)
+
+
 def test_empty_camera_placeholders_are_not_robot_cameras(vlm_dir):
     backend = make_tiny(vlm_dir, empty_cameras=1)  # SmolVLA adds observation.images.empty_camera_0
     assert 'observation.images.empty_camera_0' in backend.policy.config.input_features

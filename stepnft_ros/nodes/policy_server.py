@@ -122,6 +122,9 @@ class PolicyServer(ManagedNode):
         self.seed = seed = p.get('seed', 0)
         device = p.get('device', 'cpu')
         backend = p.get('backend', 'torch')  # or 'onnxruntime' (device: cpu / cuda / auto = its provider)
+        # ODE modes on device cuda: each chunk's K solver steps replayed from a CUDA graph (large backends
+        # at batch 1 are launch-bound: full-size SmolVLA's chunk on an H200, bench/results/gpu_check.json)
+        cuda_graph = p.get('cuda_graph', False)
         self.max_observation_age_s = p.get('max_observation_age_s', 0.0)
         # Topics and services are not ordered: the last chunk's executed report may follow the outcome.
         self.executed_wait_s = p.get('executed_wait_s', 1.0)
@@ -148,10 +151,11 @@ class PolicyServer(ManagedNode):
             self.policy = make_policy(model, backend=backend, mode=MODES[self.mode], seed=seed, device=device,
                                       noise_level=None if noise_level < 0 else noise_level, sde_noise=sde_noise,
                                       fixed_step=recorded_step(step_selection, cfg.num_steps),
-                                      threads=torch.get_num_threads(), step_noise_correlation=step_noise_correlation)
+                                      threads=torch.get_num_threads(), step_noise_correlation=step_noise_correlation,
+                                      cuda_graph=cuda_graph)
         except (ValueError, CheckpointError) as err:
             raise ConfigError(f"parameters 'backend' / 'device' / 'sde_noise' / 'step_selection' / "
-                              f"'step_noise_correlation': {err}") from None
+                              f"'step_noise_correlation' / 'cuda_graph': {err}") from None
         self.action_names = action_names or [f'a{i}' for i in range(cfg.action_dim)]
         if len(self.action_names) != cfg.action_dim:
             raise ConfigError(f"parameter 'action_names' has {len(self.action_names)} names, "

@@ -576,18 +576,22 @@ def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
 def make_policy(source: FlowVLA | str | Path, backend: str = 'torch', mode: str = 'sde',
                 noise_level: float | None = None, seed: int = 0, device: str = 'cpu',
                 fixed_step: int | None = None, threads: int = 1,
-                sde_noise: str = 'every_step', step_noise_correlation: float = 0.0) -> FlowPolicy | OnnxFlowPolicy:
+                sde_noise: str = 'every_step', step_noise_correlation: float = 0.0,
+                cuda_graph: bool = False) -> FlowPolicy | OnnxFlowPolicy:
     """A policy on `backend`: 'torch' (FlowPolicy) or 'onnxruntime' (OnnxFlowPolicy).
 
     `source`: a policy backend (FlowVLA, SmolVLABackend), a checkpoint directory, or (onnxruntime only)
     an export directory.
     `device`: torch device, or for onnxruntime 'cpu' / 'cuda[:N]' / 'auto' (execution provider).
+    `cuda_graph`: torch backend, ODE on CUDA: replay each chunk's solve from a CUDA graph.
     """
     if backend not in BACKENDS:
         raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
     kwargs = dict(mode=mode, noise_level=noise_level, seed=seed, device=device, fixed_step=fixed_step,
                   sde_noise=sde_noise, step_noise_correlation=step_noise_correlation)
     if backend == 'onnxruntime':
+        if cuda_graph:
+            raise ValueError('cuda_graph is a torch-backend option (onnxruntime plans its own CUDA execution)')
         if not isinstance(source, nn.Module) and (Path(source) / MANIFEST_FILE).is_file():
             return OnnxFlowPolicy(source, threads=threads, **kwargs)
         model = source if isinstance(source, nn.Module) else load_checkpoint(source)[0]
@@ -596,7 +600,7 @@ def make_policy(source: FlowVLA | str | Path, backend: str = 'torch', mode: str 
                                   f'{getattr(model, "kind", type(model).__name__)}: use the torch backend')
         return OnnxFlowPolicy(model, threads=threads, **kwargs)
     model = source if isinstance(source, nn.Module) else load_checkpoint(source, device=device)[0]
-    return FlowPolicy(model, **kwargs)
+    return FlowPolicy(model, cuda_graph=cuda_graph, **kwargs)
 
 
 def describe_backend(policy: FlowPolicy | OnnxFlowPolicy) -> str:

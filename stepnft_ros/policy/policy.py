@@ -10,6 +10,7 @@ import torch
 
 from stepnft_ros.policy.backend import FlowBackend
 from stepnft_ros.policy.config import PolicyConfig
+from stepnft_ros.policy.cuda_graph import GraphedODE
 from stepnft_ros.policy.sampler import check_sde_noise, check_step_noise_correlation, sample_chunk
 from stepnft_ros.policy.types import Observation, Trace, stack_observations
 
@@ -100,11 +101,27 @@ class FlowPolicy(SamplingPolicy):
     def __init__(self, model: FlowBackend, mode: str = 'sde', noise_level: float | None = None,
                  seed: int = 0, device: str | torch.device = 'cpu', fixed_step: int | None = None,
                  sde_noise: str = 'every_step', initial_noise_scale: float = 1.0,
-                 step_noise_correlation: float = 0.0) -> None:
+                 step_noise_correlation: float = 0.0, cuda_graph: bool = False) -> None:
+        """cuda_graph: replay each ODE chunk's K solver steps from a CUDA graph (cuda_graph.py); needs a
+        CUDA device and mode 'ode' (the Flow-SDE sampler stays eager)."""
         check_sampling_mode(mode)
+        if cuda_graph and (mode != 'ode' or torch.device(device).type != 'cuda'):
+            raise ValueError(f"cuda_graph needs mode 'ode' on a CUDA device, got mode {mode!r} on {device}")
+        self._graphs = GraphedODE(model.config.num_steps) if cuda_graph else None
         self.model = model.to(device).eval()
         self._init_sampling(model.config, mode, noise_level, seed, device, fixed_step, sde_noise, initial_noise_scale,
                             step_noise_correlation)
+
+    @property
+    def model(self) -> FlowBackend:
+        return self._model
+
+    @model.setter
+    def model(self, model: FlowBackend) -> None:
+        """Replacing the model (a hot swap) drops the CUDA graphs captured with the old one's weights."""
+        self._model = model
+        if self._graphs is not None:
+            self._graphs.clear()
 
     @torch.no_grad()
     def infer_batch(self, observations: Sequence[Observation],
@@ -120,10 +137,25 @@ class FlowPolicy(SamplingPolicy):
         cfg = self.model.config
         batch = stack_observations(observations, cfg).to(self.device)
         prefix = self.model.encode_prefix(batch)  # computed once, reused by all K steps
-        x_final, trace = self._sample(lambda x, tau: self.model.velocity(x, tau, prefix), cfg, batch.batch_size,
-                                      initial_noise, step_noise)
+        if self._graphs is not None:
+            x_final, trace = self._graphed_sample(prefix, cfg, batch.batch_size, initial_noise)
+        else:
+            x_final, trace = self._sample(lambda x, tau: self.model.velocity(x, tau, prefix), cfg,
+                                          batch.batch_size, initial_noise, step_noise)
         chunks = self.model.normalizer.unnormalize_action(x_final)
         return PolicyOutput(chunks=chunks.cpu().numpy(), trace=trace.to('cpu'))
+
+
+    def _graphed_sample(self, prefix, cfg: PolicyConfig, batch_size: int,
+                        initial_noise: torch.Tensor | None) -> tuple[torch.Tensor, Trace]:
+        """_sample's ODE result from a captured graph: ε, then k*, drawn as the eager sampler draws them."""
+        noise = initial_noise_for(batch_size, cfg, self.generator, self.device, initial_noise)
+        noise = noise * self.initial_noise_scale
+        if self.fixed_step is None:
+            k_star = torch.randint(0, cfg.num_steps, (batch_size,), generator=self.generator, device=self.device)
+        else:
+            k_star = torch.full((batch_size,), self.fixed_step, dtype=torch.long, device=self.device)
+        return self._graphs(self.model.velocity, prefix, noise, k_star)
 
 
 def initial_noise_for(batch_size: int, cfg: PolicyConfig, generator: torch.Generator, device: torch.device,

@@ -145,12 +145,34 @@ class SmolVLABackend(nn.Module):
         return pad, cache
 
     def velocity(self, x: torch.Tensor, tau: torch.Tensor, prefix) -> torch.Tensor:
-        """v_θ(x, τ, o): x (B, H, D), τ (B,) -> (B, H, D) via denoise_step on the cached prefix."""
+        """v_θ(x, τ, o): x (B, H, D), τ (B,) -> (B, H, D) on the cached prefix.
+
+        What LeRobot's VLAFlowMatching.denoise_step computes (tests compare the two), from its modules,
+        with every tensor made on the device: denoise_step builds its suffix attention mask from a
+        Python list, a host-to-device copy that a CUDA graph cannot capture (cuda_graph.py)."""
+        from lerobot.policies.smolvla.modeling_smolvla import create_sinusoidal_pos_embedding, make_att_2d_masks
+
         pad, cache = prefix
         d, padded = self.config.action_dim, self.policy.config.max_action_dim
         if padded > d:
             x = F.pad(x, (0, padded - d))  # padded dims held at their data value (module docstring)
-        return self.flow.denoise_step(pad, cache, x, tau)[..., :d]
+        flow = self.flow
+        actions = flow.action_in_proj(x)
+        time = create_sinusoidal_pos_embedding(tau, flow.vlm_with_expert.expert_hidden_size, flow.config.min_period,
+                                               flow.config.max_period, device=actions.device).type(actions.dtype)
+        suffix = torch.cat([actions, time[:, None, :].expand_as(actions)], dim=2)
+        suffix = flow.action_time_mlp_out(F.silu(flow.action_time_mlp_in(suffix)))
+        b, n = suffix.shape[:2]
+        suffix_pad = torch.ones(b, n, dtype=torch.bool, device=suffix.device)
+        # every action token opens an attention block: causal among the actions, all of the prefix visible
+        suffix_att = torch.ones(b, n, dtype=suffix.dtype, device=suffix.device)
+        masks = torch.cat([pad[:, None, :].expand(b, n, pad.shape[1]), make_att_2d_masks(suffix_pad, suffix_att)],
+                          dim=2)
+        positions = pad.sum(dim=-1, keepdim=True) + torch.cumsum(suffix_pad, dim=1) - 1
+        out, _ = flow.vlm_with_expert.forward(attention_mask=masks, position_ids=positions, past_key_values=cache,
+                                              inputs_embeds=[None, suffix], use_cache=flow.config.use_cache,
+                                              fill_kv_cache=False)
+        return flow.action_out_proj(out[1][:, -flow.config.chunk_size:].to(torch.float32))[..., :d]
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each action-expert layer's MLP in the backward pass instead of keeping its

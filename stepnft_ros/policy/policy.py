@@ -78,12 +78,19 @@ class SamplingPolicy:
                 initial_noise: torch.Tensor | None,
                 step_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, Trace]:
         """x_K (normalized) and the trace of one batch; initial_noise as in infer_batch."""
-        noise = initial_noise_for(batch_size, cfg, self.generator, self.device, initial_noise)
-        noise = noise * self.initial_noise_scale
-        k_star = None if self.fixed_step is None else torch.full(
-            (batch_size,), self.fixed_step, dtype=torch.long, device=self.device)
+        noise, k_star = self._start(cfg, batch_size, initial_noise)
         return sample_chunk(velocity, noise, cfg.num_steps, self.a, generator=self.generator, k_star=k_star,
                             sde_noise=self.sde_noise, step_noise=step_noise)
+
+    def _start(self, cfg: PolicyConfig, batch_size: int,
+               initial_noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch's ε (scaled) and recorded step k*, drawn from the policy's generator in this order."""
+        noise = initial_noise_for(batch_size, cfg, self.generator, self.device, initial_noise)
+        if self.fixed_step is None:
+            k_star = torch.randint(0, cfg.num_steps, (batch_size,), generator=self.generator, device=self.device)
+        else:
+            k_star = torch.full((batch_size,), self.fixed_step, dtype=torch.long, device=self.device)
+        return noise * self.initial_noise_scale, k_star
 
     def infer_batch(self, observations: Sequence[Observation],
                     initial_noise: torch.Tensor | None = None,
@@ -145,16 +152,10 @@ class FlowPolicy(SamplingPolicy):
         chunks = self.model.normalizer.unnormalize_action(x_final)
         return PolicyOutput(chunks=chunks.cpu().numpy(), trace=trace.to('cpu'))
 
-
     def _graphed_sample(self, prefix, cfg: PolicyConfig, batch_size: int,
                         initial_noise: torch.Tensor | None) -> tuple[torch.Tensor, Trace]:
-        """_sample's ODE result from a captured graph: ε, then k*, drawn as the eager sampler draws them."""
-        noise = initial_noise_for(batch_size, cfg, self.generator, self.device, initial_noise)
-        noise = noise * self.initial_noise_scale
-        if self.fixed_step is None:
-            k_star = torch.randint(0, cfg.num_steps, (batch_size,), generator=self.generator, device=self.device)
-        else:
-            k_star = torch.full((batch_size,), self.fixed_step, dtype=torch.long, device=self.device)
+        """_sample's ODE result from a captured graph, on the same draws of ε and k*."""
+        noise, k_star = self._start(cfg, batch_size, initial_noise)
         return self._graphs(self.model.velocity, prefix, noise, k_star)
 
 

@@ -128,6 +128,8 @@ def measure(job: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         model = build(job['size'], Path(tmp), device)
+        if job.get('vlm_weights') == 'bf16':  # the transformer stacks; LeRobot casts their inputs to match
+            model.flow.vlm_with_expert.to(torch.bfloat16)
         cfg = model.config
         expert = model.action_expert_parameters()
         out = {**job, 'build_s': round(time.perf_counter() - start, 1),
@@ -268,17 +270,23 @@ def main(argv: list[str] | None = None) -> int:
                    help='also run each micro-batched update sharded over this many FSDP ranks (gloo)')
     p.add_argument('--only-fsdp', action='store_true',
                    help='only the FSDP rows and the unsharded rows they compare to')
+    p.add_argument('--vlm-weights', default='fp32', choices=('fp32', 'bf16'),
+                   help='bf16: the VLM and the action expert stored in bf16 (projections stay fp32), as real '
+                        'checkpoints load their VLM; use with --dtype fp32 (no autocast)')
+    p.add_argument('--inference-only', action='store_true', help='only the inference row')
     p.add_argument('--out', help='default bench/results/smolvla_cost_<device>.json')
     args = p.parse_args(argv)
     device = torch.device(args.device)
     base = {'size': args.size, 'device': str(device), 'dtype': args.dtype, 'threads': args.threads,
-            'repeats': args.repeats}
+            'repeats': args.repeats, 'vlm_weights': args.vlm_weights}
     updates = [{**base, 'kind': 'update', 'decisions': args.decisions, 'microbatch': int(m), 'checkpointing': c}
                for c in (False, True) for m in args.microbatch.split(',')]
     sharded = [{**job, 'ranks': args.fsdp_ranks} for job in updates if args.fsdp_ranks > 1 and job['microbatch']
                and not job['checkpointing']]  # micro-batches: each rank encodes only its own decisions' prefix
     if args.only_fsdp:
         jobs = [{**job, 'ranks': 1} for job in sharded] + sharded
+    elif args.inference_only:
+        jobs = [{**base, 'kind': 'inference'}]
     else:
         jobs = [{**base, 'kind': 'inference'}, *updates, *sharded]
     rows = []

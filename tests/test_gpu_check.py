@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
-from ros_harness import bench_module
+from ros_harness import REPO, bench_module
 
 
 def test_checks_run_on_cpu_and_one_that_breaks_does_not_hide_the_others(tmp_path, monkeypatch):
@@ -36,3 +38,14 @@ def test_smolvla_check_measures_chunk_latency_and_update_throughput(tmp_path):
     assert inference['kind'] == 'inference' and 0 < inference['chunk_cached_prefix_s'] and 0 < inference['chunk_s']
     assert [u['microbatch'] for u in updates] == [0, 2]
     assert all(u['decisions'] == 8 and u['decisions_per_s'] > 0 and 'error' not in u for u in updates)
+
+
+def test_smolvla_cost_measures_a_bf16_stored_vlm_and_expert(tmp_path):
+    out = tmp_path / 'cost.json'
+    proc = subprocess.run([sys.executable, str(REPO / 'bench' / 'smolvla_cost.py'), '--size', 'tiny', '--vlm-weights',
+                           'bf16', '--inference-only', '--repeats', '1', '--out', str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(out.read_text())['rows']
+    assert row['kind'] == 'inference' and row['vlm_weights'] == 'bf16' and 'error' not in row, row
+    assert 0 < row['chunk_cached_prefix_s'] and 0 < row['chunk_s']

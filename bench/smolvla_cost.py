@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
-from gpu_check import timed  # noqa: E402  (bench/ is on sys.path: this file's directory, or gpu_check's insert)
+from gpu_check import graph_max_abs_diff, timed  # noqa: E402  (bench/ is on sys.path: this file's directory, or gpu_check's insert)
 
 from stepnft_ros.atomic import atomic_write_text  # noqa: E402
 
@@ -197,10 +197,7 @@ def graph_rows(model, eager, obs, prefix, repeats: int, device: torch.device) ->
     out = {'chunk_cached_prefix_graph_s': seconds(lambda: solve(model.velocity, prefix, noise, k_star), repeats,
                                                   device),
            'chunk_graph_s': seconds(lambda: graphed.infer_batch(obs), repeats, device)}
-    eager.reset()
-    graphed.reset()
-    diff = graphed.infer_batch(obs).chunks - eager.infer_batch(obs).chunks
-    out['graph_max_abs_diff_vs_eager'] = float(np.abs(diff).max())
+    out['graph_max_abs_diff_vs_eager'] = graph_max_abs_diff(eager, graphed, obs)
     return out
 
 

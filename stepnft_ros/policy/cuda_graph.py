@@ -26,8 +26,7 @@ Velocity = Callable[[torch.Tensor, torch.Tensor, Prefix], torch.Tensor]
 MAX_GRAPHS = 8  # input shapes kept (batch sizes, prefix lengths); the least recently used is dropped
 
 
-def _signature(prefix: Prefix, noise: torch.Tensor) -> tuple:
-    leaves, spec = pytree.tree_flatten(prefix)
+def _signature(leaves: list, spec: pytree.TreeSpec, noise: torch.Tensor) -> tuple:
     if not all(isinstance(t, torch.Tensor) for t in leaves):
         raise TypeError('a CUDA graph needs a prefix of tensors only')
     autocast = torch.is_autocast_enabled('cuda')
@@ -38,14 +37,14 @@ def _signature(prefix: Prefix, noise: torch.Tensor) -> tuple:
 class CapturedODESolve:
     """One input shape's K-step Euler solve (and its trace) as a CUDA graph over static input buffers."""
 
-    def __init__(self, velocity: Velocity, prefix: Prefix, noise: torch.Tensor, k_star: torch.Tensor,
-                 num_steps: int) -> None:
-        leaves, self._spec = pytree.tree_flatten(prefix)
+    def __init__(self, velocity: Velocity, leaves: list[torch.Tensor], spec: pytree.TreeSpec, noise: torch.Tensor,
+                 k_star: torch.Tensor, num_steps: int) -> None:
+        """leaves, spec: the prefix flattened (torch.utils._pytree)."""
         self._prefix = [t.clone() for t in leaves]
         self._noise, self._k_star = noise.clone(), k_star.clone()
 
         def solve() -> tuple[torch.Tensor, Trace]:
-            static_prefix = pytree.tree_unflatten(self._prefix, self._spec)
+            static_prefix = pytree.tree_unflatten(self._prefix, spec)
             return sample_chunk(lambda x, tau: velocity(x, tau, static_prefix), self._noise, num_steps, 0.0,
                                 k_star=self._k_star)
 
@@ -62,8 +61,9 @@ class CapturedODESolve:
         with torch.cuda.graph(self.graph), cast:
             self._x, self._trace = solve()
 
-    def __call__(self, prefix: Prefix, noise: torch.Tensor, k_star: torch.Tensor) -> tuple[torch.Tensor, Trace]:
-        for static, new in zip(self._prefix, pytree.tree_leaves(prefix), strict=True):
+    def __call__(self, leaves: list[torch.Tensor], noise: torch.Tensor,
+                 k_star: torch.Tensor) -> tuple[torch.Tensor, Trace]:
+        for static, new in zip(self._prefix, leaves, strict=True):
             static.copy_(new)
         self._noise.copy_(noise)
         self._k_star.copy_(k_star)
@@ -89,11 +89,12 @@ class GraphedODE:
                  k_star: torch.Tensor) -> tuple[torch.Tensor, Trace]:
         if noise.device.type != 'cuda':
             raise ValueError(f'CUDA graphs need a CUDA device, the policy runs on {noise.device}')
-        key = _signature(prefix, noise)
+        leaves, spec = pytree.tree_flatten(prefix)  # once per chunk: the key and the buffers' new values
+        key = _signature(leaves, spec, noise)
         solve = self._solves.get(key)
         if solve is None:
-            solve = self._solves[key] = CapturedODESolve(velocity, prefix, noise, k_star, self.num_steps)
+            solve = self._solves[key] = CapturedODESolve(velocity, leaves, spec, noise, k_star, self.num_steps)
             while len(self._solves) > MAX_GRAPHS:
                 self._solves.popitem(last=False)
         self._solves.move_to_end(key)
-        return solve(prefix, noise, k_star)
+        return solve(leaves, noise, k_star)

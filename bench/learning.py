@@ -129,6 +129,11 @@ METHODS: dict[str, tuple[dict, dict]] = {
     # env step, so is the signal behind each update, not the number of updates, still the limit at 1024?
     'stepnft_correlated_noise_a0.5_episodes2048': (REC_ALGO, {**CORRELATED_ONLINE, 'noise_level': 0.5,
                                                               'episodes_per_iteration': 2048}),
+    # ... exploring in mirrored pairs (antithetic sampling): episodes 2j and 2j+1 of each group of 8 share ε
+    # and k* and take step noise ξ and −ξ. a = 0.5 noise mostly costs success whatever its sign (a = 0.8
+    # cost 10 points of training success); that even part is noise in the gradient, which mirroring cancels.
+    'stepnft_correlated_noise_a0.5_antithetic': (REC_ALGO, {**CORRELATED_ONLINE, 'noise_level': 0.5,
+                                                            'antithetic': True}),
     'stepnft_paper_scale': ({'epochs': 2, 'minibatch_size': 4096, 'lr': 1e-4},
                             {'episodes_per_iteration': 32, 'group_size': 1, 'labels': 'terminal_binary',
                              'noise_level': 0.5}),

@@ -74,6 +74,7 @@ class _Running:
     episode: Episode
     noise: torch.Generator
     step_noise: CorrelatedStepNoise | None = None  # SDE policies with step_noise_correlation > 0
+    recorded_steps: torch.Generator | None = None  # antithetic pairs: the k* stream the pair shares
     pending: tuple[Decision, np.ndarray] | None = None
 
 
@@ -170,10 +171,14 @@ class EnvPool:
     # ---- episodes --------------------------------------------------------------------------
 
     def run_episodes(self, policy: SamplingPolicy, seeds: Sequence[int], actions_per_chunk: int,
-                     weights_version: int = 0, id_prefix: str = 'ep') -> list[Episode]:
+                     weights_version: int = 0, id_prefix: str = 'ep', antithetic: bool = False) -> list[Episode]:
         """One episode per seed (repeat a seed for a group of episodes from one initial state), in
         the order of `seeds`. Every decision's initial noise comes from a generator seeded by
-        (seed, the seed's occurrence), so an ODE policy's episodes do not depend on batching."""
+        (seed, the seed's occurrence), so an ODE policy's episodes do not depend on batching.
+
+        antithetic (correlated step noise only): occurrences 2j and 2j+1 of a seed are a mirrored pair:
+        the same ε and k* streams, step noise ξ and −ξ. Whatever the noise does to success regardless of
+        its sign (mostly harm) then cancels between the two, as in antithetic evolution strategies."""
         todo: deque[tuple[int, int, int]] = deque()  # (position, seed, occurrence)
         seen: dict[int, int] = {}
         for position, seed in enumerate(seeds):
@@ -182,16 +187,22 @@ class EnvPool:
         results: dict[int, Episode] = {}
         tags: dict[int, tuple[int, int, int]] = {}
         cfg_h, cfg_d = policy_shape(policy)
+        num_steps = policy.model.config.num_steps if antithetic else 0
         correlated = policy.correlates_step_noise
+        if antithetic and not correlated:
+            raise ValueError('antithetic pairs need an SDE policy with step_noise_correlation > 0')
 
         def start(i: int) -> None:
             position, seed, occurrence = todo.popleft()
-            noise = episode_noise(seed, occurrence)
+            stream, sign = (occurrence - occurrence % 2, (-1.0) ** occurrence) if antithetic else (occurrence, 1.0)
+            noise = episode_noise(seed, stream)
             episode = Episode(episode_id=f'{id_prefix}-seed{seed}-{occurrence}', weights_version=weights_version,
                               seed=int(seed))
-            step_noise = CorrelatedStepNoise(policy.step_noise_correlation,
-                                             episode_noise(seed, occurrence, stream='step')) if correlated else None
-            self.workers[i].running = _Running(episode=episode, noise=noise, step_noise=step_noise)
+            step_noise = CorrelatedStepNoise(policy.step_noise_correlation, episode_noise(seed, stream, 'step'),
+                                             sign) if correlated else None
+            recorded_steps = episode_noise(seed, stream, 'recorded_step') if antithetic else None
+            self.workers[i].running = _Running(episode=episode, noise=noise, step_noise=step_noise,
+                                               recorded_steps=recorded_steps)
             tags[i] = (position, seed, occurrence)
             self._send(self.workers[i], ('reset', int(seed)))
 
@@ -236,7 +247,11 @@ class EnvPool:
                                      for i, _ in waiting])
                 step_noise = torch.stack([self.workers[i].running.step_noise.next((cfg_h, cfg_d))
                                           for i, _ in waiting]) if correlated else None
-                out = policy.infer_batch(observations, initial_noise=noise, step_noise=step_noise)
+                recorded_steps = torch.cat([torch.randint(0, num_steps, (1,),
+                                                          generator=self.workers[i].running.recorded_steps)
+                                            for i, _ in waiting]) if antithetic else None
+                out = policy.infer_batch(observations, initial_noise=noise, step_noise=step_noise,
+                                         recorded_steps=recorded_steps)
                 for j, (i, _) in enumerate(waiting):
                     decision = Decision(observation=observations[j], chunk=out.chunks[j],
                                         trace=out.trace.index(torch.tensor([j])))
@@ -290,8 +305,9 @@ class EnvPool:
 
 def episode_noise(seed: int, occurrence: int = 0, stream: str = 'initial') -> torch.Generator:
     """The generator of one noise stream of the `occurrence`-th episode from `seed`: 'initial' (every
-    decision's ε) or 'step' (its correlated SDE step noise, apart so that ε does not depend on it)."""
-    offset = {'initial': 0, 'step': 1 << 40}[stream]
+    decision's ε), 'step' (its correlated SDE step noise, apart so that ε does not depend on it) or
+    'recorded_step' (its k* draws, for antithetic pairs)."""
+    offset = {'initial': 0, 'step': 1 << 40, 'recorded_step': 2 << 40}[stream]
     return torch.Generator().manual_seed(int(seed) * 1009 + occurrence + offset)
 
 

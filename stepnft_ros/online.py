@@ -43,6 +43,9 @@ class OnlineConfig:
     """Flow-SDE noise at every solver step, or only at the recorded step k* ('recorded_step')."""
     step_noise_correlation: float = 0.0
     """ρ of each episode's AR(1) stream of SDE step noise over its decisions (0: independent draws)."""
+    antithetic: bool = False
+    """Explore in mirrored pairs: episodes 2j and 2j+1 of each group share their ε and k* streams and
+    take step noise ξ and −ξ (needs step_noise_correlation > 0 and an even group_size)."""
     replay_iterations: int = 1
     """Each update trains on the rollouts of the last this many iterations (1: this iteration's only).
     Each trace keeps the v_old of the policy that sampled it, so older decisions stay valid ranking
@@ -65,6 +68,9 @@ class OnlineConfig:
                              f'episodes_per_iteration={self.episodes_per_iteration}, group_size={self.group_size}, '
                              f'actions_per_chunk={self.actions_per_chunk}, eval_every={self.eval_every}, '
                              f'replay_iterations={self.replay_iterations}')
+        if self.antithetic and (self.group_size % 2 or self.step_noise_correlation <= 0.0):
+            raise ValueError(f'antithetic pairs need an even group_size and step_noise_correlation > 0, got '
+                             f'group_size={self.group_size}, step_noise_correlation={self.step_noise_correlation}')
 
 
 def run_online(env: Env | EnvPool, model: FlowBackend, online: OnlineConfig, algo: StepNFTConfig,
@@ -122,6 +128,7 @@ def run_online(env: Env | EnvPool, model: FlowBackend, online: OnlineConfig, alg
         first = online.first_train_seed + (it - 1) * groups
         seeds = [seed for seed in range(first, first + groups) for _ in range(online.group_size)]
         episodes = pool.run_episodes(explore, seeds, online.actions_per_chunk, weights_version=trainer.updates,
+                                     antithetic=online.antithetic,
                                      id_prefix=f'it{it}')
         rollout_s = time.perf_counter() - start
         window.append(episodes)

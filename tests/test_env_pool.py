@@ -6,6 +6,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from toy_env import PointReach
 
@@ -83,6 +84,20 @@ def test_online_loop_with_groups_resumes_where_it_stopped():
     assert more[3]['env_steps'] > more[2]['env_steps']
 
 
+def test_online_loop_explores_in_antithetic_pairs():
+    from stepnft_ros.algo.stepnft import StepNFTConfig
+    from stepnft_ros.online import OnlineConfig, run_online
+
+    online = OnlineConfig(iterations=1, episodes_per_iteration=4, group_size=4, labels='group_mean', noise_level=0.5,
+                          sde_noise='recorded_step', step_noise_correlation=1.0, antithetic=True,
+                          actions_per_chunk=4, eval_seeds=(500,))
+    history = run_online(PointReach(), small_model(), online, StepNFTConfig(minibatch_size=64))
+    assert history[1]['episodes'] == 4 and np.isfinite(history[1]['loss'])
+    for bad in (dict(group_size=1, episodes_per_iteration=4), dict(step_noise_correlation=0.0)):
+        with pytest.raises(ValueError, match='antithetic pairs need an even group_size'):
+            replace(online, **bad)
+
+
 def test_each_update_trains_on_the_replay_window_of_recent_iterations():
     from stepnft_ros.algo.stepnft import StepNFTConfig
     from stepnft_ros.online import OnlineConfig, run_online
@@ -111,3 +126,25 @@ def test_correlated_step_noise_leans_each_episode_one_way():
     assert not torch.allclose(first[0], first[1], atol=1e-2)  # the group's episodes lean different ways
     xi = [recorded_noise(d.trace, 4) for d in independent[0].decisions]
     assert not torch.allclose(xi[0], xi[1], atol=1e-2)
+
+
+def test_antithetic_pairs_share_their_draws_and_mirror_the_step_noise():
+    model = small_model()
+    policy = FlowPolicy(model, mode='sde', noise_level=0.5, sde_noise='recorded_step', step_noise_correlation=1.0)
+    with EnvPool(PointReach, num_workers=2) as pool:
+        episodes = pool.run_episodes(policy, [100] * 4 + [101] * 2, actions_per_chunk=2, antithetic=True)
+        with pytest.raises(ValueError, match='antithetic'):  # nothing to mirror without an episode's ξ
+            pool.run_episodes(FlowPolicy(model, mode='sde', noise_level=0.5), [100, 100], 2, antithetic=True)
+
+    def first(e):
+        return e.decisions[0].trace
+
+    for plus, minus in ((episodes[0], episodes[1]), (episodes[2], episodes[3]), (episodes[4], episodes[5])):
+        a, b = first(plus), first(minus)
+        # same state, ε and k*: the chains agree up to the recorded step, then split by ±ξ
+        assert torch.equal(a.k, b.k) and torch.allclose(a.x_k, b.x_k, atol=1e-6)
+        assert torch.allclose(recorded_noise(a, 4), -recorded_noise(b, 4), atol=1e-4)  # ξ and −ξ
+        n = min(len(plus.decisions), len(minus.decisions))
+        assert [int(d.trace.k) for d in plus.decisions[:n]] == [int(d.trace.k) for d in minus.decisions[:n]]
+    # pairs of one group explore different directions
+    assert not torch.allclose(recorded_noise(first(episodes[0]), 4), recorded_noise(first(episodes[2]), 4), atol=1e-2)

@@ -53,6 +53,17 @@ def test_given_initial_noise_makes_an_ode_chunk_independent_of_its_batch():
         policy.infer_batch([a], initial_noise=noise)
 
 
+def test_given_recorded_steps_are_the_traced_k_star():
+    cfg = PolicyConfig(state_dim=4, action_dim=3, horizon=2, d_model=32, n_heads=2, num_steps=4)
+    policy = FlowPolicy(FlowVLA(cfg), mode='sde', noise_level=0.5, sde_noise='recorded_step')
+    observations = [obs(state=np.ones(4, np.float32))] * 3
+    out = policy.infer_batch(observations, recorded_steps=torch.tensor([3, 0, 2]))
+    assert out.trace.k.tolist() == [3, 0, 2]
+    for bad in (torch.tensor([0, 4, 1]), torch.tensor([-1, 0, 0]), torch.tensor([0, 1])):
+        with pytest.raises(ValueError, match='recorded_steps must be 3 solver steps'):
+            policy.infer_batch(observations, recorded_steps=bad)
+
+
 @pytest.mark.parametrize('bad, message', [
     (obs(state=np.array([0, np.nan, 0, 0], np.float32)), 'non-finite'),
     (obs(state=np.zeros(5, np.float32)), r'shape \(5,\)'),

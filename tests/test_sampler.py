@@ -183,3 +183,10 @@ def test_correlated_step_noise_is_an_ar1_stream_with_standard_normal_marginals()
     for bad in (-0.1, 1.5, float('nan')):
         with pytest.raises(ValueError, match='step_noise_correlation'):
             CorrelatedStepNoise(bad, torch.Generator())
+    for rho in (0.5, 1.0):  # sign −1: the mirror image of the same stream, draw for draw
+        plus = CorrelatedStepNoise(rho, torch.Generator().manual_seed(5))
+        minus = CorrelatedStepNoise(rho, torch.Generator().manual_seed(5), sign=-1.0)
+        for _ in range(4):
+            assert torch.equal(minus.next((8,)), -plus.next((8,)))
+    with pytest.raises(ValueError, match='sign'):
+        CorrelatedStepNoise(1.0, torch.Generator(), sign=0.5)

@@ -503,9 +503,10 @@ class OnnxFlowPolicy(SamplingPolicy):
     @torch.no_grad()
     def infer_batch(self, observations: Sequence[Observation],
                     initial_noise: torch.Tensor | None = None,
-                    step_noise: torch.Tensor | None = None) -> PolicyOutput:
+                    step_noise: torch.Tensor | None = None,
+                    recorded_steps: torch.Tensor | None = None) -> PolicyOutput:
         """Validates every observation (ObservationError on bad input) and samples one chunk each
-        (initial_noise, step_noise: as FlowPolicy.infer_batch)."""
+        (initial_noise, step_noise, recorded_steps: as FlowPolicy.infer_batch)."""
         s = self._sessions  # one set of weights per batch, even if a swap happens meanwhile
         cfg = s.config
         prefix, pad = self.encode_prefix(observations, s)  # computed once, reused by all K steps
@@ -515,7 +516,7 @@ class OnnxFlowPolicy(SamplingPolicy):
             out = velocity.run(None, {'x': x.numpy(), 'tau': tau.numpy(), 'prefix': prefix, 'prefix_pad': pad})
             return torch.from_numpy(out[0])
 
-        x_final, trace = self._sample(v, cfg, prefix.shape[0], initial_noise, step_noise)
+        x_final, trace = self._sample(v, cfg, prefix.shape[0], initial_noise, step_noise, recorded_steps)
         chunks = x_final * s.action_std + s.action_mean  # the one place actions are de-normalized
         return PolicyOutput(chunks=chunks.numpy(), trace=trace)
 

@@ -76,17 +76,24 @@ class SamplingPolicy:
 
     def _sample(self, velocity, cfg: PolicyConfig, batch_size: int,
                 initial_noise: torch.Tensor | None,
-                step_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, Trace]:
-        """x_K (normalized) and the trace of one batch; initial_noise as in infer_batch."""
-        noise, k_star = self._start(cfg, batch_size, initial_noise)
+                step_noise: torch.Tensor | None = None,
+                recorded_steps: torch.Tensor | None = None) -> tuple[torch.Tensor, Trace]:
+        """x_K (normalized) and the trace of one batch; initial_noise etc. as in infer_batch."""
+        noise, k_star = self._start(cfg, batch_size, initial_noise, recorded_steps)
         return sample_chunk(velocity, noise, cfg.num_steps, self.a, generator=self.generator, k_star=k_star,
                             sde_noise=self.sde_noise, step_noise=step_noise)
 
-    def _start(self, cfg: PolicyConfig, batch_size: int,
-               initial_noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batch's ε (scaled) and recorded step k*, drawn from the policy's generator in this order."""
+    def _start(self, cfg: PolicyConfig, batch_size: int, initial_noise: torch.Tensor | None,
+               recorded_steps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch's ε (scaled) and recorded step k*, drawn from the policy's generator in this order
+        (each only where the caller does not give it)."""
         noise = initial_noise_for(batch_size, cfg, self.generator, self.device, initial_noise)
-        if self.fixed_step is None:
+        if recorded_steps is not None:
+            k_star = recorded_steps.to(device=self.device, dtype=torch.long)
+            if tuple(k_star.shape) != (batch_size,) or bool(((k_star < 0) | (k_star >= cfg.num_steps)).any()):
+                raise ValueError(f'recorded_steps must be {batch_size} solver steps in [0, {cfg.num_steps}), '
+                                 f'got {recorded_steps.tolist()}')
+        elif self.fixed_step is None:
             k_star = torch.randint(0, cfg.num_steps, (batch_size,), generator=self.generator, device=self.device)
         else:
             k_star = torch.full((batch_size,), self.fixed_step, dtype=torch.long, device=self.device)
@@ -94,7 +101,8 @@ class SamplingPolicy:
 
     def infer_batch(self, observations: Sequence[Observation],
                     initial_noise: torch.Tensor | None = None,
-                    step_noise: torch.Tensor | None = None) -> PolicyOutput:
+                    step_noise: torch.Tensor | None = None,
+                    recorded_steps: torch.Tensor | None = None) -> PolicyOutput:
         raise NotImplementedError
 
     def infer(self, observation: Observation) -> PolicyOutput:
@@ -133,29 +141,31 @@ class FlowPolicy(SamplingPolicy):
     @torch.no_grad()
     def infer_batch(self, observations: Sequence[Observation],
                     initial_noise: torch.Tensor | None = None,
-                    step_noise: torch.Tensor | None = None) -> PolicyOutput:
+                    step_noise: torch.Tensor | None = None,
+                    recorded_steps: torch.Tensor | None = None) -> PolicyOutput:
         """Validates every observation (ObservationError on bad input) and samples one chunk each.
 
         initial_noise: (B, H, D) ε per observation instead of draws from the policy's generator, so
         a caller can keep one noise stream per robot (an ODE chunk then does not depend on which
         other robots share its batch); step_noise: (B, H, D) ξ of the recorded SDE step per observation
-        (each robot's CorrelatedStepNoise stream), fresh draws when None.
+        (each robot's CorrelatedStepNoise stream), fresh draws when None; recorded_steps: (B,) k* per
+        observation instead of the policy's draw (antithetic pairs share it).
         """
         cfg = self.model.config
         batch = stack_observations(observations, cfg).to(self.device)
         prefix = self.model.encode_prefix(batch)  # computed once, reused by all K steps
         if self._graphs is not None:
-            x_final, trace = self._graphed_sample(prefix, cfg, batch.batch_size, initial_noise)
+            x_final, trace = self._graphed_sample(prefix, cfg, batch.batch_size, initial_noise, recorded_steps)
         else:
             x_final, trace = self._sample(lambda x, tau: self.model.velocity(x, tau, prefix), cfg,
-                                          batch.batch_size, initial_noise, step_noise)
+                                          batch.batch_size, initial_noise, step_noise, recorded_steps)
         chunks = self.model.normalizer.unnormalize_action(x_final)
         return PolicyOutput(chunks=chunks.cpu().numpy(), trace=trace.to('cpu'))
 
-    def _graphed_sample(self, prefix, cfg: PolicyConfig, batch_size: int,
-                        initial_noise: torch.Tensor | None) -> tuple[torch.Tensor, Trace]:
+    def _graphed_sample(self, prefix, cfg: PolicyConfig, batch_size: int, initial_noise: torch.Tensor | None,
+                        recorded_steps: torch.Tensor | None = None) -> tuple[torch.Tensor, Trace]:
         """_sample's ODE result from a captured graph, on the same draws of ε and k*."""
-        noise, k_star = self._start(cfg, batch_size, initial_noise)
+        noise, k_star = self._start(cfg, batch_size, initial_noise, recorded_steps)
         return self._graphs(self.model.velocity, prefix, noise, k_star)
 
 

@@ -153,9 +153,12 @@ class CorrelatedStepNoise:
     for the whole episode), so exploration moves the trajectory instead of jittering around it.
     """
 
-    def __init__(self, correlation: float, generator: torch.Generator) -> None:
+    def __init__(self, correlation: float, generator: torch.Generator, sign: float = 1.0) -> None:
+        """sign −1 gives the mirror image of the stream `generator` would give (an antithetic partner)."""
         check_step_noise_correlation(correlation)
-        self.correlation, self.generator = float(correlation), generator
+        if sign not in (1.0, -1.0):
+            raise ValueError(f'sign must be 1 or -1, got {sign}')
+        self.correlation, self.generator, self.sign = float(correlation), generator, float(sign)
         self.previous: torch.Tensor | None = None
 
     def next(self, shape: tuple[int, ...]) -> torch.Tensor:
@@ -165,7 +168,7 @@ class CorrelatedStepNoise:
         else:
             rho = self.correlation
             self.previous = rho * self.previous + (1.0 - rho * rho) ** 0.5 * fresh
-        return self.previous
+        return self.sign * self.previous
 
 
 def check_step_noise_correlation(correlation: float) -> None:

@@ -10,6 +10,8 @@ outcome. Nothing is selected on these seeds; it is a diagnostic.
         --samplers recorded_step:0.3 every_step:0.3 every_step:0.6 --group-size 8
     # step noise correlated over each episode's decisions (ρ = 0.9), on the states the first never solved:
     python bench/reach.py ... --samplers recorded_step:0.3:0.9 --never-of recorded_step:0.3
+    # one ξ per episode, with and without antithetic pairs (how often a pair's outcomes differ):
+    python bench/reach.py ... --samplers recorded_step:0.5:1.0 recorded_step:0.5:1.0:anti
 
 Writes bench/results/reach_<env-id>.json (per-seed success counts kept, resumable per sampler).
 """
@@ -35,14 +37,23 @@ from stepnft_ros.policy import FlowPolicy, load_checkpoint  # noqa: E402
 from stepnft_ros.policy.sampler import SDE_NOISE  # noqa: E402
 
 
-def parse_sampler(text: str) -> tuple[str, float, float]:
-    """WHERE:NOISE_LEVEL[:RHO] -> (where, a, step-noise correlation ρ, 0 when not given)."""
-    where, level, *rest = text.split(':') + ['']
+def parse_sampler(text: str) -> tuple[str, float, float, bool]:
+    """WHERE:NOISE_LEVEL[:RHO[:anti]] -> (where, a, step-noise correlation ρ (0 when not given), antithetic
+    pairs: episodes 2j and 2j+1 of each state share ε and k* and take step noise ξ and −ξ)."""
+    where, level, *rest = text.split(':') + [''] * (':' not in text)
     rho = rest[0] if rest and rest[0] else '0'
-    if where not in SDE_NOISE or not level or len(rest) > 2:
-        raise ValueError(f'sampler {text!r} is not WHERE:NOISE_LEVEL[:RHO] with WHERE in {SDE_NOISE} '
-                         '(e.g. every_step:0.3 or recorded_step:0.3:0.9)')
-    return where, float(level), float(rho)
+    anti = rest[1:] == ['anti']
+    if where not in SDE_NOISE or not level or len(rest) > 2 or (len(rest) == 2 and not anti):
+        raise ValueError(f'sampler {text!r} is not WHERE:NOISE_LEVEL[:RHO[:anti]] with WHERE in {SDE_NOISE} '
+                         '(e.g. every_step:0.3, recorded_step:0.3:0.9 or recorded_step:0.5:1.0:anti)')
+    return where, float(level), float(rho), anti
+
+
+def mixed_pairs(outcomes: np.ndarray) -> float:
+    """outcomes: (states, G) per rollout; the share of rollout pairs (2j, 2j+1) of one state whose outcomes
+    differ. Only such pairs tell the update which of two explorations was better (antithetic: ξ or −ξ)."""
+    pairs = outcomes[:, : outcomes.shape[1] // 2 * 2].reshape(len(outcomes), -1, 2)
+    return float(np.mean(pairs[..., 0] != pairs[..., 1]))
 
 
 def summarize_counts(successes: np.ndarray, group_size: int, ode: np.ndarray | None) -> dict:
@@ -97,18 +108,20 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f'--never-of {args.never_of}: no such sampler in {out} ({list(result["samplers"])})')
             subset = np.array(result['samplers'][args.never_of]['successes_per_state']) == 0
         states = [s for s, keep in zip(seeds, subset, strict=True) if keep]
-        for where, level, rho in samplers:
-            name = f'{where}:{level}' + (f':{rho}' if rho else '') + (f'@never_of:{args.never_of}' if args.never_of
-                                                                      else '')
+        for where, level, rho, anti in samplers:
+            name = (f'{where}:{level}' + (f':{rho}' if rho else '') + (':anti' if anti else '')
+                    + (f'@never_of:{args.never_of}' if args.never_of else ''))
             if name in result['samplers']:
                 continue
             start = time.perf_counter()
             policy = FlowPolicy(model, mode='sde', seed=args.seed, noise_level=level, sde_noise=where,
                                 step_noise_correlation=rho)
             episodes = pool.run_episodes(policy, [s for s in states for _ in range(args.group_size)],
-                                         args.actions_per_chunk, id_prefix='reach')
-            counts = np.array([bool(e.success) for e in episodes]).reshape(len(states), args.group_size).sum(1)
+                                         args.actions_per_chunk, id_prefix='reach', antithetic=anti)
+            outcomes = np.array([bool(e.success) for e in episodes]).reshape(len(states), args.group_size)
+            counts = outcomes.sum(1)
             result['samplers'][name] = {**summarize_counts(counts, args.group_size, ode[subset]),
+                                        'mixed_pairs': mixed_pairs(outcomes),
                                         'wall_s': round(time.perf_counter() - start, 1), 'seeds': states,
                                         'successes_per_state': counts.tolist()}
             print(f'[{time.strftime("%H:%M:%S")}] {name}: ' + json.dumps(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
 import pytest
 import torch
 from ros_harness import bench_module, tiny_checkpoint
@@ -160,11 +161,14 @@ def test_reach_counts_states_without_a_success_split_by_the_ode_outcome():
     assert s['mean_success'] == 11 / 32 and s['states_never'] == 0.5 and s['states_always'] == 0.25
     assert s['ode_failed'] == {'states': 2, 'mean_success': 0.0, 'states_never': 1.0}
     assert s['ode_solved']['mean_success'] == 11 / 16 and s['ode_solved']['states_never'] == 0.0
-    assert reach.parse_sampler('every_step:0.6') == ('every_step', 0.6, 0.0)
-    assert reach.parse_sampler('recorded_step:0.8:1.0') == ('recorded_step', 0.8, 1.0)  # with ρ
-    for bad in ('everywhere:0.3', 'recorded_step', 'recorded_step:0.3:0.9:1'):
-        with pytest.raises(ValueError, match=r'WHERE:NOISE_LEVEL\[:RHO\]'):
+    assert reach.parse_sampler('every_step:0.6') == ('every_step', 0.6, 0.0, False)
+    assert reach.parse_sampler('recorded_step:0.8:1.0') == ('recorded_step', 0.8, 1.0, False)  # with ρ
+    assert reach.parse_sampler('recorded_step:0.5:1.0:anti') == ('recorded_step', 0.5, 1.0, True)
+    for bad in ('everywhere:0.3', 'recorded_step', 'recorded_step:0.3:0.9:1', 'recorded_step:0.3:0.9:anti:x'):
+        with pytest.raises(ValueError, match=r'WHERE:NOISE_LEVEL\[:RHO\[:anti\]\]'):
             reach.parse_sampler(bad)
+    outcomes = np.array([[1, 0, 1, 1, 0, 0, 1, 0], [0, 0, 0, 0, 1, 1, 1, 1]], bool)
+    assert reach.mixed_pairs(outcomes) == 2 / 8  # pairs (2j, 2j+1) of each state whose outcomes differ
 
 
 def test_reach_refuses_to_add_samplers_to_a_file_measured_with_other_settings(tmp_path):

@@ -40,10 +40,11 @@ from stepnft_ros.policy.sampler import SDE_NOISE  # noqa: E402
 def parse_sampler(text: str) -> tuple[str, float, float, bool]:
     """WHERE:NOISE_LEVEL[:RHO[:anti]] -> (where, a, step-noise correlation ρ (0 when not given), antithetic
     pairs: episodes 2j and 2j+1 of each state share ε and k* and take step noise ξ and −ξ)."""
-    where, level, *rest = text.split(':') + [''] * (':' not in text)
-    rho = rest[0] if rest and rest[0] else '0'
-    anti = rest[1:] == ['anti']
-    if where not in SDE_NOISE or not level or len(rest) > 2 or (len(rest) == 2 and not anti):
+    parts = text.split(':')
+    where, level = parts[0], parts[1] if len(parts) > 1 else ''
+    rho = parts[2] if len(parts) > 2 and parts[2] else '0'
+    anti = parts[3:] == ['anti']
+    if where not in SDE_NOISE or not level or len(parts) > 4 or (len(parts) == 4 and not anti):
         raise ValueError(f'sampler {text!r} is not WHERE:NOISE_LEVEL[:RHO[:anti]] with WHERE in {SDE_NOISE} '
                          '(e.g. every_step:0.3, recorded_step:0.3:0.9 or recorded_step:0.5:1.0:anti)')
     return where, float(level), float(rho), anti

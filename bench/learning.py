@@ -134,6 +134,11 @@ METHODS: dict[str, tuple[dict, dict]] = {
     # cost 10 points of training success); that even part is noise in the gradient, which mirroring cancels.
     'stepnft_correlated_noise_a0.5_antithetic': (REC_ALGO, {**CORRELATED_ONLINE, 'noise_level': 0.5,
                                                             'antithetic': True}),
+    # ... spending half of each update's groups again on initial states whose latest group of 8 had mixed
+    # outcomes, the most balanced first (learnability p(1 - p)): on the start about 30 % of fresh states have no
+    # success in 8 tries and their groups carry no group-relative signal (bench/results/reach_PickCube-v1_*.json).
+    'stepnft_correlated_noise_a0.5_revisit0.5': (REC_ALGO, {**CORRELATED_ONLINE, 'noise_level': 0.5,
+                                                           'revisit_fraction': 0.5}),
     'stepnft_paper_scale': ({'epochs': 2, 'minibatch_size': 4096, 'lr': 1e-4},
                             {'episodes_per_iteration': 32, 'group_size': 1, 'labels': 'terminal_binary',
                              'noise_level': 0.5}),

@@ -98,6 +98,37 @@ def test_online_loop_explores_in_antithetic_pairs():
             replace(online, **bad)
 
 
+def test_revisits_go_to_the_most_balanced_mixed_states_and_survive_a_resume():
+    from stepnft_ros.algo.stepnft import StepNFTConfig, StepNFTTrainer
+    from stepnft_ros.online import OnlineConfig, StateRecord, plan_groups, run_online, states_from_history
+
+    online = OnlineConfig(episodes_per_iteration=16, group_size=4, revisit_fraction=0.5, max_revisits=1)
+    states = {10: StateRecord(1, 4, 1, 1), 11: StateRecord(2, 4, 1, 1), 12: StateRecord(0, 4, 1, 1),
+              13: StateRecord(4, 4, 1, 1), 14: StateRecord(2, 4, 2, 1), 15: StateRecord(3, 4, 1, 2)}
+    # 2 of 4 groups revisit: 11 (p = 0.5) first, then 15 (newer) before 10 (same p(1 - p)); 12 and 13 have one
+    # outcome, 14 has used its revisit
+    assert plan_groups(online, states, next_fresh=100) == ([11, 15, 100, 101], 102)
+    assert plan_groups(replace(online, revisit_fraction=0.0), states, 100) == ([100, 101, 102, 103], 104)
+    assert plan_groups(online, {}, 100) == ([100, 101, 102, 103], 104)  # nothing to revisit yet
+    with pytest.raises(ValueError, match='revisits need'):
+        OnlineConfig(revisit_fraction=0.5, group_size=1)
+
+    model = small_model()
+    loop = OnlineConfig(iterations=2, episodes_per_iteration=8, group_size=2, labels='group_mean', noise_level=0.8,
+                        revisit_fraction=0.5, actions_per_chunk=4, eval_seeds=(500,), eval_every=2)
+    algo = StepNFTConfig(minibatch_size=64)
+    trainer = StepNFTTrainer(model, algo)
+    history = run_online(PointReach(), model, loop, algo, trainer=trainer)
+    for h in history[1:]:
+        assert sum(n for _, _, n in h['groups']) == 8 and 0.0 <= h['mixed_group_fraction'] <= 1.0
+    # a resumed run plans from the same records as an uninterrupted one would
+    rebuilt = states_from_history(history)
+    assert {seed for seed, _, _ in history[2]['groups']} <= set(rebuilt)
+    assert history[2]['revisited_groups'] <= 2
+    more = run_online(PointReach(), model, replace(loop, iterations=3), algo, history=history, trainer=trainer)
+    assert more[3]['next_fresh_seed'] == history[2]['next_fresh_seed'] + 4 - more[3]['revisited_groups']
+
+
 def test_each_update_trains_on_the_replay_window_of_recent_iterations():
     from stepnft_ros.algo.stepnft import StepNFTConfig
     from stepnft_ros.online import OnlineConfig, run_online

@@ -114,26 +114,26 @@ def plan_groups(online: OnlineConfig, states: dict[int, StateRecord], next_fresh
     return revisit + fresh, next_fresh + len(fresh)
 
 
-def record_groups(states: dict[int, StateRecord], episodes: list, iteration: int) -> dict:
-    """Fold one iteration's groups into `states`; returns the iteration's group statistics."""
+def group_outcomes(episodes: list) -> list[list[int]]:
+    """[seed, successes, episodes] of each group (reset seed) of one iteration, in first-seen order."""
     outcomes: dict[int, list[bool]] = {}
     for e in episodes:
         outcomes.setdefault(int(e.seed), []).append(bool(e.success))
-    for seed, results in outcomes.items():
+    return [[seed, sum(r), len(r)] for seed, r in outcomes.items()]
+
+
+def fold_groups(states: dict[int, StateRecord], groups: list[list[int]], iteration: int) -> None:
+    """Record one iteration's groups as the latest of their states, counting the visits."""
+    for seed, successes, episodes in groups:
         visits = states[seed].visits + 1 if seed in states else 1
-        states[seed] = StateRecord(sum(results), len(results), visits, iteration)
-    mixed = sum(0 < sum(r) < len(r) for r in outcomes.values())
-    return {'mixed_group_fraction': mixed / max(len(outcomes), 1),
-            'groups': [[seed, sum(r), len(r)] for seed, r in outcomes.items()]}
+        states[seed] = StateRecord(successes, episodes, visits, iteration)
 
 
 def states_from_history(history: list[dict]) -> dict[int, StateRecord]:
     """Rebuild the per-state records of a resumed run from its history's 'groups' entries."""
     states: dict[int, StateRecord] = {}
     for entry in history:
-        for seed, successes, episodes in entry.get('groups', ()):
-            visits = states[seed].visits + 1 if seed in states else 1
-            states[seed] = StateRecord(successes, episodes, visits, entry['iteration'])
+        fold_groups(states, entry.get('groups', ()), entry['iteration'])
     return states
 
 
@@ -207,11 +207,12 @@ def run_online(env: Env | EnvPool, model: FlowBackend, online: OnlineConfig, alg
                  'rollout_s': round(rollout_s, 2), 'rollout_steps_per_s': round(steps / max(rollout_s, 1e-9), 1),
                  'train_success': sum(bool(e.success) for e in episodes) / len(episodes), **metrics}
         if online.group_size > 1:
-            groups_stats = record_groups(states, episodes, it)
-            entry['mixed_group_fraction'] = groups_stats['mixed_group_fraction']
+            outcomes = group_outcomes(episodes)
+            entry['mixed_group_fraction'] = sum(0 < k < n for _, k, n in outcomes) / len(outcomes)
             if online.revisit_fraction > 0.0:  # what a resumed run needs to rebuild its state records
+                fold_groups(states, outcomes, it)
                 fresh = [e for e in episodes if e.seed not in revisited]
-                entry.update(groups=groups_stats['groups'], next_fresh_seed=next_fresh,
+                entry.update(groups=outcomes, next_fresh_seed=next_fresh,
                              revisited_groups=len(revisited),
                              train_success_fresh=sum(bool(e.success) for e in fresh) / max(len(fresh), 1))
         last_one = it == online.iterations or wall >= online.time_budget_s or (

@@ -139,6 +139,11 @@ METHODS: dict[str, tuple[dict, dict]] = {
     # success in 8 tries and their groups carry no group-relative signal (bench/results/reach_PickCube-v1_*.json).
     'stepnft_correlated_noise_a0.5_revisit0.5': (REC_ALGO, {**CORRELATED_ONLINE, 'noise_level': 0.5,
                                                            'revisit_fraction': 0.5}),
+    # ... the opposite of revisiting: groups of 4 instead of 8, so each update meets 256 initial states
+    # instead of 128. Revisits put more groups on fewer states and fresh-state success rose more slowly, so
+    # is state diversity the lever? Each episode keeps (G - 1)/G of its label mass: 0.75 against 0.875.
+    'stepnft_correlated_noise_a0.5_group4': (REC_ALGO, {**CORRELATED_ONLINE, 'noise_level': 0.5,
+                                                        'group_size': 4}),
     'stepnft_paper_scale': ({'epochs': 2, 'minibatch_size': 4096, 'lr': 1e-4},
                             {'episodes_per_iteration': 32, 'group_size': 1, 'labels': 'terminal_binary',
                              'noise_level': 0.5}),

@@ -32,6 +32,8 @@ from sim_bridge.maniskill_env import ManiSkillEnv, ManiSkillEnvConfig
 
 # The motion planner commands joint positions; every other mode is obtained by conversion.
 _PLANNER_CONTROL_MODE = 'pd_joint_pos'
+# 0-d entries every part of a merged demo file must agree on (files older than joint_units lack it: False)
+META_KEYS = ('env_id', 'control_mode', 'instruction', 'max_episode_steps', 'joint_units')
 
 
 def _make_raw_env(env_id: str, control_mode: str, obs_mode: str, max_steps: int):
@@ -79,12 +81,13 @@ def _plan(planner_env, solve, seed: int):
 def generate_demos(env_id: str = 'PickCube-v1', n: int = 10, out_path: str = 'demos.npz',
                    seed: int = 0, control_mode: str = 'pd_ee_delta_pose', max_steps: int = 150,
                    only_success: bool = True, max_attempts: int | None = None,
-                   verbose: bool = True) -> str:
+                   verbose: bool = True, joint_units: bool = False) -> str:
     """Write ``n`` expert demos of ``env_id`` to ``out_path`` (.npz) and return the path.
 
     Seeds are tried in order from ``seed``. With ``only_success`` a seed is kept only if
     its open-loop replay in ``ManiSkillEnv`` succeeds within ``max_steps``; otherwise every
-    planned seed is kept and ``success`` records the outcome.
+    planned seed is kept and ``success`` records the outcome. ``joint_units`` (pd_joint_pos only)
+    stores the actions as ``ManiSkillEnvConfig.joint_units`` envs take them.
     """
     from mani_skill.examples.motionplanning.panda.run import MP_SOLUTIONS
     from mani_skill.trajectory.utils.actions import conversion
@@ -103,7 +106,7 @@ def generate_demos(env_id: str = 'PickCube-v1', n: int = 10, out_path: str = 'de
     # something tainted by PhysX state left over from the previous demo.
     replay_env = ManiSkillEnv(ManiSkillEnvConfig(env_id=env_id, control_mode=control_mode,
                                                  obs_mode='state', max_episode_steps=max_steps,
-                                                 reconfigure_on_reset=True))
+                                                 reconfigure_on_reset=True, joint_units=joint_units))
     episodes, t0, attempts = [], time.perf_counter(), 0
     try:
         for s in range(seed, seed + max_attempts):
@@ -116,7 +119,7 @@ def generate_demos(env_id: str = 'PickCube-v1', n: int = 10, out_path: str = 'de
                     print(f'seed {s}: motion planning failed, skipped', file=sys.stderr)
                 continue
             if convert_env is None:
-                actions = joint_actions
+                actions = replay_env.to_joint_units(joint_actions)
             else:
                 # The converter steps the original env alongside the target env and picks
                 # target-mode actions that track the planner's joint targets (closed loop).
@@ -176,6 +179,7 @@ def generate_demos(env_id: str = 'PickCube-v1', n: int = 10, out_path: str = 'de
         control_mode=np.array(control_mode),
         instruction=np.array(replay_env.instruction),
         max_episode_steps=np.array(max_steps, dtype=np.int64),
+        joint_units=np.array(joint_units),
     )
     os.replace(tmp_path, out_path)
     if verbose:
@@ -190,8 +194,8 @@ def merge_demos(parts: list[str], out_path: str) -> str:
     loaded = []
     for part in parts:
         with np.load(part, allow_pickle=False) as data:
-            loaded.append({k: data[k] for k in data.files})
-    for key in ('env_id', 'control_mode', 'instruction', 'max_episode_steps'):
+            loaded.append({'joint_units': np.array(False), **{k: data[k] for k in data.files}})
+    for key in META_KEYS:
         values = {str(d[key]) for d in loaded}
         if len(values) != 1:
             raise ValueError(f'cannot merge demos with different {key}: {sorted(values)}')
@@ -199,7 +203,7 @@ def merge_demos(parts: list[str], out_path: str) -> str:
     merged = {key: np.concatenate([d[key] for d in loaded])
               for key in ('obs', 'actions', 'final_obs', 'episode_lengths', 'seeds', 'success')}
     merged['episode_starts'] = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    merged.update({key: loaded[0][key] for key in ('env_id', 'control_mode', 'instruction', 'max_episode_steps')})
+    merged.update({key: loaded[0][key] for key in META_KEYS})
     tmp_path = out_path[:-len('.npz')] + f'.tmp{os.getpid()}.npz'
     np.savez_compressed(tmp_path, **merged)
     os.replace(tmp_path, out_path)
@@ -216,6 +220,7 @@ def verify_demos(path: str, reconfigure_on_reset: bool = True) -> dict:
         d = {k: f[k] for k in f.files}
     env = ManiSkillEnv(ManiSkillEnvConfig(env_id=str(d['env_id']), control_mode=str(d['control_mode']),
                                           max_episode_steps=int(d['max_episode_steps']),
+                                          joint_units=bool(d.get('joint_units', False)),
                                           reconfigure_on_reset=reconfigure_on_reset))
     max_diff, n_success, early = 0.0, 0, 0
     try:
@@ -247,12 +252,14 @@ def main(argv=None):
     p.add_argument('-c', '--control-mode', default='pd_ee_delta_pose')
     p.add_argument('--max-steps', type=int, default=150,
                    help='episode horizon of the replay env (demos that do not succeed within it are dropped)')
+    p.add_argument('--joint-units', action='store_true',
+                   help='pd_joint_pos: store every action dim in its joint\'s units (the gripper in m)')
     p.add_argument('--keep-failures', action='store_true', help='also keep seeds whose replay fails')
     p.add_argument('--verify', action='store_true', help='replay the written file open-loop afterwards')
     args = p.parse_args(argv)
     path = generate_demos(args.env_id, args.num, args.out, seed=args.seed,
                           control_mode=args.control_mode, max_steps=args.max_steps,
-                          only_success=not args.keep_failures)
+                          only_success=not args.keep_failures, joint_units=args.joint_units)
     if args.verify:
         t0 = time.perf_counter()
         print('open-loop replay, rebuilt scene per reset:', verify_demos(path), file=sys.stderr)

@@ -70,6 +70,9 @@ class ManiSkillEnvConfig:
     'semantic' or 'execution'."""
     render_size: int = 0
     """> 0: also render a side-view camera of this square size for videos (render_frame())."""
+    joint_units: bool = False
+    """pd_joint_pos only: every action dim is its joint's target in the joint's own units, as a real
+    arm's joint trajectory controller takes it (the gripper's finger in m, not ManiSkill's [-1, 1])."""
 
     def __post_init__(self):
         if not isinstance(self.env_id, str) or not self.env_id:
@@ -93,6 +96,9 @@ class ManiSkillEnvConfig:
         if (not isinstance(self.render_size, int) or isinstance(self.render_size, bool)
                 or not (self.render_size == 0 or 16 <= self.render_size <= 1024)):
             raise ValueError(f'render_size must be 0 or an int in [16, 1024], got {self.render_size!r}')
+        if self.joint_units is not False and (self.joint_units is not True or self.control_mode != 'pd_joint_pos'):
+            raise ValueError(f'joint_units=True needs control_mode pd_joint_pos, got joint_units={self.joint_units!r} '
+                             f'with {self.control_mode!r}')
         check_split(self.split, self.env_id)
         if self.instruction is None:
             # frozen dataclass: resolve the default once so cfg.instruction is always a str.
@@ -163,6 +169,11 @@ class ManiSkillEnv(SimEnv):
         self.action_dim = int(space.shape[0])
         self.action_low = np.asarray(space.low, dtype=np.float32).copy()
         self.action_high = np.asarray(space.high, dtype=np.float32).copy()
+        # (dim, lower, upper) of the dims ManiSkill normalizes onto [-1, 1] that joint_units gives in joint units
+        self._unit_dims = [(i, lower, upper) for i, (_, lower, upper) in enumerate(self.action_joints())
+                           if lower is not None] if cfg.joint_units else []
+        for i, lower, upper in self._unit_dims:
+            self.action_low[i], self.action_high[i] = lower, upper
         self.camera_names = tuple(base.scene.sensors.keys()) if cfg.obs_mode == 'rgb' else ()
         self.joint_names = tuple(j.name for j in base.agent.robot.get_active_joints())
         # The flat state is [qpos, qvel, task extras] (ManiSkill flattens agent before extra), so a
@@ -227,6 +238,8 @@ class ManiSkillEnv(SimEnv):
         """Apply one action (clipped to bounds); returns (obs, success, done)."""
         a = self._checked_action(action)
         a = np.clip(a, self.action_low, self.action_high)
+        for i, lower, upper in self._unit_dims:
+            a[i] = 2.0 * (a[i] - lower) / (upper - lower) - 1.0
         # ManiSkill wants a batch dim even for one env.
         raw, _, terminated, truncated, info = self._env.step(a[None])
         self.last_info = _info_to_python(info)
@@ -251,6 +264,14 @@ class ManiSkillEnv(SimEnv):
         pose = base.agent.robot.pose.inv() * base.agent.tcp.pose
         q = _to_numpy(pose.q).astype(np.float64)  # SAPIEN orders quaternions (w, x, y, z)
         return _to_numpy(pose.p).astype(np.float64), np.array([q[1], q[2], q[3], q[0]])
+
+    def to_joint_units(self, actions: np.ndarray) -> np.ndarray:
+        """ManiSkill pd_joint_pos actions (..., action_dim) with [-1, 1] dims as this env's joint_units
+        actions take them (e.g. planner demos for a joint-units policy)."""
+        out = np.array(actions, dtype=np.float32, copy=True)
+        for i, lower, upper in self._unit_dims:
+            out[..., i] = lower + (np.clip(out[..., i], -1.0, 1.0) + 1.0) * 0.5 * (upper - lower)
+        return out
 
     def action_joints(self) -> list[tuple[str, float | None, float | None]]:
         """Per action dim of a joint-position control mode: (the joint it drives, and the joint range

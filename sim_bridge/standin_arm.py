@@ -5,21 +5,29 @@ It knows nothing about policies. Like a ros2_control arm with cameras it
              `joint_state_rate_hz`, wall-clock stamps), `ee_pose_topic` (geometry_msgs/PoseStamped
              of the tool centre point in `ee_frame_id`, the robot base), and camera images
              (sensor_msgs/Image rgb8, at `camera_rate_hz`) on `camera_topics` ('sim_camera=topic')
-  accepts    trajectory_msgs/JointTrajectory on `command_topic` (absolute joint targets; any
-             subset of `command_joint_names`) and holds the last target between commands, like a
-             joint_trajectory_controller; the point due next is the current target.
+             with `task_state_topic`, it also plays a perception node: the task's object state (e.g.
+             the cube's pose and the goal) as a named sensor_msgs/JointState (names = the features,
+             positions = their values), stamped like the joint states
+  accepts    trajectory_msgs/JointTrajectory on `command_topic` (absolute joint targets in the joints'
+             units, the finger in m; any subset of `command_joint_names`) and holds the last target
+             between commands, like a joint_trajectory_controller; the point due next is the current target.
 The simulation steps on its own timer at `sim_rate_hz` whether or not commands arrive
 (ManiSkill control mode pd_joint_pos). When the task's episode ends (success or
-`max_scene_steps`) the scene resets: a real cell would be tidied by a person instead.
+`max_scene_steps`) it says so on `~/scene_outcome` (std_msgs/String, JSON: seed, success, steps) and,
+with `auto_reset`, resets the scene (a real cell would be tidied by a person instead); without it the
+scene stays as it ended, frozen, until `~/reset` (std_srvs/Trigger: the next seed's scene, now).
 """
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
 from geometry_msgs.msg import PoseStamped
 from rclpy.node import Node
+from std_msgs.msg import String
+from std_srvs.srv import Trigger
 
 from sim_bridge.maniskill_env import ManiSkillEnv, ManiSkillEnvConfig
 from stepnft_ros import ros_io, ros_io_arm
@@ -34,7 +42,8 @@ class StandinArm(Node):
         obs_mode = p.get('obs_mode', 'rgb')
         try:
             self.env = ManiSkillEnv(ManiSkillEnvConfig(
-                env_id=p.get('env_id', 'PickCube-v1'), control_mode='pd_joint_pos', obs_mode=obs_mode,
+                env_id=p.get('env_id', 'PickCube-v1'), control_mode='pd_joint_pos', joint_units=True,
+                obs_mode=obs_mode,
                 image_size=p.get('image_size', 64), max_episode_steps=p.get('max_scene_steps', 100_000)))
         except ValueError as err:
             raise ConfigError(str(err)) from None
@@ -58,6 +67,8 @@ class StandinArm(Node):
                               f'of {cameras}; bad: {bad}')
         self.ee_frame_id = p.get('ee_frame_id', 'base')
         self.seed = p.get('seed', 0)
+        self.auto_reset = p.get('auto_reset', True)
+        task_state_topic = p.get('task_state_topic', '')  # '': no perception, as on a bare arm
         sim_rate_hz = p.get('sim_rate_hz', 1.0 / self.env.control_period)
         joint_state_rate_hz = p.get('joint_state_rate_hz', 50.0)
         camera_rate_hz = p.get('camera_rate_hz', 10.0)
@@ -68,6 +79,10 @@ class StandinArm(Node):
                                                ros_io.RELIABLE_QOS)
         self.pose_pub = self.create_publisher(PoseStamped, p.get('ee_pose_topic', '/ee_pose'), ros_io.RELIABLE_QOS)
         self.image_pubs = [(c, self.create_publisher(ros_io.Image, t, ros_io.SENSOR_QOS)) for c, t in camera_topics]
+        self.task_pub = (self.create_publisher(ros_io.JointState, task_state_topic, ros_io.RELIABLE_QOS)
+                         if task_state_topic else None)
+        self.outcome_pub = self.create_publisher(String, '~/scene_outcome', ros_io.RELIABLE_QOS)
+        self.create_service(Trigger, '~/reset', self._on_reset)
         command_topic = p.get('command_topic', '/joint_trajectory_controller/joint_trajectory')
         self.create_subscription(ros_io.JointTrajectory, command_topic, self._on_command, ros_io.RELIABLE_QOS)
 
@@ -79,13 +94,14 @@ class StandinArm(Node):
         self.get_logger().info(
             f'stand-in arm {self.env.cfg.env_id}: joints {self.joint_names}, commands on {command_topic} for '
             f'{self.command_joint_names}, cameras {pairs}, '
-            f'sim at {sim_rate_hz:g} Hz')
+            f'task state {task_state_topic or "not published"}, sim at {sim_rate_hz:g} Hz')
 
     # ---- simulation ------------------------------------------------------------------------
 
     def _reset_scene(self) -> None:
         self.obs = self.env.reset(self.seed)
         self.frame_ns = time.time_ns()
+        self.scene_seed, self.scene_steps, self.scene_over = self.seed, 0, False
         self.seed += 1
         n = len(self.joint_names)
         qpos = dict(zip(self.joint_names, self.obs['state'][:n], strict=True))
@@ -116,17 +132,27 @@ class StandinArm(Node):
                 self.target[self.command_joint_names.index(name)] = value
         return self.target
 
+    def _on_reset(self, _request, response):
+        self._reset_scene()
+        response.success, response.message = True, f'scene of seed {self.scene_seed}'
+        return response
+
     def _on_sim_step(self) -> None:
-        action = self._current_target().copy()
-        for i, (_, lower, upper) in enumerate(self.action_joints):
-            if lower is not None:  # e.g. the gripper: a finger position mapped onto [-1, 1]
-                action[i] = np.clip(2.0 * (action[i] - lower) / (upper - lower) - 1.0, -1.0, 1.0)
-        self.obs, success, done = self.env.step(action)
+        if self.scene_over:
+            return
+        self.obs, success, done = self.env.step(self._current_target())
         self.frame_ns = time.time_ns()
         self.steps += 1
+        self.scene_steps += 1
         if done:
-            self.get_logger().info(f'scene {"solved" if success else "timed out"} after {self.steps} steps: resetting')
-            self._reset_scene()
+            self.outcome_pub.publish(String(data=json.dumps(
+                {'seed': self.scene_seed, 'success': bool(success), 'steps': self.scene_steps})))
+            self.get_logger().info(f'scene of seed {self.scene_seed} {"solved" if success else "timed out"} after '
+                                   f'{self.scene_steps} steps{": resetting" if self.auto_reset else ""}')
+            if self.auto_reset:
+                self._reset_scene()
+            else:
+                self.scene_over = True
 
     # ---- sensors ---------------------------------------------------------------------------
 
@@ -137,6 +163,8 @@ class StandinArm(Node):
         self.joint_pub.publish(ros_io.arrays_to_joint_state(self.joint_names, state[:n], state[n:2 * n], stamp))
         position, quaternion = self.env.tcp_pose()
         self.pose_pub.publish(ros_io_arm.position_to_pose(position, quaternion, self.ee_frame_id, stamp))
+        if self.task_pub is not None:
+            self.task_pub.publish(ros_io.arrays_to_joint_state(self.env.task_state_names, state[2 * n:], None, stamp))
 
     def _publish_images(self) -> None:
         for cam, pub in self.image_pubs:

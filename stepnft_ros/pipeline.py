@@ -65,6 +65,8 @@ class DefaultSFT:
 
     env_id: str = 'PickCube-v1'
     control_mode: str = 'pd_ee_delta_pose'
+    joint_units: bool = False
+    """pd_joint_pos: actions in joint units (sim_bridge.maniskill_env.ManiSkillEnvConfig.joint_units)."""
     max_episode_steps: int = 100
     num_demos: int = 300
     sft_steps: int = 8000
@@ -108,7 +110,8 @@ def generate_demos_in_parallel(spec: DefaultSFT, demo_path: Path) -> Path:
     parts = [demo_path.with_name(f'{demo_path.stem}.part{i}.npz') for i in range(len(counts))]
     procs = [subprocess.Popen([sys.executable, '-m', 'sim_bridge.maniskill_demos', '-e', spec.env_id,
                                '-n', str(n), '--seed', str(seed), '-c', spec.control_mode,
-                               '--max-steps', str(spec.max_episode_steps), '-o', str(part)],
+                               '--max-steps', str(spec.max_episode_steps), '-o', str(part)]
+                              + ['--joint-units'] * spec.joint_units,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for n, seed, part in zip(counts, spec.demo_seeds, parts, strict=True)]
     failures = [(p.args, err[-2000:]) for p in procs if (err := p.communicate()[1]) is not None and p.returncode]
@@ -128,7 +131,12 @@ def ensure_sft_checkpoint(out: str | Path, spec: DefaultSFT = DefaultSFT(),
     ckpt, spec_path = out / 'sft', out / 'sft_spec.json'
     wanted = json.dumps(asdict(spec), sort_keys=True)
     if (ckpt / 'model.safetensors').exists() and spec_path.exists():
-        if spec_path.read_text().strip() != wanted:
+        # a spec written before a field existed was built with that field's default
+        try:
+            built = json.dumps({**asdict(DefaultSFT()), **json.loads(spec_path.read_text())}, sort_keys=True)
+        except (ValueError, TypeError):
+            built = None  # unreadable: not known to match
+        if built != wanted:
             raise ValueError(f'{out} holds an SFT checkpoint built from {spec_path.read_text().strip()}, '
                              f'not {wanted}: use another directory')
         return ckpt

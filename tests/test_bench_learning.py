@@ -226,3 +226,21 @@ def test_plot_draws_only_the_named_methods_of_one_task_and_names_a_missing_one(t
     assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     with pytest.raises(SystemExit, match='no T results for: c'):
         bench.plot_methods(argparse.Namespace(task='T', methods=['a', 'c'], out=str(out)))
+
+
+def test_a_cached_start_built_before_a_spec_field_existed_is_reused_and_a_different_one_refused(tmp_path):
+    from dataclasses import asdict, replace
+
+    from stepnft_ros.pipeline import DefaultSFT, ensure_sft_checkpoint
+
+    (tmp_path / 'sft').mkdir()
+    (tmp_path / 'sft/model.safetensors').write_bytes(b'')  # the cache check does not load it
+    old = {k: v for k, v in asdict(DefaultSFT()).items() if k != 'joint_units'}  # as written before the field
+    (tmp_path / 'sft_spec.json').write_text(json.dumps(old, sort_keys=True))
+    assert ensure_sft_checkpoint(tmp_path, DefaultSFT(), log=lambda _: None) == tmp_path / 'sft'
+    other = replace(DefaultSFT(), control_mode='pd_joint_pos', joint_units=True)
+    with pytest.raises(ValueError, match='use another directory'):
+        ensure_sft_checkpoint(tmp_path, other, log=lambda _: None)
+    (tmp_path / 'sft_spec.json').write_text('{not json')
+    with pytest.raises(ValueError, match='use another directory'):
+        ensure_sft_checkpoint(tmp_path, DefaultSFT(), log=lambda _: None)

@@ -51,6 +51,36 @@ def test_bad_env_config_names_the_field():
         ManiSkillEnvConfig(control_mode='teleport')
 
 
+def test_joint_units_take_the_gripper_in_metres_and_step_exactly_as_the_normalized_action(tmp_path):
+    """pd_joint_pos with joint_units: the finger target in m (a real gripper controller's units) maps onto
+    ManiSkill's [-1, 1]; planner demos stored that way replay to success."""
+    from sim_bridge.maniskill_demos import generate_demos, verify_demos
+
+    def make(units: bool) -> ManiSkillEnv:
+        return ManiSkillEnv(ManiSkillEnvConfig(control_mode='pd_joint_pos', joint_units=units, max_episode_steps=20))
+
+    with make(False) as normalized, make(True) as units:
+        assert (units.action_low[7], units.action_high[7]) == pytest.approx((-0.01, 0.04))
+        assert np.array_equal(units.action_low[:7], normalized.action_low[:7])
+        start = normalized.reset(seed=3)['state']
+        assert np.array_equal(start, units.reset(seed=3)['state'])
+        action = np.append(start[:7] + 0.05, -0.5).astype(np.float32)  # the gripper half-way to closed
+        in_metres = units.to_joint_units(action)
+        assert in_metres[7] == pytest.approx(-0.01 + 0.25 * 0.05) and np.array_equal(in_metres[:7], action[:7])
+        for _ in range(3):
+            a, _, _ = normalized.step(action)
+            b, _, _ = units.step(in_metres)
+        assert np.allclose(a['state'], b['state'], atol=1e-6)
+    with pytest.raises(ValueError, match='joint_units=True needs control_mode pd_joint_pos'):
+        ManiSkillEnvConfig(joint_units=True)
+    path = generate_demos('PickCube-v1', n=1, out_path=str(tmp_path / 'demos.npz'), seed=200,
+                          control_mode='pd_joint_pos', max_steps=100, joint_units=True, verbose=False)
+    with np.load(path) as demos:
+        finger = demos['actions'][:, 7]
+        assert bool(demos['joint_units']) and -0.01 <= finger.min() < finger.max() <= 0.04
+    assert verify_demos(path)['replay_success'] == 1
+
+
 def test_learning_benchmark_smoke_run(tmp_path):
     """The whole pipeline on a tiny budget: planner demos, SFT, one π-StepNFT iteration, JSON."""
     bench = bench_module('learning_pickcube')

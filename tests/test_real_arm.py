@@ -220,6 +220,27 @@ def test_joiner_makes_one_observation_from_the_latest_parts_and_refuses_stale_or
         needs_velocity.join(0)
 
 
+def test_joiner_adds_named_task_features_in_the_policys_order_and_refuses_missing_stale_or_bad_ones():
+    j = ObservationJoiner(['a'], [], 16, max_age_s=0.5, task_state_names=['goal.0', 'cube.0'])
+    j.update_joints(['a'], np.array([1.0]), np.array([]), stamp_ns=1_000_000_000)
+    with pytest.raises(ObservationError, match=r"no task state yet for \['goal.0', 'cube.0'\]"):
+        j.join(1_000_000_000)
+    j.update_task_state(['cube.0', 'other', 'goal.0'], np.array([3.0, 9.0, 2.0]), stamp_ns=1_100_000_000)
+    obs = j.join(1_200_000_000)
+    assert obs.task_state.tolist() == [2.0, 3.0] and obs.oldest_stamp_ns == 1_000_000_000
+    j.update_joints(['a'], np.array([1.0]), np.array([]), stamp_ns=1_700_000_000)
+    with pytest.raises(ObservationError, match=r'task feature goal.0 is 0.6.. s old'):
+        j.join(1_700_000_000)
+    j.update_task_state(['goal.0', 'cube.0'], np.array([np.inf, 0.0]), stamp_ns=1_700_000_000)
+    with pytest.raises(ObservationError, match=r"task state is non-finite for \['goal.0'\]"):
+        j.join(1_700_000_000)
+    with pytest.raises(ObservationError, match='2 features but carries 1'):
+        j.update_task_state(['goal.0', 'cube.0'], np.array([0.0]), stamp_ns=0)
+    with pytest.raises(ValueError, match='duplicates'):
+        ObservationJoiner(['a'], [], 16, 0.5, task_state_names=['x', 'x'])
+    assert ObservationJoiner(['a'], [], 16, 0.5).task_state_names == ()
+
+
 # ---- safety filter ------------------------------------------------------------------------------
 
 JOINTS = ('j1', 'j2')
@@ -795,5 +816,72 @@ def test_a_taken_over_arm_bridge_neither_asks_the_policy_nor_commands_until_hand
         assert len(observed) <= seen + 1 and len(commanded) <= sent + 1, 'at most what was in flight'
         takeover.publish(Bool(data=False))
         spin_until(executor, lambda: len(commanded) >= sent + 5, 30, 'the policy to command again')
+    finally:
+        graph.stop_all()
+
+
+def test_the_standin_plays_perception_and_scene_resets_and_the_bridge_joins_its_task_state(tmp_path, probe):
+    """The stand-in publishes the task's object state as named features and reports each scene's end;
+    without auto_reset the scene stays over until ~/reset gives the next seed's. The arm bridge joins
+    the features into each observation: <ns>/task_state in the policy's order, stamped like <ns>/joint_states."""
+    import json
+
+    from ros_harness import Graph, spin_until
+    from std_msgs.msg import String
+    from std_srvs.srv import Trigger
+
+    from stepnft_ros import ros_io
+
+    node, executor = probe
+    features = ['goal_pos.2', 'obj_pose.0', 'is_grasped']  # a subset, in an order of the policy's own
+    graph = Graph(tmp_path / 'logs')
+    try:
+        arm = graph.start('sim_bridge.standin_arm', 'standin_arm', {
+            'obs_mode': 'state', 'task_state_topic': '/perception/task_state', 'auto_reset': False,
+            'max_scene_steps': 10, 'seed': 9, 'sim_rate_hz': 20.0, 'joint_state_rate_hz': 20.0})
+        bridge = graph.start('stepnft_ros.nodes.arm_bridge', 'arm_bridge', {
+            'joint_names': COMMAND_JOINTS, 'state_sources': ['joint_position', 'task_state'],
+            'task_state_topic': '/perception/task_state', 'task_state_names': features, 'control_rate_hz': 10.0,
+            'require_active': False, 'max_observation_age_s': 1.0, 'request_timeout_s': 0.2}, namespace='arm')
+        perceived, outcomes, task_obs, joint_obs, positions = [], [], {}, {}, []
+        node.create_subscription(ros_io.JointState, '/perception/task_state', perceived.append, ros_io.RELIABLE_QOS)
+        node.create_subscription(String, '/standin_arm/scene_outcome', lambda m: outcomes.append(json.loads(m.data)),
+                                 ros_io.RELIABLE_QOS)
+        node.create_subscription(ros_io.JointState, '/arm/' + ros_io.TASK_STATE,
+                                 lambda m: task_obs.__setitem__(ros_io.stamp_to_ns(m.header.stamp), m),
+                                 ros_io.SENSOR_QOS)
+        node.create_subscription(ros_io.JointState, '/arm/' + ros_io.JOINT_STATES,
+                                 lambda m: joint_obs.__setitem__(ros_io.stamp_to_ns(m.header.stamp), m),
+                                 ros_io.SENSOR_QOS)
+        node.create_subscription(ros_io.JointState, '/joint_states', lambda m: positions.append(np.array(m.position)),
+                                 ros_io.SENSOR_QOS)
+        reset = node.create_client(Trigger, '/standin_arm/reset')
+        arm.wait_for('task state /perception/task_state', timeout=90)
+        bridge.wait_for('active without an operator', timeout=60)
+
+        spin_until(executor, lambda: outcomes, 30, 'the first scene to time out')
+        assert outcomes[0] == {'seed': 9, 'success': False, 'steps': 10}  # (seed 8's goal is at its cube)
+        names = list(perceived[-1].name)
+        assert {'is_grasped', 'goal_pos.2', 'obj_pose.0', 'tcp_to_obj_pos.0'} <= set(names)
+        ended_ns = time.time_ns()
+        spin_until(executor, lambda: max(set(task_obs) & set(joint_obs), default=0) > ended_ns, 30,
+                   'an observation of the ended scene, with task state')
+        stamp = max(set(task_obs) & set(joint_obs))
+        assert list(task_obs[stamp].name) == features, 'the policy\'s features, in its order'
+        frozen = perceived[-1]
+        expected = [frozen.position[names.index(f)] for f in features]
+        assert np.allclose(task_obs[stamp].position, expected, atol=1e-6), 'the scene is over: values stay as it ended'
+        n_states = len(positions)
+        t0 = time.monotonic()
+        spin_until(executor, lambda: time.monotonic() > t0 + 0.5, 5, 'half a second of the ended scene')
+        assert len(positions) > n_states and len(outcomes) == 1, 'sensors go on; no new scene without a reset'
+        assert np.allclose(positions[-1], positions[n_states - 1]), 'the ended scene does not move'
+
+        future = reset.call_async(Trigger.Request())
+        spin_until(executor, future.done, 30, 'the reset')
+        assert future.result().success and future.result().message == 'scene of seed 10'
+        spin_until(executor, lambda: len(outcomes) == 2, 30, 'the next scene to time out')
+        assert outcomes[1] == {'seed': 10, 'success': False, 'steps': 10}
+        assert bridge.proc.poll() is None and arm.proc.poll() is None
     finally:
         graph.stop_all()

@@ -2,14 +2,17 @@
 
 In its namespace <ns> (which must not be the root):
   in   `joint_states_topic` (the driver's sensor_msgs/JointState, any joint order, may be split
-       over several publishers), `camera_topics` (sensor_msgs/Image, or CompressedImage (jpeg/png)
+       over several publishers), with the `task_state` state source `task_state_topic` (a perception
+       node's named features as a sensor_msgs/JointState: names = `task_state_names`, positions =
+       their values, e.g. an object's pose), `camera_topics` (sensor_msgs/Image, or CompressedImage (jpeg/png)
        for topics ending in /compressed; any size: centre-cropped and
        resized to `image_size`), <ns>/episode_active (std_msgs/Bool, latched; the operator, whose
        repeats must keep coming when `active_timeout_s` > 0), <ns>/intervention_active
        (std_msgs/Bool, latched: a person has taken the arm over; nothing is sent or commanded),
        <ns>/action_chunk (the policy server's answer)
-  out  the policy contract: <ns>/joint_states (`joint_names` in order), <ns>/camera/<cam>/image_raw,
-       <ns>/instruction (latched), all parts of one observation with one stamp;
+  out  the policy contract: <ns>/joint_states (`joint_names` in order), <ns>/task_state
+       (`task_state_names` in order), <ns>/camera/<cam>/image_raw, <ns>/instruction (latched), all
+       parts of one observation with one stamp;
        proposed commands on <ns>/safety/joint_trajectory_in or <ns>/safety/twist_in;
        <ns>/executed_chunk: each answered chunk cut to the actions that ran, once it is out of use
        (ChunkScheduler says how they are counted: actions skipped because their tick had passed
@@ -98,10 +101,16 @@ class ArmBridge(ManagedNode):
         # An older human command does not count as what the person is doing: open chunks end.
         self.human_command_timeout_s = p.get('human_command_timeout_s', 0.5)
 
-        bad_sources = sorted(set(state_sources) - {'joint_position', 'joint_velocity'})
+        bad_sources = sorted(set(state_sources) - set(ros_io.STATE_SOURCES))
         if bad_sources:
-            raise ConfigError(f"parameter 'state_sources': a real arm offers joint_position and joint_velocity, "
+            raise ConfigError(f"parameter 'state_sources': an arm offers {list(ros_io.STATE_SOURCES)}, "
                               f'not {bad_sources}')
+        task_state_names: list[str] = []
+        if 'task_state' in state_sources:
+            task_state_topic = p.get('task_state_topic', '/task_state')
+            task_state_names = p.required('task_state_names', list)
+            if not task_state_names:
+                raise ConfigError("parameter 'task_state_names' must list the features the policy's state uses")
         camera_topics = camera_topics or [f'/camera/{c}/image_raw' for c in camera_names]
         if len(camera_topics) != len(camera_names):
             raise ConfigError(f"parameters 'camera_names' ({len(camera_names)}) and 'camera_topics' "
@@ -116,7 +125,8 @@ class ArmBridge(ManagedNode):
         self.period = 1.0 / rate_hz
         try:
             self.joiner = ObservationJoiner(self.joint_names, camera_names, image_size, max_age_s,
-                                            require_velocity='joint_velocity' in state_sources)
+                                            require_velocity='joint_velocity' in state_sources,
+                                            task_state_names=task_state_names)
             self.scheduler = ChunkScheduler(actions_per_chunk, temporal_ensemble, ensemble_decay,
                                             request_timeout_ticks=max(1, round(request_timeout_s * rate_hz)),
                                             latency_hiding=latency_hiding, blend_actions=blend_actions)
@@ -134,6 +144,8 @@ class ArmBridge(ManagedNode):
 
         # Policy side (relative names: inside the robot namespace).
         self.joint_pub = self.create_publisher(ros_io.JointState, ros_io.JOINT_STATES, ros_io.SENSOR_QOS)
+        self.task_pub = (self.create_publisher(ros_io.JointState, ros_io.TASK_STATE, ros_io.SENSOR_QOS)
+                         if task_state_names else None)
         self.image_pubs = {c: self.create_publisher(ros_io.Image, ros_io.camera_topic(c), ros_io.SENSOR_QOS)
                            for c in camera_names}
         if instruction:
@@ -144,6 +156,8 @@ class ArmBridge(ManagedNode):
         self.create_subscription(Bool, ros_io.INTERVENTION_ACTIVE, self._on_intervention, ros_io.LATCHED_QOS)
         # Arm side.
         self.create_subscription(ros_io.JointState, joint_states_topic, self._on_joint_state, ros_io.SENSOR_QOS)
+        if task_state_names:
+            self.create_subscription(ros_io.JointState, task_state_topic, self._on_task_state, ros_io.SENSOR_QOS)
         for cam, topic in zip(camera_names, camera_topics, strict=True):
             if ros_io.is_compressed_topic(topic):  # e.g. a camera on another host, over the network
                 self.create_subscription(ros_io.CompressedImage, topic, lambda m, c=cam: self._on_image(
@@ -175,6 +189,8 @@ class ArmBridge(ManagedNode):
             prefix = ros_io.HUMAN_PREFIX
             self.human_joint_pub = self.create_publisher(ros_io.JointState, prefix + ros_io.JOINT_STATES,
                                                          ros_io.HUMAN_QOS)
+            self.human_task_pub = (self.create_publisher(ros_io.JointState, prefix + ros_io.TASK_STATE,
+                                                         ros_io.HUMAN_QOS) if task_state_names else None)
             self.human_image_pubs = {c: self.create_publisher(ros_io.Image, prefix + ros_io.camera_topic(c),
                                                               ros_io.HUMAN_QOS) for c in camera_names}
             self.human_chunk_pub = self.create_publisher(ros_io.JointTrajectory, ros_io.HUMAN_ACTION_CHUNK,
@@ -212,6 +228,13 @@ class ArmBridge(ManagedNode):
             self.joiner.update_joints(list(msg.name), position, velocity, ros_io.stamp_to_ns(msg.header.stamp))
         except ObservationError as err:
             self.get_logger().warning(f'dropped joint state: {err}', throttle_duration_sec=self.log_throttle_s)
+
+    def _on_task_state(self, msg: ros_io.JointState) -> None:
+        try:
+            values, _ = ros_io.joint_state_to_arrays(msg)
+            self.joiner.update_task_state(list(msg.name), values, ros_io.stamp_to_ns(msg.header.stamp))
+        except ObservationError as err:
+            self.get_logger().warning(f'dropped task state: {err}', throttle_duration_sec=self.log_throttle_s)
 
     def _on_image(self, camera: str, msg, decode) -> None:
         try:
@@ -303,7 +326,7 @@ class ArmBridge(ManagedNode):
         self.last_command_msg = msg
         self.commands += 1
 
-    def _publish_observation(self, image_pubs: dict, joint_pub, what: str) -> int | None:
+    def _publish_observation(self, image_pubs: dict, joint_pub, task_pub, what: str) -> int | None:
         """Join and publish one observation; its stamp, or None (logged) when a part is missing or bad."""
         now_ns = time.time_ns()
         try:
@@ -315,12 +338,15 @@ class ArmBridge(ManagedNode):
         self.last_stamp_ns = stamp
         for cam, pub in image_pubs.items():
             pub.publish(ros_io.numpy_to_image(obs.images[cam], stamp, frame_id=cam))
+        if task_pub is not None:
+            task_pub.publish(ros_io.arrays_to_joint_state(self.joiner.task_state_names, obs.task_state, None, stamp))
         # joint_states last: the policy server answers once every part of a stamp has arrived.
         joint_pub.publish(ros_io.arrays_to_joint_state(self.joint_names, obs.position, obs.velocity, stamp))
         return stamp
 
     def _send_observation(self) -> None:
-        stamp = self._publish_observation(self.image_pubs, self.joint_pub, 'no observation sent, holding')
+        stamp = self._publish_observation(self.image_pubs, self.joint_pub, self.task_pub,
+                                          'no observation sent, holding')
         if stamp is None:
             return
         self.scheduler.requested(self.tick)
@@ -390,7 +416,7 @@ class ArmBridge(ManagedNode):
         while self.human_open and len(self.human_open[0][1]) >= self.human_horizon:
             self._publish_human_chunk(*self.human_open.pop(0))
         if self.tick >= self.human_next_tick:
-            stamp = self._publish_observation(self.human_image_pubs, self.human_joint_pub,
+            stamp = self._publish_observation(self.human_image_pubs, self.human_joint_pub, self.human_task_pub,
                                               'no demonstration observation sent')
             if stamp is None:
                 self.human_next_tick = self.tick + 1

@@ -1,0 +1,271 @@
+"""Task success over ROS on the stand-in arm, against the same policy in the ROS-free loop on the same seeds.
+
+The deploy_real graph (standin_arm, safety_layer, arm_bridge, policy_server: one process each, started
+as `stepnft launch deploy_real --standin` starts them) runs a policy that acts the way a real arm's
+policy would: from the arm's joint states and a perception topic, commanding absolute joint targets
+through the joint trajectory controller. The stand-in arm (ManiSkill PickCube, a Panda) plays the
+drivers and, with `task_state_topic`, the perception node: it publishes the task's object state
+(cube pose, goal, and the features derived from them) as a named JointState, which the arm bridge
+joins into each observation as a `task_state` source.
+
+The policy is cloned from ManiSkill's motion-planner demos in pd_joint_pos with every action dim in
+its joint's units (the finger in m, as a FR3's gripper controller takes it), so one checkpoint acts
+in both loops unchanged:
+- `sim`: the ROS-free loop, ODE sampling, 4 of 8 actions per chunk, 100 steps per episode.
+- `ros`: the graph. This process plays the operator: per episode it resets the stand-in's scene to the
+  next seed (`/standin_arm/reset`), waits for fresh sensor data, holds episode_active (with the
+  operator's heartbeats) until the stand-in reports the scene's end (`/standin_arm/scene_outcome`:
+  success, or `max_scene_steps` simulation steps), then ends the episode. The stand-in steps its scene
+  in real time at the task's 20 Hz (or `--rate-scale` of it, with the bridge's control rate and the
+  safety limits scaled alike, on a machine too loaded to keep up), and the scene's step budget runs from
+  the reset, so the time the graph takes to plan its first chunk comes out of the episode's time as it
+  would on a robot: `--max-scene-steps` allows for it.
+
+    python bench/standin_success.py sft                     # demos + SFT of the joint-space start (first use)
+    python bench/standin_success.py sim --episodes 200      # ROS-free: success on the held-out seeds
+    python bench/standin_success.py ros --episodes 50       # over ROS, the same first seeds
+    python bench/standin_success.py report                  # both, paired seed by seed -> results JSON
+
+Writes bench/results/standin_success_PickCube-v1.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
+
+from bench.learning import FIRST_TEST_SEED, held_out_seeds, log, paired  # noqa: E402
+from bench.ros_overhead import Graph, spin_until  # noqa: E402
+from stepnft_ros import ros_io  # noqa: E402
+from stepnft_ros.atomic import atomic_write_text  # noqa: E402
+from stepnft_ros.launch_description import config_dir  # noqa: E402
+from stepnft_ros.pipeline import DefaultSFT, ensure_sft_checkpoint  # noqa: E402
+from stepnft_ros.progress import wilson  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / 'results'
+TASK = 'PickCube-v1'
+ROBOT = 'arm'
+CONFIG = 'deploy_real.yaml'
+ACTIONS_PER_CHUNK = 4
+EPISODE_STEPS = 100  # the ROS-free loop's episode, as every PickCube evaluation of the project
+# The stand-in Panda mapped as an FR3 (config/deploy_real.yaml's names; the Panda has both fingers).
+ARM_JOINTS = [f'fr3_joint{i}' for i in range(1, 8)]
+JOINTS = ARM_JOINTS + ['fr3_finger_joint1', 'fr3_finger_joint2']
+COMMAND_JOINTS = ARM_JOINTS + ['fr3_finger_joint1']
+START = replace(DefaultSFT(), control_mode='pd_joint_pos', joint_units=True)
+STATE_SOURCES = ['joint_position', 'joint_velocity', 'task_state']  # ManiSkill's flat state: qpos, qvel, extras
+CONTROL_PERIOD = 0.05  # PickCube's 20 Hz
+# Panda datasheet joint speed limits (rad/s) and 0.2 m/s for the finger; the ManiSkill Panda's box in its base frame
+MAX_VELOCITY = [2.175] * 4 + [2.61] * 3 + [0.2]
+WORKSPACE = ([0.2, -0.4, -0.01], [0.85, 0.4, 0.6])
+
+
+def start_dir(work: Path) -> Path:
+    return work / TASK / 'sft_start_joint_units'
+
+
+def sft(args) -> Path:
+    return ensure_sft_checkpoint(start_dir(Path(args.work)), START, log=log)
+
+
+def make_env(max_episode_steps: int):
+    from sim_bridge.maniskill_env import ManiSkillEnv, ManiSkillEnvConfig
+
+    return ManiSkillEnv(ManiSkillEnvConfig(env_id=TASK, control_mode='pd_joint_pos', joint_units=True,
+                                           obs_mode='state', max_episode_steps=max_episode_steps))
+
+
+def sim(args) -> dict:
+    """The ROS-free loop on the first `episodes` held-out seeds."""
+    import torch
+
+    from stepnft_ros.policy.checkpoint import load_checkpoint
+    from stepnft_ros.policy.policy import FlowPolicy
+    from stepnft_ros.rollout import evaluate
+
+    torch.set_num_threads(1)
+    model, _ = load_checkpoint(sft(args))
+    seeds = held_out_seeds(args.episodes)
+    started = time.perf_counter()
+    with make_env(EPISODE_STEPS) as env:
+        _, episodes = evaluate(env, FlowPolicy(model, mode='ode'), seeds, ACTIONS_PER_CHUNK)
+    out = {'seeds': seeds, 'success': [bool(e.success) for e in episodes],
+           'env_steps': [int(e.env_steps) for e in episodes], 'wall_s': round(time.perf_counter() - started, 1)}
+    log(f'ROS-free: {sum(out["success"])} / {len(seeds)} succeeded in {out["wall_s"]} s')
+    atomic_write_text(Path(args.work) / TASK / 'standin_sim.json', json.dumps(out))
+    return out
+
+
+def graph_config(work: Path, args, checkpoint: Path) -> Path:
+    """config/deploy_real.yaml with the FR3 mapping kept and what this run changes: the Panda's own limits
+    (the stand-in is a Panda; the finger's from its controller, which squeezes by commanding -0.01 m),
+    no cameras, the task state source, the rates. Written into `work`."""
+    cfg = yaml.safe_load((config_dir() / CONFIG).read_text())
+    bridge, safety = cfg['/**/arm_bridge']['ros__parameters'], cfg['/**/safety_layer']['ros__parameters']
+    server, standin = cfg['policy_server']['ros__parameters'], cfg['standin_arm']['ros__parameters']
+    hz = args.rate_scale / CONTROL_PERIOD
+    with make_env(EPISODE_STEPS) as env:  # its action bounds are the controller's joint ranges, in joint units
+        names, lower, upper = list(env.task_state_names), env.action_low, env.action_high
+    for key in ('camera_names', 'camera_topics'):
+        bridge.pop(key)
+    bridge.update(joint_names=JOINTS, state_sources=STATE_SOURCES, task_state_topic='/task_state',
+                  task_state_names=names, control_rate_hz=hz, command_joint_names=COMMAND_JOINTS,
+                  latency_hiding=args.latency_hiding, blend_actions=2 if args.latency_hiding else 0,
+                  max_observation_age_s=3.0 / hz)
+    safety.update(joint_names=COMMAND_JOINTS, position_lower=[float(v) for v in lower],
+                  position_upper=[float(v) for v in upper],
+                  max_velocity=[v * args.rate_scale for v in MAX_VELOCITY], max_joint_step=0.2,
+                  workspace_lower=WORKSPACE[0], workspace_upper=WORKSPACE[1])
+    server.update(state_sources=STATE_SOURCES, action_names=COMMAND_JOINTS, control_period=1.0 / hz,
+                  max_observation_age_s=3.0 / hz, checkpoint=str(checkpoint), robots=[ROBOT], mode='eval')
+    standin.pop('camera_topics')
+    standin.update(obs_mode='state', task_state_topic='/task_state', auto_reset=False, sim_rate_hz=hz,
+                   seed=FIRST_TEST_SEED - 1, max_scene_steps=args.max_scene_steps, joint_state_rate_hz=2 * hz)
+    path = work / 'deploy_standin.yaml'
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(cfg))))  # rcl refuses YAML aliases of shared lists
+    return path
+
+
+def ros(args) -> dict:
+    """The deploy_real graph on the stand-in arm, one episode per held-out seed, this process the operator."""
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from std_msgs.msg import Bool, String
+    from std_srvs.srv import Trigger
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else sft(args)
+    seeds = held_out_seeds(args.episodes)
+    work = Path(tempfile.mkdtemp(prefix='standin_success_'))
+    hz = args.rate_scale / CONTROL_PERIOD
+    rclpy.init()
+    node = rclpy.create_node('standin_success_bench')
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    outcomes: list[dict] = []
+    task_stamps: list[int] = []
+    node.create_subscription(String, '/standin_arm/scene_outcome', lambda m: outcomes.append(json.loads(m.data)),
+                             ros_io.RELIABLE_QOS)
+    node.create_subscription(ros_io.JointState, '/task_state',
+                             lambda m: task_stamps.append(ros_io.stamp_to_ns(m.header.stamp)), ros_io.RELIABLE_QOS)
+    active = node.create_publisher(Bool, f'/{ROBOT}/{ros_io.EPISODE_ACTIVE}', ros_io.LATCHED_QOS)
+    reset = node.create_client(Trigger, '/standin_arm/reset')
+    rows, started = [], time.perf_counter()
+    try:
+        with Graph(work, config=str(graph_config(work, args, checkpoint))) as graph:
+            graph.start('sim_bridge.standin_arm', 'standin_arm', {})
+            graph.start('stepnft_ros.nodes.safety_layer', 'safety_layer', {}, namespace=ROBOT)
+            graph.start('stepnft_ros.nodes.policy_server', 'policy_server', {})
+            bridge = graph.start('stepnft_ros.nodes.arm_bridge', 'arm_bridge', {}, namespace=ROBOT)
+            spin_until(executor, graph, lambda: reset.service_is_ready() and 'bridging' in bridge.tail(20000), 240,
+                       'the stand-in arm and the arm bridge')
+            for seed in seeds:
+                future = reset.call_async(Trigger.Request())
+                spin_until(executor, graph, future.done, 30, f'the reset to seed {seed}')
+                if future.result().message != f'scene of seed {seed}':
+                    raise RuntimeError(f'expected the scene of seed {seed}, the stand-in says '
+                                       f'{future.result().message!r}')
+                reset_ns, began = time.time_ns(), time.monotonic()
+                outcomes.clear()
+                spin_until(executor, graph, lambda after=reset_ns: task_stamps and task_stamps[-1] > after, 30,
+                           'fresh sensor data')
+                beat = 0.0
+                timeout = 5.0 * args.max_scene_steps / hz + 30.0
+                while not outcomes:  # the operator: episode_active with heartbeats until the scene ends
+                    graph.check(f'seed {seed}')
+                    if time.monotonic() > beat:
+                        active.publish(Bool(data=True))
+                        beat = time.monotonic() + 0.5
+                    if time.monotonic() - began > timeout:
+                        raise RuntimeError(f'seed {seed}: no scene outcome after {timeout:.0f} s')
+                    executor.spin_once(timeout_sec=0.01)
+                wall = time.monotonic() - began
+                active.publish(Bool(data=False))
+                end = time.monotonic() + 0.3
+                while time.monotonic() < end:
+                    executor.spin_once(timeout_sec=0.01)
+                outcome = outcomes[0]
+                if outcome['seed'] != seed:
+                    raise RuntimeError(f'outcome of seed {outcome["seed"]} while running seed {seed}')
+                rows.append({**outcome, 'wall_s': round(wall, 2)})
+                log(f'ROS seed {seed}: {"success" if outcome["success"] else "failure"} after {outcome["steps"]} '
+                    f'scene steps, {wall:.1f} s ({sum(r["success"] for r in rows)} / {len(rows)})')
+            logs = {n.name: n.tail(4000) for n in graph.nodes}
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+    out = {'seeds': seeds, 'success': [r['success'] for r in rows], 'scene_steps': [r['steps'] for r in rows],
+           'episode_wall_s': [r['wall_s'] for r in rows], 'wall_s': round(time.perf_counter() - started, 1),
+           'rate_scale': args.rate_scale, 'latency_hiding': args.latency_hiding,
+           'max_scene_steps': args.max_scene_steps, 'node_log_tails': logs}
+    log(f'over ROS: {sum(out["success"])} / {len(seeds)} succeeded in {out["wall_s"]} s')
+    atomic_write_text(Path(args.work) / TASK / 'standin_ros.json', json.dumps(out))
+    return out
+
+
+def rate(outcomes: list[bool]) -> dict:
+    lo, hi = wilson(sum(outcomes), len(outcomes))
+    return {'success': round(sum(outcomes) / len(outcomes), 4), 'wilson95': [round(lo, 4), round(hi, 4)],
+            'episodes': len(outcomes)}
+
+
+def report(args) -> dict:
+    """Both loops on the seeds the ROS run covered, paired seed by seed."""
+    work = Path(args.work) / TASK
+    loop, graph = (json.loads((work / f'standin_{stage}.json').read_text()) for stage in ('sim', 'ros'))
+    n = len(graph['seeds'])
+    if loop['seeds'][:n] != graph['seeds']:
+        raise SystemExit('the ROS run\'s seeds are not the first of the ROS-free run\'s: run `sim` on more episodes')
+    ros_steps = np.array(graph['scene_steps'])[np.array(graph['success'])]
+    out = {
+        'task': TASK, 'checkpoint_spec': asdict(START), 'actions_per_chunk': ACTIONS_PER_CHUNK,
+        'ros_free': {**rate(loop['success'][:n]), 'all_seeds': rate(loop['success']),
+                     'max_episode_steps': EPISODE_STEPS},
+        'over_ros': {**rate(graph['success']), 'max_scene_steps': graph['max_scene_steps'],
+                     'rate_scale': graph['rate_scale'], 'latency_hiding': graph['latency_hiding'],
+                     'scene_steps_of_successes_median': float(np.median(ros_steps)) if ros_steps.size else None,
+                     'successes_after_100_scene_steps': int((ros_steps > EPISODE_STEPS).sum()),
+                     'wall_s': graph['wall_s']},
+        'over_ros_vs_ros_free': paired(loop['success'][:n], graph['success']),
+        'seeds': graph['seeds'], 'ros_free_outcomes': loop['success'][:n], 'over_ros_outcomes': graph['success'],
+    }
+    out_path = RESULTS / f'standin_success_{TASK}.json'
+    atomic_write_text(out_path, json.dumps(out, indent=1) + '\n')
+    print(json.dumps({k: v for k, v in out.items() if not k.endswith('outcomes') and k != 'seeds'}, indent=1))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('stage', choices=['sft', 'sim', 'ros', 'report'])
+    p.add_argument('--work', default='runs/standin', help='SFT start and per-stage results (reused)')
+    p.add_argument('--episodes', type=int, default=50, help='held-out seeds, from the first')
+    p.add_argument('--checkpoint', default='', help='ros: another joint-space policy (default: the SFT start)')
+    p.add_argument('--rate-scale', type=float, default=1.0, help='real-time factor of the stand-in and the bridge')
+    p.add_argument('--max-scene-steps', type=int, default=120,
+                   help='simulation steps per scene, from the reset (the first chunk takes some)')
+    p.add_argument('--no-latency-hiding', dest='latency_hiding', action='store_false',
+                   help='synchronous chunks (deploy_real.yaml hides latency, blending 2 actions)')
+    args = p.parse_args(argv)
+    if args.stage == 'sft':
+        log(f'joint-space start: {sft(args)} ({json.dumps(asdict(START))})')
+    elif args.stage == 'sim':
+        sim(args)
+    elif args.stage == 'ros':
+        ros(args)
+    else:
+        report(args)
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -21,9 +21,9 @@ delay, after a warm-up:
   a pause costs in tracking (the PD controller's lag is in every row alike);
 - actions executed per chunk and the first executed action, from <ns>/executed_chunk.
 
-No task success here: the scripted policy does not solve the stand-in's task, and no policy trained
-in this project acts from joint states and cameras alone (bench/latency_success.py measures success
-against delay in the simulator loop). Prints JSON and writes bench/results/latency_ros.json:
+No task success here: the scripted policy does not solve the stand-in's task (bench/latency_success.py
+measures success against delay in the simulator loop, bench/standin_success.py success over ROS).
+Prints JSON and writes bench/results/latency_ros.json:
 
     python bench/latency_ros.py                        # 3 schedules x 4 delays x 60 s, ~15 minutes
     python bench/latency_ros.py --seconds 20 --delays-ms 0,200 --schedules synchronous,latency_hiding

@@ -3,19 +3,21 @@
 The deploy_real graph (standin_arm, safety_layer, arm_bridge, policy_server: one process each, started
 as `stepnft launch deploy_real --standin` starts them) runs a policy that acts the way a real arm's
 policy would: from the arm's joint states and a perception topic, commanding absolute joint targets
-through the joint trajectory controller. The stand-in arm (ManiSkill PickCube, a Panda) plays the
-drivers and, with `task_state_topic`, the perception node: it publishes the task's object state
+through the joint trajectory controller. The stand-in arm (a ManiSkill Panda, PushCube by default) plays
+the drivers and, with `task_state_topic`, the perception node: it publishes the task's object state
 (cube pose, goal, and the features derived from them) as a named JointState, which the arm bridge
 joins into each observation as a `task_state` source.
 
 The policy is cloned from ManiSkill's motion-planner demos in pd_joint_pos with every action dim in
 its joint's units (the finger in m, as a FR3's gripper controller takes it), so one checkpoint acts
 in both loops unchanged:
-- `sim`: the ROS-free loop, ODE sampling, 4 of 8 actions per chunk, 100 steps per episode.
+- `sim`: the ROS-free loop, ODE sampling, 4 of 8 actions per chunk, 100 steps per episode; with
+  `--obs-delay-steps` the policy sees observations that many steps old (what a graph's delay costs).
 - `ros`: the graph. This process plays the operator: per episode it resets the stand-in's scene to the
   next seed (`/standin_arm/reset`), waits for fresh sensor data, holds episode_active (with the
   operator's heartbeats) until the stand-in reports the scene's end (`/standin_arm/scene_outcome`:
-  success, or `max_scene_steps` simulation steps), then ends the episode. The stand-in steps its scene
+  success, or `max_scene_steps` simulation steps), then ends the episode and waits for the arm to hold
+  (the safety layer's watchdog) before the next reset. The stand-in steps its scene
   in real time at the task's 20 Hz (or `--rate-scale` of it, with the bridge's control rate and the
   safety limits scaled alike, on a machine too loaded to keep up), and the scene's step budget runs from
   the reset, so the time the graph takes to plan its first chunk comes out of the episode's time as it
@@ -23,10 +25,10 @@ in both loops unchanged:
 
     python bench/standin_success.py sft                     # demos + SFT of the joint-space start (first use)
     python bench/standin_success.py sim --episodes 200      # ROS-free: success on the held-out seeds
-    python bench/standin_success.py ros --episodes 50       # over ROS, the same first seeds
-    python bench/standin_success.py report                  # both, paired seed by seed -> results JSON
+    python bench/standin_success.py ros --episodes 50 --max-scene-steps 200   # over ROS, the first seeds
+    python bench/standin_success.py report                  # all runs, paired seed by seed -> results JSON
 
-Writes bench/results/standin_success_PickCube-v1.json.
+Writes bench/results/standin_success_<task>.json (docs/real-arm.md has the table).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import json
 import sys
 import tempfile
 import time
+from collections import deque
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -53,7 +56,6 @@ from stepnft_ros.pipeline import DefaultSFT, ensure_sft_checkpoint  # noqa: E402
 from stepnft_ros.progress import wilson  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / 'results'
-TASK = 'PickCube-v1'
 ROBOT = 'arm'
 CONFIG = 'deploy_real.yaml'
 ACTIONS_PER_CHUNK = 4
@@ -62,31 +64,51 @@ EPISODE_STEPS = 100  # the ROS-free loop's episode, as every PickCube evaluation
 ARM_JOINTS = [f'fr3_joint{i}' for i in range(1, 8)]
 JOINTS = ARM_JOINTS + ['fr3_finger_joint1', 'fr3_finger_joint2']
 COMMAND_JOINTS = ARM_JOINTS + ['fr3_finger_joint1']
-START = replace(DefaultSFT(), control_mode='pd_joint_pos', joint_units=True)
 STATE_SOURCES = ['joint_position', 'joint_velocity', 'task_state']  # ManiSkill's flat state: qpos, qvel, extras
 CONTROL_PERIOD = 0.05  # PickCube's 20 Hz
 # Panda datasheet joint speed limits (rad/s) and 0.2 m/s for the finger; the ManiSkill Panda's box in its base frame
-MAX_VELOCITY = [2.175] * 4 + [2.61] * 3 + [0.2]
+MAX_VELOCITY = [2.175] * 4 + [2.61] * 3 + [2.0]
 WORKSPACE = ([0.2, -0.4, -0.01], [0.85, 0.4, 0.6])
 
 
-def start_dir(work: Path) -> Path:
-    return work / TASK / 'sft_start_joint_units'
+def start_spec(args) -> DefaultSFT:
+    return replace(DefaultSFT(), env_id=args.task, control_mode='pd_joint_pos', joint_units=True,
+                   num_demos=args.num_demos, sft_steps=args.sft_steps)
 
 
 def sft(args) -> Path:
-    return ensure_sft_checkpoint(start_dir(Path(args.work)), START, log=log)
+    out = Path(args.work) / args.task / f'sft_joint_units_{args.num_demos}demos_{args.sft_steps}steps'
+    return ensure_sft_checkpoint(out, start_spec(args), log=log)
 
 
-def make_env(max_episode_steps: int):
+def make_env(task: str, max_episode_steps: int):
     from sim_bridge.maniskill_env import ManiSkillEnv, ManiSkillEnvConfig
 
-    return ManiSkillEnv(ManiSkillEnvConfig(env_id=TASK, control_mode='pd_joint_pos', joint_units=True,
+    return ManiSkillEnv(ManiSkillEnvConfig(env_id=task, control_mode='pd_joint_pos', joint_units=True,
                                            obs_mode='state', max_episode_steps=max_episode_steps))
 
 
+class StaleObservations:
+    """An env whose observations are `delay` steps old, as a graph's are when the joined state, the answer and the
+    controller's next step each take part of a control period: the policy plans from where the arm was."""
+
+    def __init__(self, env, delay: int) -> None:
+        self.env, self.delay = env, delay
+        self.action_low, self.action_high = env.action_low, env.action_high
+
+    def reset(self, seed: int) -> dict:
+        raw = self.env.reset(seed)
+        self.past = deque([raw] * (self.delay + 1), maxlen=self.delay + 1)
+        return raw
+
+    def step(self, action):
+        raw, success, done = self.env.step(action)
+        self.past.append(raw)
+        return self.past[0], success, done
+
+
 def sim(args) -> dict:
-    """The ROS-free loop on the first `episodes` held-out seeds."""
+    """The ROS-free loop on the first `episodes` held-out seeds (observations `obs_delay_steps` old)."""
     import torch
 
     from stepnft_ros.policy.checkpoint import load_checkpoint
@@ -97,12 +119,15 @@ def sim(args) -> dict:
     model, _ = load_checkpoint(sft(args))
     seeds = held_out_seeds(args.episodes)
     started = time.perf_counter()
-    with make_env(EPISODE_STEPS) as env:
-        _, episodes = evaluate(env, FlowPolicy(model, mode='ode'), seeds, ACTIONS_PER_CHUNK)
+    with make_env(args.task, EPISODE_STEPS) as env:
+        _, episodes = evaluate(StaleObservations(env, args.obs_delay_steps) if args.obs_delay_steps else env,
+                               FlowPolicy(model, mode='ode'), seeds, ACTIONS_PER_CHUNK)
     out = {'seeds': seeds, 'success': [bool(e.success) for e in episodes],
            'env_steps': [int(e.env_steps) for e in episodes], 'wall_s': round(time.perf_counter() - started, 1)}
-    log(f'ROS-free: {sum(out["success"])} / {len(seeds)} succeeded in {out["wall_s"]} s')
-    atomic_write_text(Path(args.work) / TASK / 'standin_sim.json', json.dumps(out))
+    log(f'ROS-free, observations {args.obs_delay_steps} steps old: {sum(out["success"])} / {len(seeds)} succeeded '
+        f'in {out["wall_s"]} s')
+    tag = f'_stale{args.obs_delay_steps}' if args.obs_delay_steps else ''
+    atomic_write_text(Path(args.work) / args.task / f'standin_sim{tag}.json', json.dumps(out))
     return out
 
 
@@ -114,26 +139,29 @@ def graph_config(work: Path, args, checkpoint: Path) -> Path:
     bridge, safety = cfg['/**/arm_bridge']['ros__parameters'], cfg['/**/safety_layer']['ros__parameters']
     server, standin = cfg['policy_server']['ros__parameters'], cfg['standin_arm']['ros__parameters']
     hz = args.rate_scale / CONTROL_PERIOD
-    with make_env(EPISODE_STEPS) as env:  # its action bounds are the controller's joint ranges, in joint units
+    with make_env(args.task, EPISODE_STEPS) as env:  # action bounds: the controller's joint ranges, joint units
         names, lower, upper = list(env.task_state_names), env.action_low, env.action_high
     for key in ('camera_names', 'camera_topics'):
         bridge.pop(key)
     bridge.update(joint_names=JOINTS, state_sources=STATE_SOURCES, task_state_topic='/task_state',
                   task_state_names=names, control_rate_hz=hz, command_joint_names=COMMAND_JOINTS,
-                  latency_hiding=args.latency_hiding, blend_actions=2 if args.latency_hiding else 0,
-                  max_observation_age_s=3.0 / hz)
+                  latency_hiding=args.latency_hiding, blend_actions=2 if args.latency_hiding else 0)
     safety.update(joint_names=COMMAND_JOINTS, position_lower=[float(v) for v in lower],
                   position_upper=[float(v) for v in upper],
                   max_velocity=[v * args.rate_scale for v in MAX_VELOCITY], max_joint_step=0.2,
                   workspace_lower=WORKSPACE[0], workspace_upper=WORKSPACE[1])
     server.update(state_sources=STATE_SOURCES, action_names=COMMAND_JOINTS, control_period=1.0 / hz,
-                  max_observation_age_s=3.0 / hz, checkpoint=str(checkpoint), robots=[ROBOT], mode='eval')
+                  checkpoint=str(checkpoint), robots=[ROBOT], mode='eval')
     standin.pop('camera_topics')
-    standin.update(obs_mode='state', task_state_topic='/task_state', auto_reset=False, sim_rate_hz=hz,
+    standin.update(env_id=args.task, obs_mode='state', task_state_topic='/task_state', auto_reset=False, sim_rate_hz=hz,
                    seed=FIRST_TEST_SEED - 1, max_scene_steps=args.max_scene_steps, joint_state_rate_hz=2 * hz)
     path = work / 'deploy_standin.yaml'
     path.write_text(yaml.safe_dump(json.loads(json.dumps(cfg))))  # rcl refuses YAML aliases of shared lists
     return path
+
+
+def schedule_name(latency_hiding: bool) -> str:
+    return 'latency_hiding_blend2' if latency_hiding else 'synchronous'
 
 
 def ros(args) -> dict:
@@ -160,6 +188,8 @@ def ros(args) -> dict:
     active = node.create_publisher(Bool, f'/{ROBOT}/{ros_io.EPISODE_ACTIVE}', ros_io.LATCHED_QOS)
     reset = node.create_client(Trigger, '/standin_arm/reset')
     rows, started = [], time.perf_counter()
+    settle_s = yaml.safe_load((config_dir() / CONFIG).read_text())['/**/safety_layer']['ros__parameters'][
+        'command_timeout_s'] + 0.5
     try:
         with Graph(work, config=str(graph_config(work, args, checkpoint))) as graph:
             graph.start('sim_bridge.standin_arm', 'standin_arm', {})
@@ -190,7 +220,10 @@ def ros(args) -> dict:
                     executor.spin_once(timeout_sec=0.01)
                 wall = time.monotonic() - began
                 active.publish(Bool(data=False))
-                end = time.monotonic() + 0.3
+                # The cell is reset once the arm holds: the safety layer's watchdog sends one hold command (the
+                # measured position) command_timeout_s after the last command, which would drag a fresh scene's arm
+                # back to where this episode left it.
+                end = time.monotonic() + settle_s
                 while time.monotonic() < end:
                     executor.spin_once(timeout_sec=0.01)
                 outcome = outcomes[0]
@@ -208,7 +241,8 @@ def ros(args) -> dict:
            'rate_scale': args.rate_scale, 'latency_hiding': args.latency_hiding,
            'max_scene_steps': args.max_scene_steps, 'node_log_tails': logs}
     log(f'over ROS: {sum(out["success"])} / {len(seeds)} succeeded in {out["wall_s"]} s')
-    atomic_write_text(Path(args.work) / TASK / 'standin_ros.json', json.dumps(out))
+    atomic_write_text(Path(args.work) / args.task / f'standin_ros_{schedule_name(args.latency_hiding)}.json',
+                      json.dumps(out))
     return out
 
 
@@ -220,35 +254,52 @@ def rate(outcomes: list[bool]) -> dict:
 
 def report(args) -> dict:
     """Both loops on the seeds the ROS run covered, paired seed by seed."""
-    work = Path(args.work) / TASK
-    loop, graph = (json.loads((work / f'standin_{stage}.json').read_text()) for stage in ('sim', 'ros'))
-    n = len(graph['seeds'])
-    if loop['seeds'][:n] != graph['seeds']:
-        raise SystemExit('the ROS run\'s seeds are not the first of the ROS-free run\'s: run `sim` on more episodes')
-    ros_steps = np.array(graph['scene_steps'])[np.array(graph['success'])]
-    out = {
-        'task': TASK, 'checkpoint_spec': asdict(START), 'actions_per_chunk': ACTIONS_PER_CHUNK,
-        'ros_free': {**rate(loop['success'][:n]), 'all_seeds': rate(loop['success']),
-                     'max_episode_steps': EPISODE_STEPS},
-        'over_ros': {**rate(graph['success']), 'max_scene_steps': graph['max_scene_steps'],
-                     'rate_scale': graph['rate_scale'], 'latency_hiding': graph['latency_hiding'],
-                     'scene_steps_of_successes_median': float(np.median(ros_steps)) if ros_steps.size else None,
-                     'successes_after_100_scene_steps': int((ros_steps > EPISODE_STEPS).sum()),
-                     'wall_s': graph['wall_s']},
-        'over_ros_vs_ros_free': paired(loop['success'][:n], graph['success']),
-        'seeds': graph['seeds'], 'ros_free_outcomes': loop['success'][:n], 'over_ros_outcomes': graph['success'],
-    }
-    out_path = RESULTS / f'standin_success_{TASK}.json'
+    work = Path(args.work) / args.task
+    loop = json.loads((work / 'standin_sim.json').read_text())
+    loop_steps = np.array(loop['env_steps'])[np.array(loop['success'])]
+    out = {'task': args.task, 'checkpoint_spec': asdict(start_spec(args)), 'actions_per_chunk': ACTIONS_PER_CHUNK,
+           'ros_free': {**rate(loop['success']), 'max_episode_steps': EPISODE_STEPS,
+                        'steps_of_successes_median': float(np.median(loop_steps)), 'seeds': loop['seeds'],
+                        'outcomes': loop['success']},
+           'over_ros': {}}
+    for stale in sorted(work.glob('standin_sim_stale*.json')):
+        run = json.loads(stale.read_text())
+        out[f'ros_free_observations_{stale.stem.removeprefix("standin_sim_stale")}_steps_old'] = {
+            **rate(run['success']), 'vs_ros_free': paired(loop['success'], run['success'])}
+    for schedule in ('latency_hiding_blend2', 'synchronous'):
+        path = work / f'standin_ros_{schedule}.json'
+        if not path.exists():
+            continue
+        graph = json.loads(path.read_text())
+        n = len(graph['seeds'])
+        if loop['seeds'][:n] != graph['seeds']:
+            raise SystemExit(f'{path}: its seeds are not the first of the ROS-free run\'s: run `sim` on more episodes')
+        steps = np.array(graph['scene_steps'])
+        solved = np.array(graph['success'])
+        out['over_ros'][schedule] = {
+            **rate(graph['success']), 'max_scene_steps': graph['max_scene_steps'],
+            'within_scene_steps': {str(k): rate(list(solved & (steps <= k))) for k in (100, 120, 150)
+                                   if k < graph['max_scene_steps']},
+            'scene_steps_of_successes_median': float(np.median(steps[solved])) if solved.any() else None,
+            'rate_scale': graph['rate_scale'], 'wall_s': graph['wall_s'],
+            'ros_free_on_these_seeds': rate(loop['success'][:n]),
+            'vs_ros_free': paired(loop['success'][:n], graph['success']), 'outcomes': graph['success'],
+            'scene_steps': graph['scene_steps']}
+    out_path = RESULTS / f'standin_success_{args.task}.json'
     atomic_write_text(out_path, json.dumps(out, indent=1) + '\n')
-    print(json.dumps({k: v for k, v in out.items() if not k.endswith('outcomes') and k != 'seeds'}, indent=1))
+    print(json.dumps(out, indent=1)[:4000])
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('stage', choices=['sft', 'sim', 'ros', 'report'])
-    p.add_argument('--work', default='runs/standin', help='SFT start and per-stage results (reused)')
+    p.add_argument('--task', default='PushCube-v1', help='a ManiSkill task with a motion-planning solution')
+    p.add_argument('--num-demos', type=int, default=100, help='planner demos behind the joint-space start')
+    p.add_argument('--sft-steps', type=int, default=3000)
+    p.add_argument('--work', default='runs/standin', help='SFT starts and per-stage results (reused)')
     p.add_argument('--episodes', type=int, default=50, help='held-out seeds, from the first')
+    p.add_argument('--obs-delay-steps', type=int, default=0, help='sim: the policy sees observations this old')
     p.add_argument('--checkpoint', default='', help='ros: another joint-space policy (default: the SFT start)')
     p.add_argument('--rate-scale', type=float, default=1.0, help='real-time factor of the stand-in and the bridge')
     p.add_argument('--max-scene-steps', type=int, default=120,
@@ -257,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                    help='synchronous chunks (deploy_real.yaml hides latency, blending 2 actions)')
     args = p.parse_args(argv)
     if args.stage == 'sft':
-        log(f'joint-space start: {sft(args)} ({json.dumps(asdict(START))})')
+        log(f'joint-space start: {sft(args)} ({json.dumps(asdict(start_spec(args)))})')
     elif args.stage == 'sim':
         sim(args)
     elif args.stage == 'ros':

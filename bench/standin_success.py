@@ -73,11 +73,20 @@ WORKSPACE = ([0.2, -0.4, -0.01], [0.85, 0.4, 0.6])
 
 def start_spec(args) -> DefaultSFT:
     return replace(DefaultSFT(), env_id=args.task, control_mode='pd_joint_pos', joint_units=True,
-                   num_demos=args.num_demos, sft_steps=args.sft_steps)
+                   num_demos=args.num_demos, sft_steps=args.sft_steps, observation_lag=args.observation_lag)
+
+
+def clone_tag(observation_lag: int) -> str:
+    """Names the clone's result files: '' for the plain clone, '_lag<L>' for one cloned for older observations."""
+    return f'_lag{observation_lag}' if observation_lag else ''
 
 
 def sft(args) -> Path:
-    out = Path(args.work) / args.task / f'sft_joint_units_{args.num_demos}demos_{args.sft_steps}steps'
+    base = Path(args.work) / args.task / f'sft_joint_units_{args.num_demos}demos_{args.sft_steps}steps'
+    out = base.with_name(base.name + clone_tag(args.observation_lag))
+    if args.observation_lag and not (out / 'demos.npz').exists() and (base / 'demos.npz').exists():
+        out.mkdir(parents=True, exist_ok=True)  # the same planner demos, paired differently
+        (out / 'demos.npz').hardlink_to(base / 'demos.npz')
     return ensure_sft_checkpoint(out, start_spec(args), log=log)
 
 
@@ -126,7 +135,7 @@ def sim(args) -> dict:
            'env_steps': [int(e.env_steps) for e in episodes], 'wall_s': round(time.perf_counter() - started, 1)}
     log(f'ROS-free, observations {args.obs_delay_steps} steps old: {sum(out["success"])} / {len(seeds)} succeeded '
         f'in {out["wall_s"]} s')
-    tag = f'_stale{args.obs_delay_steps}' if args.obs_delay_steps else ''
+    tag = clone_tag(args.observation_lag) + (f'_stale{args.obs_delay_steps}' if args.obs_delay_steps else '')
     atomic_write_text(Path(args.work) / args.task / f'standin_sim{tag}.json', json.dumps(out))
     return out
 
@@ -151,7 +160,8 @@ def graph_config(work: Path, args, checkpoint: Path) -> Path:
                   max_velocity=[v * args.rate_scale for v in MAX_VELOCITY], max_joint_step=0.2,
                   workspace_lower=WORKSPACE[0], workspace_upper=WORKSPACE[1])
     server.update(state_sources=STATE_SOURCES, action_names=COMMAND_JOINTS, control_period=1.0 / hz,
-                  checkpoint=str(checkpoint), robots=[ROBOT], mode='eval')
+                  checkpoint=str(checkpoint), robots=[ROBOT], mode='eval',
+                  simulated_inference_ms=float(args.inference_delay_ms))
     standin.pop('camera_topics')
     standin.update(env_id=args.task, obs_mode='state', task_state_topic='/task_state', auto_reset=False, sim_rate_hz=hz,
                    seed=FIRST_TEST_SEED - 1, max_scene_steps=args.max_scene_steps, joint_state_rate_hz=2 * hz)
@@ -160,8 +170,9 @@ def graph_config(work: Path, args, checkpoint: Path) -> Path:
     return path
 
 
-def schedule_name(latency_hiding: bool) -> str:
-    return 'latency_hiding_blend2' if latency_hiding else 'synchronous'
+def schedule_name(latency_hiding: bool, inference_delay_ms: float = 0.0) -> str:
+    name = 'latency_hiding_blend2' if latency_hiding else 'synchronous'
+    return f'{name}_inference{inference_delay_ms:g}ms' if inference_delay_ms else name
 
 
 def ros(args) -> dict:
@@ -239,9 +250,11 @@ def ros(args) -> dict:
     out = {'seeds': seeds, 'success': [r['success'] for r in rows], 'scene_steps': [r['steps'] for r in rows],
            'episode_wall_s': [r['wall_s'] for r in rows], 'wall_s': round(time.perf_counter() - started, 1),
            'rate_scale': args.rate_scale, 'latency_hiding': args.latency_hiding,
+           'inference_delay_ms': args.inference_delay_ms, 'observation_lag': args.observation_lag,
            'max_scene_steps': args.max_scene_steps, 'node_log_tails': logs}
     log(f'over ROS: {sum(out["success"])} / {len(seeds)} succeeded in {out["wall_s"]} s')
-    atomic_write_text(Path(args.work) / args.task / f'standin_ros_{schedule_name(args.latency_hiding)}.json',
+    name = schedule_name(args.latency_hiding, args.inference_delay_ms)
+    atomic_write_text(Path(args.work) / args.task / f'standin_ros{clone_tag(args.observation_lag)}_{name}.json',
                       json.dumps(out))
     return out
 
@@ -252,24 +265,27 @@ def rate(outcomes: list[bool]) -> dict:
             'episodes': len(outcomes)}
 
 
-def report(args) -> dict:
-    """Both loops on the seeds the ROS run covered, paired seed by seed."""
-    work = Path(args.work) / args.task
-    loop = json.loads((work / 'standin_sim.json').read_text())
+def clone_report(work: Path, tag: str) -> dict | None:
+    """One clone's runs: the ROS-free loop (fresh and stale observations) and every graph run, paired seed by seed
+    with the fresh ROS-free loop on the same seeds; None if the clone has no ROS-free run."""
+    path = work / f'standin_sim{tag}.json'
+    if not path.exists():
+        return None
+    loop = json.loads(path.read_text())
     loop_steps = np.array(loop['env_steps'])[np.array(loop['success'])]
-    out = {'task': args.task, 'checkpoint_spec': asdict(start_spec(args)), 'actions_per_chunk': ACTIONS_PER_CHUNK,
-           'ros_free': {**rate(loop['success']), 'max_episode_steps': EPISODE_STEPS,
-                        'steps_of_successes_median': float(np.median(loop_steps)), 'seeds': loop['seeds'],
-                        'outcomes': loop['success']},
+    out = {'ros_free': {**rate(loop['success']), 'max_episode_steps': EPISODE_STEPS,
+                        'steps_of_successes_median': float(np.median(loop_steps)) if len(loop_steps) else None,
+                        'seeds': loop['seeds'], 'outcomes': loop['success']},
            'over_ros': {}}
-    for stale in sorted(work.glob('standin_sim_stale*.json')):
+    for stale in sorted(work.glob(f'standin_sim{tag}_stale*.json')):
         run = json.loads(stale.read_text())
-        out[f'ros_free_observations_{stale.stem.removeprefix("standin_sim_stale")}_steps_old'] = {
-            **rate(run['success']), 'vs_ros_free': paired(loop['success'], run['success'])}
-    for schedule in ('latency_hiding_blend2', 'synchronous'):
-        path = work / f'standin_ros_{schedule}.json'
-        if not path.exists():
-            continue
+        out[f'ros_free_observations_{stale.stem.removeprefix(f"standin_sim{tag}_stale")}_steps_old'] = {
+            **rate(run['success']), 'vs_ros_free': paired(loop['success'], run['success']), 'outcomes': run['success']}
+    prefix = f'standin_ros{tag}_'
+    for path in sorted(work.glob(f'{prefix}*.json'), key=lambda p: (len(p.stem), p.stem)):
+        schedule = path.stem.removeprefix(prefix)
+        if not schedule.startswith(('latency_hiding', 'synchronous')):
+            continue  # another clone's (its tag continues this one's)
         graph = json.loads(path.read_text())
         n = len(graph['seeds'])
         if loop['seeds'][:n] != graph['seeds']:
@@ -278,6 +294,7 @@ def report(args) -> dict:
         solved = np.array(graph['success'])
         out['over_ros'][schedule] = {
             **rate(graph['success']), 'max_scene_steps': graph['max_scene_steps'],
+            'inference_delay_ms': graph.get('inference_delay_ms', 0.0),
             'within_scene_steps': {str(k): rate(list(solved & (steps <= k))) for k in (100, 120, 150)
                                    if k < graph['max_scene_steps']},
             'scene_steps_of_successes_median': float(np.median(steps[solved])) if solved.any() else None,
@@ -285,6 +302,32 @@ def report(args) -> dict:
             'ros_free_on_these_seeds': rate(loop['success'][:n]),
             'vs_ros_free': paired(loop['success'][:n], graph['success']), 'outcomes': graph['success'],
             'scene_steps': graph['scene_steps']}
+    return out
+
+
+def report(args) -> dict:
+    """Every clone's runs (clone_report), and each lagged clone against the plain one on the same seeds."""
+    work = Path(args.work) / args.task
+    lags = sorted({0} | {int(p.stem.split('_lag')[1].split('_')[0]) for p in work.glob('standin_sim_lag*.json')})
+    out = {'task': args.task, 'checkpoint_spec': asdict(start_spec(argparse.Namespace(**{**vars(args),
+                                                                                          'observation_lag': 0}))),
+           'actions_per_chunk': ACTIONS_PER_CHUNK, 'clones': {}}
+    for lag in lags:
+        clone = clone_report(work, clone_tag(lag))
+        if clone is not None:
+            out['clones'][f'observation_lag_{lag}'] = clone
+    plain = out['clones'].get('observation_lag_0')
+    for clone in out['clones'].values():
+        if plain is None or clone is plain:
+            continue
+        clone['vs_plain_clone'] = {'ros_free': paired(plain['ros_free']['outcomes'], clone['ros_free']['outcomes'])}
+        for key, run in clone.items():
+            if key.startswith('ros_free_observations_') and key in plain:
+                clone['vs_plain_clone'][key] = paired(plain[key]['outcomes'], run['outcomes'])
+        for schedule, run in clone['over_ros'].items():
+            other = plain['over_ros'].get(schedule)
+            if other is not None and len(other['outcomes']) == len(run['outcomes']):
+                clone['vs_plain_clone'][f'over_ros_{schedule}'] = paired(other['outcomes'], run['outcomes'])
     out_path = RESULTS / f'standin_success_{args.task}.json'
     atomic_write_text(out_path, json.dumps(out, indent=1) + '\n')
     print(json.dumps(out, indent=1)[:4000])
@@ -306,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
                    help='simulation steps per scene, from the reset (the first chunk takes some)')
     p.add_argument('--no-latency-hiding', dest='latency_hiding', action='store_false',
                    help='synchronous chunks (deploy_real.yaml hides latency, blending 2 actions)')
+    p.add_argument('--inference-delay-ms', type=float, default=0.0,
+                   help="ros: the policy server's inference padded to this long (a bigger model's latency)")
+    p.add_argument('--observation-lag', type=int, default=0,
+                   help='the clone: each chunk paired with the observation this many steps before it')
     args = p.parse_args(argv)
     if args.stage == 'sft':
         log(f'joint-space start: {sft(args)} ({json.dumps(asdict(start_spec(args)))})')

@@ -78,7 +78,8 @@ def _sft(args: argparse.Namespace) -> int:
     policy = PolicyConfig(state_dim=1, action_dim=1, horizon=args.horizon, d_model=args.d_model,
                           n_heads=args.n_heads, num_steps=args.num_steps, noise_level=args.noise_level,
                           vision_patch=args.vision_patch)
-    sft = SFTConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    sft = SFTConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                    observation_lag=args.observation_lag)
     language = {'auto': None, 'on': True, 'off': False}[args.language]
     start = time.perf_counter()
 
@@ -320,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--n-heads', type=int, default=4)
     p.add_argument('--num-steps', type=int, default=4, help='K solver steps')
     p.add_argument('--noise-level', type=float, default=0.3, help='a, Flow-SDE noise level')
+    p.add_argument('--observation-lag', type=int, default=0,
+                   help='pair each action chunk with the observation N control steps before it: a policy '
+                        'for a loop whose observations arrive that late (about 1 over a ROS graph)')
     p.add_argument('--seed', type=int, default=0)
     p.set_defaults(func=_sft)
 

@@ -37,7 +37,7 @@ def sft_from_demos(demos: DemoSet, policy: PolicyConfig, sft: SFTConfig,
     torch.manual_seed(sft.seed)
     model = FlowVLA(cfg)
     model.normalizer.fit(demos.states, demos.actions)
-    data = ChunkDataset(demos, model)
+    data = ChunkDataset(demos, model, sft.observation_lag)
     losses = train_sft(model, len(data), data.get_batch, sft, log=log)
     return model, losses
 
@@ -54,7 +54,7 @@ def sft_from_checkpoint(demos: DemoSet, checkpoint: str | Path, sft: SFTConfig,
         raise ValueError(f'demo actions have {demos.actions.shape[1]} dims, {checkpoint} has {cfg.action_dim}')
     if cfg.use_language and not any(demos.instructions):
         raise ValueError(f'{checkpoint} is language-conditioned: the demos need instructions')
-    data = ChunkDataset(demos, model)  # checks cameras, image size and state size
+    data = ChunkDataset(demos, model, sft.observation_lag)  # checks cameras, image size and state size
     torch.manual_seed(sft.seed)
     return model, train_sft(model, len(data), data.get_batch, sft, log=log)
 
@@ -75,6 +75,8 @@ class DefaultSFT:
     horizon: int = 8
     noise_level: float = 0.7
     seed: int = 0
+    observation_lag: int = 0
+    """Clone for observations this many control steps old (algo.sft.SFTConfig.observation_lag)."""
     demo_seeds: tuple[int, ...] = (200, 3000)
     """One demo-generating process per entry, each trying seeds upward from it (kept apart from the
     held-out evaluation seeds at 10000 and the training seeds at 1000000)."""
@@ -153,7 +155,8 @@ def ensure_sft_checkpoint(out: str | Path, spec: DefaultSFT = DefaultSFT(),
     policy_cfg = PolicyConfig(state_dim=1, action_dim=1, horizon=spec.horizon, d_model=spec.d_model, n_heads=4,
                               prefix_layers=1, expert_layers=2, num_steps=4, noise_level=spec.noise_level)
     model, losses = sft_from_demos(demos, policy_cfg, SFTConfig(steps=spec.sft_steps, batch_size=spec.sft_batch,
-                                                                lr=1e-3, seed=spec.seed),
+                                                                lr=1e-3, seed=spec.seed,
+                                                                observation_lag=spec.observation_lag),
                                    log=lambda step, loss: log(f'sft step {step} loss {loss:.4f}')
                                    if step % 500 == 0 else None)
     save_checkpoint(ckpt, model, {'stage': 'sft', 'env_id': spec.env_id, 'demos': demos.num_episodes,

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from stepnft_ros import cli
+from stepnft_ros.algo.sft import SFTConfig
 from stepnft_ros.episodes.demo_formats import (
     DemoTopics,
     LiberoReadConfig,
@@ -273,6 +274,23 @@ def test_demoset_npz_roundtrip_and_chunk_batches(tmp_path):
         DemoSet(demos.states, demos.actions, np.array([7]), instructions=('a', 'b'))
     with pytest.raises(ValueError, match="camera 'wrist'"):
         DemoSet(demos.states, demos.actions, np.array([7]), images={'wrist': frames[:5]})
+
+
+def test_an_observation_lag_pairs_each_chunk_with_an_older_observation_of_its_own_episode():
+    states = np.arange(7, dtype=np.float32)[:, None]  # the state is the row
+    demos = DemoSet(states, np.arange(7, dtype=np.float32)[:, None], np.array([3, 4]))
+    model = FlowVLA(PolicyConfig(state_dim=1, action_dim=1, horizon=2, d_model=32, n_heads=2))
+    rows = torch.arange(7)
+    assert ChunkDataset(demos, model).get_batch(rows)[0].state[:, 0].tolist() == [0, 1, 2, 3, 4, 5, 6]
+    lagged = ChunkDataset(demos, model, observation_lag=2)
+    obs, actions, mask = lagged.get_batch(rows)
+    # the first steps of each episode see its first observation; never the previous episode's
+    assert obs.state[:, 0].tolist() == [0, 0, 0, 3, 3, 3, 4]
+    assert torch.equal(actions, ChunkDataset(demos, model).get_batch(rows)[1]), 'the chunks stay where they were'
+    with pytest.raises(ValueError, match='observation_lag must be >= 0'):
+        ChunkDataset(demos, model, observation_lag=-1)
+    with pytest.raises(ValueError, match='observation_lag must be >= 0'):
+        SFTConfig(observation_lag=-1)
 
 
 def test_sft_from_each_format_gives_a_loadable_checkpoint(tmp_path, capsys):

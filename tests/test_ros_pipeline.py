@@ -258,6 +258,45 @@ def test_bad_input_is_logged_and_the_nodes_keep_serving(tmp_path, graph, probe):
     assert server.proc.poll() is None
 
 
+def test_warm_up_leaves_the_chunks_as_they_were_and_a_simulated_inference_time_delays_answers(tmp_path, graph, probe):
+    """Two train-mode servers of one checkpoint and seed, one warmed up and padding its inference to 0.5 s: both
+    answer the same observation with the same Flow-SDE chunk (the warm-up re-seeds the sampler), the slow one
+    no sooner than 0.5 s after the observation was first sent."""
+    node, executor = probe
+    ckpt = tiny_checkpoint(tmp_path / 'ckpt', state_dim=5, action_dim=2)
+    servers, pubs, chunks = {}, {}, {}
+    for ns, params in (('plain', {'warm_up': False}), ('slow', {'warm_up': True, 'simulated_inference_ms': 500.0})):
+        servers[ns] = graph.start('stepnft_ros.nodes.policy_server', 'policy_server', {
+            'checkpoint': str(ckpt), 'episode_dir': str(tmp_path / ns), 'robots': ['arm'], 'mode': 'train', **params},
+            namespace=ns)
+        pubs[ns] = {'joints': node.create_publisher(ros_io.JointState, f'{ns}/arm/joint_states', ros_io.SENSOR_QOS),
+                    'task': node.create_publisher(ros_io.JointState, f'{ns}/arm/task_state', ros_io.SENSOR_QOS)}
+        chunks[ns] = []
+        node.create_subscription(ros_io.JointTrajectory, f'{ns}/arm/action_chunk', chunks[ns].append,
+                                 ros_io.RELIABLE_QOS)
+    servers['slow'].wait_for(r'warm-up inference \d+ ms')
+    servers['plain'].wait_for('serving 1 robot')
+    assert 'warm-up' not in servers['plain'].output()
+    spin_until(executor, lambda: all(p.get_subscription_count() > 0 for ps in pubs.values() for p in ps.values()),
+               20, 'the servers to subscribe')
+    state = np.arange(5, dtype=np.float32)
+    first_sent = time.monotonic()
+    arrived = {}
+    deadline = first_sent + 30
+    while len(arrived) < 2:
+        assert time.monotonic() < deadline, f'answers from {sorted(arrived)} only'
+        for ns in pubs:
+            if ns not in arrived:
+                publish_observation(node, pubs[ns], 7_000, state)
+        until = time.monotonic() + 1.0
+        while time.monotonic() < until and len(arrived) < 2:
+            executor.spin_once(timeout_sec=0.02)
+            arrived.update({ns: time.monotonic() for ns in chunks if chunks[ns] and ns not in arrived})
+    plain, slow = (np.array([p.positions for p in chunks[ns][0].points]) for ns in ('plain', 'slow'))
+    np.testing.assert_allclose(slow, plain, rtol=1e-5, atol=1e-6)
+    assert arrived['slow'] - first_sent >= 0.5
+
+
 def test_bridge_ignores_chunks_for_stale_observations(tmp_path, graph, probe):
     node, executor = probe
     bridge = graph.start('sim_bridge.maniskill_node', 'maniskill_bridge', {

@@ -67,10 +67,15 @@ class SFTConfig:
     """'beta' (π0) or 'uniform'."""
     seed: int = 0
     """Seeds batch sampling and noise."""
+    observation_lag: int = 0
+    """Pair each chunk with the observation this many control steps before its first action: a policy
+    for a loop whose observations are that old when its actions start (about one step over a ROS graph)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f'steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}')
+        if self.observation_lag < 0:
+            raise ValueError(f'observation_lag must be >= 0, got {self.observation_lag}')
         if not self.lr > 0:
             raise ValueError(f'lr must be > 0, got {self.lr}')
         if self.time_distribution not in TIME_DISTRIBUTIONS:

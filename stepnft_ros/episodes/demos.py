@@ -110,14 +110,18 @@ class DemoSet:
 
 
 class ChunkDataset:
-    """Every timestep t of every demo as a training pair (o_t, A_t = a_t..a_{t+H−1}).
+    """Every timestep t of every demo as a training pair (o_{t−lag}, A_t = a_t..a_{t+H−1}).
 
-    Chunks running past the episode end repeat its last action and are masked out of the loss.
+    Chunks running past the episode end repeat its last action and are masked out of the loss. With
+    `observation_lag` > 0 each chunk is paired with an older observation (the episode's first one
+    while t < lag), as a loop with that delay would show it to the policy.
     Images are gathered per batch from the demo arrays (uint8, no copy of the whole set).
     """
 
-    def __init__(self, demos: DemoSet, model: FlowVLA) -> None:
+    def __init__(self, demos: DemoSet, model: FlowVLA, observation_lag: int = 0) -> None:
         cfg = model.config
+        if observation_lag < 0:
+            raise ValueError(f'observation_lag must be >= 0, got {observation_lag}')
         missing = [c for c in cfg.camera_names if c not in demos.images]
         if missing:
             raise ValueError(f'the policy expects cameras {missing} that the demos do not have '
@@ -127,19 +131,20 @@ class ChunkDataset:
         if demos.states.shape[1] != cfg.state_dim:
             raise ValueError(f'demo states have {demos.states.shape[1]} dims, the policy expects {cfg.state_dim}')
         h = cfg.horizon
-        index, mask = [], []
+        index, mask, obs_row = [], [], []
         start = 0
         for length in demos.episode_lengths.tolist():
             for t in range(length):
                 steps = np.arange(t, t + h)
                 mask.append(steps < length)
                 index.append(start + np.minimum(steps, length - 1))
+                obs_row.append(start + max(t - observation_lag, 0))
             start += length
         self.chunk_index = torch.from_numpy(np.asarray(index))         # (N, H) rows of `actions`
         self.mask = torch.from_numpy(np.asarray(mask, dtype=np.float32))  # (N, H)
         self.states = torch.from_numpy(demos.states) if cfg.state_dim else None
         self.actions = model.normalizer.normalize_action(torch.from_numpy(demos.actions))
-        self.obs_row = self.chunk_index[:, 0]
+        self.obs_row = torch.tensor(obs_row, dtype=torch.long)
         self.frames = [demos.images[c] for c in cfg.camera_names]
         self.instructions = demos.instructions
         self.episode_of_row = np.repeat(np.arange(demos.num_episodes), demos.episode_lengths)

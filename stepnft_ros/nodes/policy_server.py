@@ -54,7 +54,7 @@ from stepnft_ros.episodes.schema import Decision, Episode, HumanChunk
 from stepnft_ros.episodes.store import EpisodeStore
 from stepnft_ros.nodes.common import ConfigError, ManagedNode, Params, run_node
 from stepnft_ros.policy import CheckpointError, load_checkpoint, make_policy
-from stepnft_ros.policy.onnx_backend import describe_backend
+from stepnft_ros.policy.onnx_backend import describe_backend, probe_observations
 from stepnft_ros.policy.sampler import CorrelatedStepNoise, recorded_step
 from stepnft_ros.policy.types import Observation, ObservationError, validate_observation
 
@@ -132,6 +132,12 @@ class PolicyServer(ManagedNode):
         self.record_robot_topics = p.get('record_robot_topics', True) and self.mode == 'train'
         # Decisions answered this long before a person takes the arm over led into the takeover.
         self.intervention_window_s = p.get('intervention_window_s', 2.0)
+        # Benchmarks: each batch's inference padded to this long, as a bigger model's would take (the server
+        # is busy meanwhile, as it would be). 0: off.
+        simulated_inference_ms = p.get('simulated_inference_ms', 0.0)
+        if not simulated_inference_ms >= 0:
+            raise ConfigError(f"parameter 'simulated_inference_ms' must be >= 0, got {simulated_inference_ms}")
+        self.simulated_inference_s = simulated_inference_ms / 1000.0
         if self.executed_wait_s < 0:
             raise ConfigError(f"parameter 'executed_wait_s' must be >= 0, got {self.executed_wait_s}")
         torch.set_num_threads(max(1, p.get('torch_threads', 1)))
@@ -191,10 +197,21 @@ class PolicyServer(ManagedNode):
         self.close_timer = self.create_timer(0.05, self._on_close_timer)
         self.close_timer.cancel()
         self.decisions = 0
+        warm_up_s = self._warm_up() if p.get('warm_up', True) else None
         self.get_logger().info(
             f'serving {len(robots)} robot(s) {robots} in {self.mode} mode ({MODES[self.mode]} sampler, '
-            f'a={self.policy.a:g}, {describe_backend(self.policy)}), weights version {self.version} from {checkpoint}')
+            f'a={self.policy.a:g}, {describe_backend(self.policy)}), weights version {self.version} from {checkpoint}'
+            + (f' (warm-up inference {warm_up_s * 1e3:.0f} ms)' if warm_up_s is not None else ''))
         self.start_lifecycle(p.get('managed', False))
+
+    def _warm_up(self) -> float:
+        """One inference on a probe observation before serving, so the robot's first chunk does not pay for
+        lazy initialization (allocator, kernels, CUDA graphs: hundreds of ms, longer than a chunk). The
+        sampler is re-seeded after: what the robots get does not depend on it."""
+        started = time.perf_counter()
+        self.policy.infer_batch(probe_observations(self.policy.model.config, 1))
+        self.policy.reset()
+        return time.perf_counter() - started
 
     # ---- inputs ----------------------------------------------------------------------------
 
@@ -442,7 +459,10 @@ class PolicyServer(ManagedNode):
             noise = None if self.recording else torch.stack([torch.randn(shape, generator=r.noise) for r in batch])
             step_noise = (torch.stack([r.step_noise.next(shape) for r in batch])
                           if self.policy.correlates_step_noise else None)
+            started = time.perf_counter()
             out = self.policy.infer_batch([r.pending[1] for r in batch], initial_noise=noise, step_noise=step_noise)
+            if self.simulated_inference_s:
+                time.sleep(max(0.0, self.simulated_inference_s - (time.perf_counter() - started)))
             for i, robot in enumerate(batch):
                 stamp_ns, obs = robot.pending
                 robot.pending = None

@@ -154,7 +154,8 @@ def graph_config(work: Path, args, checkpoint: Path) -> Path:
         bridge.pop(key)
     bridge.update(joint_names=JOINTS, state_sources=STATE_SOURCES, task_state_topic='/task_state',
                   task_state_names=names, control_rate_hz=hz, command_joint_names=COMMAND_JOINTS,
-                  latency_hiding=args.latency_hiding, blend_actions=2 if args.latency_hiding else 0)
+                  latency_hiding=args.latency_hiding, blend_actions=2 if args.latency_hiding else 0,
+                  min_lead_ticks=args.min_lead_ticks)
     safety.update(joint_names=COMMAND_JOINTS, position_lower=[float(v) for v in lower],
                   position_upper=[float(v) for v in upper],
                   max_velocity=[v * args.rate_scale for v in MAX_VELOCITY], max_joint_step=0.2,
@@ -170,8 +171,9 @@ def graph_config(work: Path, args, checkpoint: Path) -> Path:
     return path
 
 
-def schedule_name(latency_hiding: bool, inference_delay_ms: float = 0.0) -> str:
+def schedule_name(latency_hiding: bool, inference_delay_ms: float = 0.0, min_lead_ticks: int = 0) -> str:
     name = 'latency_hiding_blend2' if latency_hiding else 'synchronous'
+    name += f'_min_lead{min_lead_ticks}' if min_lead_ticks else ''
     return f'{name}_inference{inference_delay_ms:g}ms' if inference_delay_ms else name
 
 
@@ -251,9 +253,10 @@ def ros(args) -> dict:
            'episode_wall_s': [r['wall_s'] for r in rows], 'wall_s': round(time.perf_counter() - started, 1),
            'rate_scale': args.rate_scale, 'latency_hiding': args.latency_hiding,
            'inference_delay_ms': args.inference_delay_ms, 'observation_lag': args.observation_lag,
+           'min_lead_ticks': args.min_lead_ticks,
            'max_scene_steps': args.max_scene_steps, 'node_log_tails': logs}
     log(f'over ROS: {sum(out["success"])} / {len(seeds)} succeeded in {out["wall_s"]} s')
-    name = schedule_name(args.latency_hiding, args.inference_delay_ms)
+    name = schedule_name(args.latency_hiding, args.inference_delay_ms, args.min_lead_ticks)
     atomic_write_text(Path(args.work) / args.task / f'standin_ros{clone_tag(args.observation_lag)}_{name}.json',
                       json.dumps(out))
     return out
@@ -295,6 +298,7 @@ def clone_report(work: Path, tag: str) -> dict | None:
         out['over_ros'][schedule] = {
             **rate(graph['success']), 'max_scene_steps': graph['max_scene_steps'],
             'inference_delay_ms': graph.get('inference_delay_ms', 0.0),
+            'min_lead_ticks': graph.get('min_lead_ticks', 0),
             'within_scene_steps': {str(k): rate(list(solved & (steps <= k))) for k in (100, 120, 150)
                                    if k < graph['max_scene_steps']},
             'scene_steps_of_successes_median': float(np.median(steps[solved])) if solved.any() else None,
@@ -351,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                    help='synchronous chunks (deploy_real.yaml hides latency, blending 2 actions)')
     p.add_argument('--inference-delay-ms', type=float, default=0.0,
                    help="ros: the policy server's inference padded to this long (a bigger model's latency)")
+    p.add_argument('--min-lead-ticks', type=int, default=0,
+                   help="ros: the arm bridge observes at least this many ticks before a chunk's last action")
     p.add_argument('--observation-lag', type=int, default=0,
                    help='the clone: each chunk paired with the observation this many steps before it')
     args = p.parse_args(argv)

@@ -120,6 +120,24 @@ def test_latency_hiding_observes_early_so_the_arm_never_waits_and_records_what_r
     assert s.finished() == [(3, 1, 4)]
 
 
+def test_a_minimum_lead_observes_that_early_even_when_answers_are_fast():
+    s = ChunkScheduler(actions_per_chunk=4, latency_hiding=True, min_lead=2)
+    assert s.lead == 2
+    s.set_latency(0.4)  # fast answers alone would observe at the last planned action
+    assert s.lead == 2
+    s.set_latency(5.0)
+    assert s.lead == 3, 'at most actions_per_chunk - 1'
+    s.set_latency(0.4)
+    s.requested(0)
+    s.add_chunk(0, chunk(0, horizon=8))
+    assert s.action(1)[0] == 0 and s.should_request(2), '2 ticks before tick 4, the last planned one'
+    for bad in ({'min_lead': 4}, {'min_lead': -1}):
+        with pytest.raises(ValueError, match='min_lead'):
+            ChunkScheduler(actions_per_chunk=4, latency_hiding=True, **bad)
+    with pytest.raises(ValueError, match='needs latency_hiding'):
+        ChunkScheduler(actions_per_chunk=4, min_lead=1)
+
+
 def test_a_late_answer_under_latency_hiding_continues_the_old_plan_then_skips_and_blends():
     s = ChunkScheduler(actions_per_chunk=2, latency_hiding=True, blend_actions=2)
     s.requested(0)

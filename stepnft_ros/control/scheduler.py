@@ -8,8 +8,8 @@ Two schedules:
 - chunked (default): a chunk takes over at some tick and executes `actions_per_chunk` actions
   from there, then the next one takes over. The next observation is taken `lead` ticks before
   the running chunk's last planned action (lead 0: at that action's tick).
-  With `latency_hiding`, the lead follows the measured inference latency (`set_latency`), so
-  the answer is usually there before the running chunk runs out; if it is late all the same,
+  With `latency_hiding`, the lead follows the measured inference latency (`set_latency`, at
+  least `min_lead`), so the answer is usually there before the running chunk runs out; if it is late all the same,
   the running chunk goes on with its further predictions (up to its horizon) instead of
   holding the arm; and the first `blend_actions` actions of the new chunk are cross-faded
   from the old chunk's predictions for the same ticks, so a new plan never makes the
@@ -36,7 +36,8 @@ import numpy as np
 
 class ChunkScheduler:
     def __init__(self, actions_per_chunk: int, temporal_ensemble: bool = False, ensemble_decay: float = 0.01,
-                 request_timeout_ticks: int = 10, latency_hiding: bool = False, blend_actions: int = 0) -> None:
+                 request_timeout_ticks: int = 10, latency_hiding: bool = False, blend_actions: int = 0,
+                 min_lead: int = 0) -> None:
         if actions_per_chunk < 1:
             raise ValueError(f'actions_per_chunk must be >= 1, got {actions_per_chunk}')
         if ensemble_decay < 0:
@@ -45,6 +46,8 @@ class ChunkScheduler:
             raise ValueError(f'request_timeout_ticks must be >= 1, got {request_timeout_ticks}')
         if blend_actions < 0 or (blend_actions and not latency_hiding):
             raise ValueError(f'blend_actions must be >= 0 and needs latency_hiding, got {blend_actions}')
+        if not 0 <= min_lead < actions_per_chunk or (min_lead and not latency_hiding):
+            raise ValueError(f'min_lead must be in [0, actions_per_chunk) and needs latency_hiding, got {min_lead}')
         if latency_hiding and temporal_ensemble:
             raise ValueError('latency_hiding is for the chunked schedule (temporal ensembling observes every tick)')
         self.actions_per_chunk = actions_per_chunk
@@ -53,7 +56,8 @@ class ChunkScheduler:
         self.request_timeout_ticks = request_timeout_ticks
         self.latency_hiding = latency_hiding
         self.blend_actions = blend_actions
-        self.lead = 0                             # ticks before the planned end at which to observe
+        self.min_lead = min_lead
+        self.lead = min_lead                      # ticks before the planned end at which to observe
         self.stale_chunks = 0                     # chunks that arrived after their whole horizon: never ran
         self._chunks: dict[int, np.ndarray] = {}  # observation tick -> (H, D) chunk
         self._used: dict[int, list[int]] = {}     # observation tick -> [first, last] action index handed out
@@ -84,10 +88,10 @@ class ChunkScheduler:
 
     def set_latency(self, ticks: float) -> None:
         """The observation -> chunk latency the caller measures, in ticks. With latency_hiding the next
-        observation is taken floor(ticks) ticks before the synchronous loop would (at most
-        actions_per_chunk - 1): an answer that takes under that many ticks + 1 is there in time."""
+        observation is taken floor(ticks) ticks before the synchronous loop would (at least min_lead, at
+        most actions_per_chunk - 1): an answer that takes under that many ticks + 1 is there in time."""
         if self.latency_hiding:
-            self.lead = min(max(0, math.floor(ticks)), self.actions_per_chunk - 1)
+            self.lead = min(max(self.min_lead, math.floor(ticks)), self.actions_per_chunk - 1)
 
     # ---- requests ----------------------------------------------------------------------------
 

@@ -82,6 +82,8 @@ class ArmBridge(ManagedNode):
         # answer is late, cross-fading the new chunk's first actions in (stepnft_ros.control.scheduler).
         latency_hiding = p.get('latency_hiding', False)
         blend_actions = p.get('blend_actions', 2 if latency_hiding else 0)
+        # latency hiding: observe at least this many ticks before the running chunk's last action
+        min_lead_ticks = p.get('min_lead_ticks', 0)
         request_timeout_s = p.get('request_timeout_s', 1.0)
         self.command_type = p.get('command_type', 'joint_trajectory')
         command_joint_names = p.get('command_joint_names', []) or list(self.joint_names)
@@ -129,7 +131,8 @@ class ArmBridge(ManagedNode):
                                             task_state_names=task_state_names)
             self.scheduler = ChunkScheduler(actions_per_chunk, temporal_ensemble, ensemble_decay,
                                             request_timeout_ticks=max(1, round(request_timeout_s * rate_hz)),
-                                            latency_hiding=latency_hiding, blend_actions=blend_actions)
+                                            latency_hiding=latency_hiding, blend_actions=blend_actions,
+                                            min_lead=min_lead_ticks)
             if self.command_type == 'joint_trajectory':
                 if joint_targets == 'delta' and set(command_joint_names) - set(self.joint_names):
                     raise ValueError('delta joint targets need every command joint among joint_names (measured)')

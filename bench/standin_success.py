@@ -313,8 +313,7 @@ def report(args) -> dict:
     """Every clone's runs (clone_report), and each lagged clone against the plain one on the same seeds."""
     work = Path(args.work) / args.task
     lags = sorted({0} | {int(p.stem.split('_lag')[1].split('_')[0]) for p in work.glob('standin_sim_lag*.json')})
-    out = {'task': args.task, 'checkpoint_spec': asdict(start_spec(argparse.Namespace(**{**vars(args),
-                                                                                          'observation_lag': 0}))),
+    out = {'task': args.task, 'checkpoint_spec': asdict(replace(start_spec(args), observation_lag=0)),
            'actions_per_chunk': ACTIONS_PER_CHUNK, 'clones': {}}
     for lag in lags:
         clone = clone_report(work, clone_tag(lag))

@@ -9,9 +9,9 @@ Two schedules:
   from there, then the next one takes over. The next observation is taken `lead` ticks before
   the running chunk's last planned action (lead 0: at that action's tick).
   With `latency_hiding`, the lead follows the measured inference latency (`set_latency`, at
-  least `min_lead`), so the answer is usually there before the running chunk runs out; if it is late all the same,
-  the running chunk goes on with its further predictions (up to its horizon) instead of
-  holding the arm; and the first `blend_actions` actions of the new chunk are cross-faded
+  least `min_lead`), so the answer is usually there before the running chunk runs out; if it
+  is late all the same, the running chunk goes on with its further predictions (up to its
+  horizon) instead of holding the arm; and the first `blend_actions` actions of the new chunk are cross-faded
   from the old chunk's predictions for the same ticks, so a new plan never makes the
   commands jump. Without it, the arm holds while it waits (the classic synchronous loop).
 - temporal ensembling (ACT): observe at every tick; the action for tick k averages every

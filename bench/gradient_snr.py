@@ -100,6 +100,7 @@ def collect(args: argparse.Namespace, model) -> list:
         return sorted(episodes, key=lambda e: e.episode_id)[:args.episodes]
     policy = FlowPolicy(model, mode='sde', noise_level=args.noise_level, seed=args.seed, sde_noise=args.sde_noise,
                         initial_noise_scale=args.initial_noise_scale,
+                        step_noise_correlation=args.step_noise_correlation,
                         fixed_step=recorded_step(args.step_selection, model.config.num_steps))
     groups = args.episodes // args.group_size
     seeds = [5_000_000 + 1000 * args.seed + g for g in range(groups) for _ in range(args.group_size)]
@@ -133,12 +134,15 @@ def main() -> int:
     p.add_argument('--sde-noise', default='every_step', choices=SDE_NOISE)
     p.add_argument('--actions-per-chunk', type=int, default=4, help='actions of each chunk executed')
     p.add_argument('--initial-noise-scale', type=float, default=1.0, help='x_0 = scale · ε (0: chains start at 0)')
+    p.add_argument('--step-noise-correlation', type=float, default=0.0,
+                   help='ρ of the step noise ξ between decisions of one episode (1: one ξ per episode)')
     p.add_argument('--step-selection', default='uniform', help="the recorded step k*: 'uniform', 'last' or an index")
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', default=str(Path(__file__).resolve().parent / 'results' / 'gradient_snr.json'))
     p.add_argument('--cache', default='runs/gradient_snr/episodes', help='episode bags of the rollouts')
     p.add_argument('--null-draws', type=int, default=500, help='sign-flip draws of the no-signal null')
+    p.add_argument('--configs', nargs='+', choices=sorted(CONFIGS), help='measure only these (default: all)')
     p.add_argument('--outcomes-only', action='store_true',
                    help='only the outcome statistics of the (cached) rollouts, no gradients')
     p.add_argument('--per-step', action='store_true',
@@ -154,7 +158,8 @@ def main() -> int:
         by_group.setdefault(e.seed, []).append(e)
     rng = random.Random(args.seed)
     results = {}
-    configs = [(name, labels, overrides, None) for name, (labels, overrides) in CONFIGS.items()]
+    configs = [(name, labels, overrides, None) for name, (labels, overrides) in CONFIGS.items()
+               if not args.configs or name in args.configs]
     if args.outcomes_only:
         configs = []
     elif args.per_step:
@@ -181,7 +186,8 @@ def main() -> int:
     report = {'benchmark': 'gradient_snr', 'checkpoint': args.checkpoint, 'env': args.env_id,
               'episodes': len(episodes), 'groups': len(by_group), 'group_size': args.group_size,
               'noise_level': args.noise_level, 'sde_noise': args.sde_noise,
-              'initial_noise_scale': args.initial_noise_scale, 'actions_per_chunk': args.actions_per_chunk,
+              'initial_noise_scale': args.initial_noise_scale,
+              'step_noise_correlation': args.step_noise_correlation, 'actions_per_chunk': args.actions_per_chunk,
               'step_selection': args.step_selection, 'sde_success': round(success, 4),
               'groups_with_mixed_outcomes': round(mixed, 4), 'outcome_variance': outcome_variance(by_group),
               'decisions': sum(len(e.decisions) for e in episodes), 'rollout_s': round(rollout_s, 1),

@@ -13,7 +13,8 @@ It knows nothing about policies. Like a ros2_control arm with cameras it
              between commands, like a joint_trajectory_controller; the point due next is the current target.
 The simulation steps on its own timer at `sim_rate_hz` whether or not commands arrive
 (ManiSkill control mode pd_joint_pos). When the task's episode ends (success or
-`max_scene_steps`) it says so on `~/scene_outcome` (std_msgs/String, JSON: seed, success, steps) and,
+`max_scene_steps`) it says so on `~/scene_outcome` (std_msgs/String, JSON: seed, success, steps; transient
+local, so a subscriber that joins late still gets the outcomes so far) and,
 with `auto_reset`, resets the scene (a real cell would be tidied by a person instead); without it the
 scene stays as it ended, frozen, until `~/reset` (std_srvs/Trigger: the next seed's scene, now).
 """
@@ -81,7 +82,8 @@ class StandinArm(Node):
         self.image_pubs = [(c, self.create_publisher(ros_io.Image, t, ros_io.SENSOR_QOS)) for c, t in camera_topics]
         self.task_pub = (self.create_publisher(ros_io.JointState, task_state_topic, ros_io.RELIABLE_QOS)
                          if task_state_topic else None)
-        self.outcome_pub = self.create_publisher(String, '~/scene_outcome', ros_io.RELIABLE_QOS)
+        # Kept by the publisher: a scene can end before a late-discovered operator or test subscribes.
+        self.outcome_pub = self.create_publisher(String, '~/scene_outcome', ros_io.SUMMARY_QOS)
         self.create_service(Trigger, '~/reset', self._on_reset)
         command_topic = p.get('command_topic', '/joint_trajectory_controller/joint_trajectory')
         self.create_subscription(ros_io.JointTrajectory, command_topic, self._on_command, ros_io.RELIABLE_QOS)

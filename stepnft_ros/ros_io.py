@@ -87,8 +87,8 @@ LATCHED_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                          durability=DurabilityPolicy.TRANSIENT_LOCAL, history=HistoryPolicy.KEEP_LAST)
 # Episode notifications must not be lost while the learner is busy updating.
 EVENTS_QOS = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
-# Episode summaries: kept by the publisher, so a recorder that discovers a bridge late (a loaded
-# machine, a recorder restarted) still receives every episode the bridge has already reported.
+# Episode summaries and scene outcomes: kept by the publisher, so a subscriber that discovers it late
+# (a loaded machine, a recorder restarted) still receives every episode it has already reported.
 SUMMARY_QOS = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE,
                          durability=DurabilityPolicy.TRANSIENT_LOCAL, history=HistoryPolicy.KEEP_LAST)
 # The demo recorder: best effort matches reliable and best-effort publishers alike; deep, so a

@@ -39,7 +39,7 @@ from stepnft_ros.env_pool import EnvPool  # noqa: E402
 from stepnft_ros.learner import version_dir  # noqa: E402
 from stepnft_ros.monitoring import EVENTS_DIR, ScalarLog  # noqa: E402
 from stepnft_ros.online import OnlineConfig, run_online  # noqa: E402
-from stepnft_ros.pipeline import DefaultSFT, ensure_sft_checkpoint  # noqa: E402
+from stepnft_ros.pipeline import EMBEDDED_STARTS, DefaultSFT, ensure_sft_checkpoint  # noqa: E402
 from stepnft_ros.policy import FlowPolicy, load_checkpoint, save_checkpoint  # noqa: E402
 from stepnft_ros.policy.checkpoint import read_header  # noqa: E402
 from stepnft_ros.progress import mcnemar_exact, wilson  # noqa: E402
@@ -164,8 +164,11 @@ def make_env(env_id: str, max_episode_steps: int) -> ManiSkillEnv:
 
 
 def sft_spec(args: argparse.Namespace) -> DefaultSFT:
-    return replace(DefaultSFT(), env_id=args.task, num_demos=args.num_demos, sft_steps=args.sft_steps,
-                   d_model=args.d_model)
+    """The task's embedded start (PushCube: 10 demos, 1000 steps) unless --num-demos / --sft-steps say otherwise."""
+    base = EMBEDDED_STARTS.get(args.task, DefaultSFT())
+    return replace(base, env_id=args.task, d_model=args.d_model,
+                   num_demos=base.num_demos if args.num_demos is None else args.num_demos,
+                   sft_steps=base.sft_steps if args.sft_steps is None else args.sft_steps)
 
 
 def start_tag(args: argparse.Namespace) -> str:
@@ -260,6 +263,9 @@ def run_one(args: argparse.Namespace) -> dict:
     return result
 
 
+# the bench twin of config/train_sim.yaml's policy-server and learner settings (what the main job runs;
+# tests/test_bench_learning.py keeps the two equal)
+DEFAULT_METHOD = 'stepnft_correlated_noise_a0.5'
 REFERENCE_METHOD = 'stepnft_recorded_step'  # the π-StepNFT regime every other method is compared with
 ABLATION_BASE = 'stepnft_group_labels'  # the regime the ablations each change one thing of
 ABLATIONS = ('stepnft_whole_chunk', 'stepnft_pm1_labels', 'stepnft_weighted', 'stepnft_terminal_target',
@@ -289,6 +295,7 @@ def summarize(args: argparse.Namespace) -> dict:
     compare_with_reference(summary, runs)
     for task, methods in summary['tasks'].items():
         at_budget(methods, [r for r in runs if r['task'] == task])
+    summary['default_method'] = DEFAULT_METHOD
     summary['ablations'] = {'base': ABLATION_BASE, 'tasks': ablation_table(runs)}
     primary = args.task
     summary['task'] = primary
@@ -569,8 +576,8 @@ def main(argv: list[str] | None = None) -> int:
                    help='env worker processes (0: one env in this process); two per core keep the cores '
                         'simulating while the policy answers (bench/results/rollout_throughput.json)')
     r.add_argument('--eval-every', type=int, default=4, help='updates between test evaluations')
-    r.add_argument('--num-demos', type=int, default=DefaultSFT.num_demos, help='demos of the SFT start')
-    r.add_argument('--sft-steps', type=int, default=DefaultSFT.sft_steps, help='SFT steps of the start')
+    r.add_argument('--num-demos', type=int, help="demos of the SFT start (default: the task's embedded start)")
+    r.add_argument('--sft-steps', type=int, help="SFT steps of the start (default: the task's embedded start)")
     r.add_argument('--d-model', type=int, default=DefaultSFT.d_model,
                    help='width of the start policy; other than the default, runs and results are named '
                         '<method>_d<width>')

@@ -118,6 +118,24 @@ def test_each_ablation_changes_exactly_one_setting_of_the_group_label_regime():
     assert algo == base_algo and {k for k in online if online[k] != base_online.get(k)} == {'labels', 'group_size'}
 
 
+def test_the_default_method_is_the_regime_of_the_train_sim_configuration():
+    """The summary's default_method must be what config/train_sim.yaml runs, or its numbers describe another regime."""
+    import yaml
+
+    learning = bench_module('learning')
+    config = yaml.safe_load((learning.RESULTS.parents[1] / 'config' / 'train_sim.yaml').read_text())
+    server, learner = config['policy_server']['ros__parameters'], config['learner']['ros__parameters']
+    bridge = config['/**/maniskill_bridge']['ros__parameters']
+    algo_over, online_over = learning.METHODS[learning.DEFAULT_METHOD]
+    algo, online = {**learning.BASE_ALGO, **algo_over}, {**learning.BASE_ONLINE, **online_over}
+    assert online == {'episodes_per_iteration': learner['episodes_per_update'], 'group_size': bridge['group_size'],
+                      'labels': learner['labels'], 'noise_level': server['noise_level'],
+                      'sde_noise': server['sde_noise'], 'step_noise_correlation': server['step_noise_correlation']}
+    for key in ('lr', 'epochs', 'minibatch_size', 'executed_only', 'adam_beta2'):
+        assert algo[key] == learner[key], key
+    assert algo.get('step_selection', 'uniform') == server['step_selection']
+
+
 def test_the_ablation_table_pairs_each_ablation_with_the_base_at_the_smaller_budget():
     bench = bench_module('learning')
     start, mid, late = [True, False, False, False], [True, True, False, False], [True, True, True, False]
@@ -151,6 +169,16 @@ def test_a_start_of_another_width_names_its_runs_apart_from_the_default():
     wide = argparse.Namespace(**{**vars(args), 'd_model': 128})
     assert learning.start_tag(wide) == '_d128'
     assert learning.sft_spec(wide).d_model == 128 and learning.sft_spec(wide).env_id == 'PickCube-v1'
+
+
+def test_without_sft_flags_a_run_starts_from_the_tasks_embedded_start():
+    learning = bench_module('learning')
+    push = argparse.Namespace(task='PushCube-v1', num_demos=None, sft_steps=None, d_model=64)
+    assert (learning.sft_spec(push).num_demos, learning.sft_spec(push).sft_steps) == (10, 1000)
+    pick = learning.sft_spec(argparse.Namespace(**{**vars(push), 'task': 'PickCube-v1'}))
+    assert (pick.env_id, pick.num_demos, pick.sft_steps) == ('PickCube-v1', 300, 8000)
+    other = learning.sft_spec(argparse.Namespace(**{**vars(push), 'task': 'PullCube-v1', 'num_demos': 20}))
+    assert (other.env_id, other.num_demos, other.sft_steps) == ('PullCube-v1', 20, 8000)  # no embedded start
 
 
 def test_reach_counts_states_without_a_success_split_by_the_ode_outcome():

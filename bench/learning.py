@@ -3,8 +3,9 @@
 Each (method, task, training seed) run is its own resumable job: the model, the optimizer and the
 history are saved after every update under <work>/<task>/<method>/s<seed>/ (TensorBoard scalars in its
 tensorboard/), and a restarted run continues from there. Its result JSON lands in
-bench/results/learning/. `summarize` merges every result into bench/results/learning_summary.json
-and plots success against env steps and wall-clock with Wilson 95 % bands.
+bench/results/learning/. Runs start from the task's embedded SFT start (stepnft_ros.pipeline.EMBEDDED_STARTS)
+unless --num-demos / --sft-steps name another. `summarize` merges every result into
+bench/results/learning_summary.json and plots success against env steps and wall-clock with Wilson 95 % bands.
 
     python bench/learning.py run --method stepnft --seed 0 --env-steps 300000 --workers 2
     python bench/learning.py summarize

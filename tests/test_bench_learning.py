@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from ros_harness import bench_module, tiny_checkpoint
+from ros_harness import REPO, bench_module, tiny_checkpoint
 
+from stepnft_ros.algo.stepnft import StepNFTConfig
 from stepnft_ros.learner import version_dir
 from stepnft_ros.policy import load_checkpoint, save_checkpoint
 
@@ -123,17 +124,18 @@ def test_the_default_method_is_the_regime_of_the_train_sim_configuration():
     import yaml
 
     learning = bench_module('learning')
-    config = yaml.safe_load((learning.RESULTS.parents[1] / 'config' / 'train_sim.yaml').read_text())
+    config = yaml.safe_load((REPO / 'config/train_sim.yaml').read_text())
     server, learner = config['policy_server']['ros__parameters'], config['learner']['ros__parameters']
     bridge = config['/**/maniskill_bridge']['ros__parameters']
     algo_over, online_over = learning.METHODS[learning.DEFAULT_METHOD]
-    algo, online = {**learning.BASE_ALGO, **algo_over}, {**learning.BASE_ONLINE, **online_over}
+    algo = StepNFTConfig(**{**learning.BASE_ALGO, **algo_over})  # as the bench's runs build it
+    online = {**learning.BASE_ONLINE, **online_over}
     assert online == {'episodes_per_iteration': learner['episodes_per_update'], 'group_size': bridge['group_size'],
                       'labels': learner['labels'], 'noise_level': server['noise_level'],
                       'sde_noise': server['sde_noise'], 'step_noise_correlation': server['step_noise_correlation']}
     for key in ('lr', 'epochs', 'minibatch_size', 'executed_only', 'adam_beta2'):
-        assert algo[key] == learner[key], key
-    assert algo.get('step_selection', 'uniform') == server['step_selection']
+        assert getattr(algo, key) == learner[key], key
+    assert algo.step_selection == server['step_selection']
 
 
 def test_the_ablation_table_pairs_each_ablation_with_the_base_at_the_smaller_budget():

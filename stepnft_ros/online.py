@@ -39,6 +39,12 @@ class OnlineConfig:
     """Episode labels: a scheme of algo/labels.py ('terminal_binary', 'batch_mean', 'group_mean')."""
     noise_level: float | None = None
     """a for the Flow-SDE rollouts; None uses the policy config's."""
+    noise_level_final: float | None = None
+    """If set, a falls linearly with training env steps from noise_level to this value, reached at
+    noise_decay_env_steps, and holds there. Wide noise finds successes early; once the policy nears
+    the goal, its failures are near misses that wide noise turns into misses (docs/benchmarks-and-results.md)."""
+    noise_decay_env_steps: int = 0
+    """Training env steps over which noise_level_final is reached."""
     sde_noise: str = 'every_step'
     """Flow-SDE noise at every solver step, or only at the recorded step k* ('recorded_step')."""
     step_noise_correlation: float = 0.0
@@ -80,9 +86,20 @@ class OnlineConfig:
             raise ValueError(f'revisits need 0 <= revisit_fraction <= 1, max_revisits >= 0 and group_size > 1, got '
                              f'revisit_fraction={self.revisit_fraction}, max_revisits={self.max_revisits}, '
                              f'group_size={self.group_size}')
+        if self.noise_level_final is not None and (self.noise_level is None or self.noise_decay_env_steps < 1
+                                                   or self.noise_level_final < 0.0):
+            raise ValueError('a noise schedule needs noise_level, noise_level_final >= 0, noise_decay_env_steps >= 1:'
+                             f' got {self.noise_level}, {self.noise_level_final} and {self.noise_decay_env_steps}')
         if self.antithetic and (self.group_size % 2 or self.step_noise_correlation <= 0.0):
             raise ValueError(f'antithetic pairs need an even group_size and step_noise_correlation > 0, got '
                              f'group_size={self.group_size}, step_noise_correlation={self.step_noise_correlation}')
+
+    def noise_at(self, env_steps: int) -> float | None:
+        """a for the rollouts that start after `env_steps` training env steps."""
+        if self.noise_level_final is None:
+            return self.noise_level
+        done = min(env_steps / self.noise_decay_env_steps, 1.0)
+        return self.noise_level + (self.noise_level_final - self.noise_level) * done
 
 
 @dataclass
@@ -192,6 +209,8 @@ def run_online(env: Env | EnvPool, model: FlowBackend, online: OnlineConfig, alg
             break
         start = time.perf_counter()
         group_seeds, next_fresh = plan_groups(online, states, next_fresh)
+        if online.noise_level_final is not None:  # a function of env steps, so a resumed run continues it
+            explore.noise_level = online.noise_at(env_steps)
         revisited = set(group_seeds) & set(states)
         seeds = [seed for seed in group_seeds for _ in range(online.group_size)]
         episodes = pool.run_episodes(explore, seeds, online.actions_per_chunk, weights_version=trainer.updates,
@@ -206,6 +225,8 @@ def run_online(env: Env | EnvPool, model: FlowBackend, online: OnlineConfig, alg
         entry = {'iteration': it, 'env_steps': env_steps, 'rl_wall_s': round(wall, 2),
                  'rollout_s': round(rollout_s, 2), 'rollout_steps_per_s': round(steps / max(rollout_s, 1e-9), 1),
                  'train_success': sum(bool(e.success) for e in episodes) / len(episodes), **metrics}
+        if online.noise_level_final is not None:
+            entry['noise_level'] = round(explore.noise_level, 4)
         if online.group_size > 1:
             outcomes = group_outcomes(episodes)
             entry['mixed_group_fraction'] = sum(0 < k < n for _, k, n in outcomes) / len(outcomes)

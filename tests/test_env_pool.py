@@ -1,5 +1,6 @@
 """EnvPool: worker processes feeding one batched policy, crash recovery, executed-action counts."""
 
+import itertools
 import os
 from dataclasses import replace
 from functools import partial
@@ -96,6 +97,29 @@ def test_online_loop_explores_in_antithetic_pairs():
     for bad in (dict(group_size=1, episodes_per_iteration=4), dict(step_noise_correlation=0.0)):
         with pytest.raises(ValueError, match='antithetic pairs need an even group_size'):
             replace(online, **bad)
+
+
+def test_the_noise_level_falls_with_env_steps_and_a_resumed_run_continues_the_schedule():
+    from stepnft_ros.algo.stepnft import StepNFTConfig, StepNFTTrainer
+    from stepnft_ros.online import OnlineConfig, run_online
+
+    schedule = OnlineConfig(noise_level=0.8, noise_level_final=0.2, noise_decay_env_steps=100)
+    assert [schedule.noise_at(n) for n in (0, 50, 100, 500)] == pytest.approx([0.8, 0.5, 0.2, 0.2])
+    assert OnlineConfig(noise_level=0.8).noise_at(10**9) == 0.8
+    for bad in (dict(noise_level=None), dict(noise_decay_env_steps=0), dict(noise_level_final=-0.1)):
+        with pytest.raises(ValueError, match='a noise schedule needs'):
+            replace(schedule, **bad)
+
+    model = small_model()
+    online = replace(schedule, iterations=2, episodes_per_iteration=2, actions_per_chunk=4, eval_seeds=(500,),
+                     eval_every=2, noise_decay_env_steps=60)
+    algo = StepNFTConfig(minibatch_size=64)
+    trainer = StepNFTTrainer(model, algo)
+    history = run_online(PointReach(), model, online, algo, trainer=trainer)
+    more = run_online(PointReach(), model, replace(online, iterations=3), algo, history=history, trainer=trainer)
+    for before, entry in itertools.pairwise(more):  # each iteration's rollouts use a at the env steps before it
+        assert entry['noise_level'] == pytest.approx(online.noise_at(before['env_steps']), abs=1e-4)
+    assert more[1]['noise_level'] == 0.8 and more[3]['noise_level'] < more[2]['noise_level'] < 0.8
 
 
 def test_revisits_go_to_the_most_balanced_mixed_states_and_survive_a_resume():

@@ -274,3 +274,23 @@ def test_a_cached_start_built_before_a_spec_field_existed_is_reused_and_a_differ
     (tmp_path / 'sft_spec.json').write_text('{not json')
     with pytest.raises(ValueError, match='use another directory'):
         ensure_sft_checkpoint(tmp_path, DefaultSFT(), log=lambda _: None)
+
+
+def test_failure_modes_sort_failed_episodes_by_how_far_they_got():
+    failures = bench_module('failure_modes')
+    assert failures.parse_sampler('ode') == (0.0, 0.0)
+    assert failures.parse_sampler('sde:0.8:1.0') == (0.8, 1.0) and failures.parse_sampler('sde:0.3') == (0.3, 0.0)
+    with pytest.raises(ValueError, match='is not "ode"'):
+        failures.parse_sampler('sde')
+
+    def row(success, grasped, placed, closest, steps=100):
+        return {'success': success, 'steps': steps, 'ever_grasped': grasped, 'ever_placed': placed,
+                'final_grasped': grasped, 'min_distance': closest, 'final_distance': closest}
+    rows = [row(True, True, True, 0.01, steps=60), row(False, False, False, 0.20), row(False, True, False, 0.04),
+            row(False, True, False, 0.08), row(False, True, True, 0.02)]
+    summary = failures.summarize(rows)
+    assert (summary['success'], summary['failures'], summary['success_steps_median']) == (0.2, 4, 60.0)
+    assert (summary['failed_never_grasped'], summary['failed_grasped_never_placed'],
+            summary['failed_placed_not_success'], summary['failed_holding_at_end']) == (1, 2, 1, 3)
+    assert (summary['failed_within_5cm'], summary['failed_within_10cm']) == (2, 3)
+    assert failures.summarize([row(False, True, False, None)])['success_steps_median'] is None

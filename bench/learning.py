@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, replace
@@ -189,8 +190,22 @@ def run_one(args: argparse.Namespace) -> dict:
     task_dir = Path(args.work) / args.task
     tag = start_tag(args)
     name = args.method + tag  # the method as the results name it
+    if args.branch_from:
+        name += f'_from_{args.branch_from}'
     run_dir = task_dir / name / f's{args.seed}'
     run_dir.mkdir(parents=True, exist_ok=True)
+    state_dir = run_dir / 'state'
+    branched_at = None
+    if args.branch_from:  # continue another run's saved state under this method's settings
+        source = task_dir / (args.branch_from + tag) / f's{args.seed}' / 'state'
+        if not (source / 'history.json').exists():
+            raise SystemExit(f'--branch-from: no saved run at {source}')
+        if not (state_dir / 'history.json').exists():
+            shutil.copytree(source, state_dir, dirs_exist_ok=True)
+            last = json.loads((source / 'history.json').read_text())[-1]
+            atomic_write_text(state_dir / 'branched_from.json', json.dumps(
+                {'method': args.branch_from, 'iteration': last['iteration'], 'env_steps': last['env_steps']}))
+        branched_at = json.loads((state_dir / 'branched_from.json').read_text())
     start_spec = sft_spec(args)
     sft = ensure_sft_checkpoint(task_dir / f'sft_start{tag}', start_spec, log=log)
     algo_over, online_over = METHODS[args.method]
@@ -199,7 +214,6 @@ def run_one(args: argparse.Namespace) -> dict:
                           eval_seeds=tuple(held_out_seeds(args.test_seeds)),
                           eval_every=args.eval_every, env_step_budget=args.env_steps, seed=args.seed,
                           first_train_seed=1_000_000 + 100_000 * args.seed)
-    state_dir = run_dir / 'state'
     history: list[dict] = []
     if (state_dir / 'history.json').exists():  # resume
         model, _ = load_checkpoint(state_dir)
@@ -254,6 +268,7 @@ def run_one(args: argparse.Namespace) -> dict:
         'curve_outcomes': [h['eval_outcomes'] for h in evals],  # per test seed, for paired tests at any budget
         'history': [{k: v for k, v in h.items() if k not in ('eval_outcomes', 'ema_eval_outcomes')} for h in history],
         'start_outcomes': evals[0]['eval_outcomes'],
+        **({'branched_from': branched_at} if branched_at else {}),
         'final_outcomes': evals[-1]['eval_outcomes'],
     }
     if averaged := [h for h in evals if 'ema_eval_success' in h]:  # the weight average, on the same test seeds
@@ -589,6 +604,10 @@ def main(argv: list[str] | None = None) -> int:
                    help='width of the start policy; other than the default, runs and results are named '
                         '<method>_d<width>')
     r.add_argument('--max-episode-steps', type=int, default=100)
+    r.add_argument('--branch-from', metavar='METHOD',
+                   help="start from METHOD's saved run of the same task and seed (its model, optimizer moments "
+                        "and history) and go on with this method's settings; results are named "
+                        "<method>_from_<METHOD>")
     s = sub.add_parser('summarize', help='merge the result JSONs, plot the curves')
     s.add_argument('--second-task', default='PushCube-v1',
                    help="the task reported as `second_task`; every task's runs are under `tasks`")

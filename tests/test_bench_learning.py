@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from ros_harness import REPO, bench_module, tiny_checkpoint
 
@@ -294,3 +295,56 @@ def test_failure_modes_sort_failed_episodes_by_how_far_they_got():
             summary['failed_placed_not_success'], summary['failed_holding_at_end']) == (1, 2, 1, 3)
     assert (summary['failed_within_5cm'], summary['failed_within_10cm']) == (2, 3)
     assert failures.summarize([row(False, True, False, None)])['success_steps_median'] is None
+
+
+def test_a_branched_run_continues_the_source_state_under_its_own_settings(tmp_path, monkeypatch):
+    bench = bench_module('learning')
+    task_dir = tmp_path / 'work' / 'T'
+    source = task_dir / 'stepnft_correlated_noise_lr5e-5' / 's0' / 'state'
+    model, _ = load_checkpoint(tiny_checkpoint(tmp_path / 'trained', seed=3))
+    save_checkpoint(source, model, {'iteration': 2})
+    (source / 'optimizer.safetensors').write_bytes(safetensors.torch.save({}))
+    evaluation = {'eval_success': 0.5, 'eval_outcomes': [True, False]}
+    (source / 'history.json').write_text(json.dumps(
+        [{'iteration': 0, 'env_steps': 0, 'rl_wall_s': 0.0, **evaluation},
+         {'iteration': 2, 'env_steps': 200, 'rl_wall_s': 2.0, **evaluation}]))
+    seen = {}
+
+    class Pool:
+        restarts = 0
+
+        def __init__(self, make_env, num_workers, log):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def one_more_update(pool, model, online, algo, log, history, trainer, on_iteration):
+        seen.update(lr=trainer.optimizer.param_groups[0]['lr'], updates=trainer.updates, weight=next(
+            model.parameters()).flatten()[0].item())
+        history = history + [{'iteration': 3, 'env_steps': 300, 'rl_wall_s': 3.0, 'eval_success': 1.0,
+                              'eval_outcomes': [True, True]}]
+        on_iteration(history, trainer)
+        return history
+
+    monkeypatch.setattr(bench, 'EnvPool', Pool)
+    monkeypatch.setattr(bench, 'run_online', one_more_update)
+    monkeypatch.setattr(bench, 'ensure_sft_checkpoint', lambda *a, **k: tmp_path / 'trained')
+    monkeypatch.setattr(bench, 'RESULTS', tmp_path / 'results')
+    args = argparse.Namespace(work=str(tmp_path / 'work'), task='T', method='stepnft_correlated_noise', seed=0,
+                              branch_from='stepnft_correlated_noise_lr5e-5', env_steps=300, eval_every=1,
+                              workers=1, num_demos=None, sft_steps=None, d_model=64, test_seeds=2,
+                              max_episode_steps=100)
+    result = bench.run_one(args)
+    # the source's weights, optimizer step count and history; this method's lr (1e-4, not 5e-5)
+    assert seen == {'lr': 1e-4, 'updates': 2, 'weight': next(model.parameters()).flatten()[0].item()}
+    assert result['method'] == 'stepnft_correlated_noise_from_stepnft_correlated_noise_lr5e-5'
+    assert result['branched_from'] == {'method': 'stepnft_correlated_noise_lr5e-5', 'iteration': 2, 'env_steps': 200}
+    assert [c['iteration'] for c in result['curve']] == [0, 2, 3] and result['final'] == 1.0
+    assert json.loads((source / 'history.json').read_text())[-1]['iteration'] == 2  # the source is left as it was
+    args.branch_from = 'missing'
+    with pytest.raises(SystemExit, match='no saved run'):
+        bench.run_one(args)

@@ -16,6 +16,21 @@ from stepnft_ros.learner import version_dir
 from stepnft_ros.policy import load_checkpoint, save_checkpoint
 
 
+class IdlePool:
+    """Stands in for the bench's EnvPool where a test supplies the episodes itself."""
+
+    restarts = 0
+
+    def __init__(self, make_env, num_workers, log):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 def _run(method: str, seed: int, steps: list[int], success: list[float], outcomes: list[list[bool]]) -> dict:
     curve = [{'iteration': i, 'env_steps': s, 'rl_wall_s': float(i), 'eval_success': p}
              for i, (s, p) in enumerate(zip(steps, success, strict=True))]
@@ -74,16 +89,7 @@ def test_score_graph_scores_a_graph_runs_versions_once_and_files_them_as_a_learn
     first_weight[0] = next(load_checkpoint(initial)[0].parameters()).flatten()[0].item()
     scored = []
 
-    class Pool:  # the evaluation: version v solves the first v + 1 test seeds
-        def __init__(self, make_env, num_workers, log):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
+    class Pool(IdlePool):  # the evaluation: version v solves the first v + 1 test seeds
         def evaluate(self, policy, seeds, actions_per_chunk):
             assert policy.mode == 'ode' and actions_per_chunk == 4
             weight = next(policy.model.parameters()).flatten()[0].item()
@@ -310,18 +316,6 @@ def test_a_branched_run_continues_the_source_state_under_its_own_settings(tmp_pa
          {'iteration': 2, 'env_steps': 200, 'rl_wall_s': 2.0, **evaluation}]))
     seen = {}
 
-    class Pool:
-        restarts = 0
-
-        def __init__(self, make_env, num_workers, log):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
     def one_more_update(pool, model, online, algo, log, history, trainer, on_iteration):
         seen.update(lr=trainer.optimizer.param_groups[0]['lr'], updates=trainer.updates, weight=next(
             model.parameters()).flatten()[0].item())
@@ -330,7 +324,7 @@ def test_a_branched_run_continues_the_source_state_under_its_own_settings(tmp_pa
         on_iteration(history, trainer)
         return history
 
-    monkeypatch.setattr(bench, 'EnvPool', Pool)
+    monkeypatch.setattr(bench, 'EnvPool', IdlePool)
     monkeypatch.setattr(bench, 'run_online', one_more_update)
     monkeypatch.setattr(bench, 'ensure_sft_checkpoint', lambda *a, **k: tmp_path / 'trained')
     monkeypatch.setattr(bench, 'RESULTS', tmp_path / 'results')

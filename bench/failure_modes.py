@@ -136,9 +136,9 @@ def main() -> None:
                 jobs = [pool.submit(run_shard, args.task, path, sampler, shard, args.actions_per_chunk,
                                     args.max_episode_steps) for shard in shards]
                 rows = sorted((r for job in jobs for r in job.result()), key=lambda r: r['seed'])
-                result['runs'][f'{name}/{sampler}'] = {'checkpoint': path, 'sampler': sampler, **summarize(rows),
-                                                       'rows': rows}
-                print(json.dumps({'run': f'{name}/{sampler}', **summarize(rows)}), flush=True)
+                summary = summarize(rows)
+                result['runs'][f'{name}/{sampler}'] = {'checkpoint': path, 'sampler': sampler, **summary, 'rows': rows}
+                print(json.dumps({'run': f'{name}/{sampler}', **summary}), flush=True)
                 atomic_write_text(out, json.dumps(result, indent=1))
 
 

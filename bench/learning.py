@@ -111,9 +111,9 @@ METHODS: dict[str, tuple[dict, dict]] = {
     'stepnft_correlated_noise': (REC_ALGO, CORRELATED_ONLINE),
     # ... with half the lr: seed 1 of the above moved far per update (KL ≈ 3e-2, ~70 % of decisions clipped)
     'stepnft_correlated_noise_lr5e-5': ({**REC_ALGO, 'lr': 5e-5}, CORRELATED_ONLINE),
-    # ... with a falling linearly from 0.8 to 0.3 over the first 1.0 M env steps: at the plateau near 50 % more
-    # than half of the ODE test failures carry the cube to within 2.6-5 cm of the goal and stall there (placed means
-    # < 2.5 cm; bench/results/failures_PickCube-v1.json), while a = 0.8 rollouts succeed 14 points less often than
+    # ... with a falling linearly from 0.8 to 0.3 over the first 1.0 M env steps: at the plateau near 50 % about
+    # half of the ODE test failures carry the cube to within 5 cm of the goal and stall there (placed means
+    # < 2.5 cm; bench/results/failures_PickCube-v1.json), while a = 0.8 rollouts succeed 10 points less often than
     # the ODE policy. Wide noise finds grasps early; late, it turns the near misses the update must sort into misses.
     'stepnft_correlated_noise_lr5e-5_anneal': ({**REC_ALGO, 'lr': 5e-5}, {**CORRELATED_ONLINE, 'noise_level_final': 0.3,
                                                                       'noise_decay_env_steps': 1_000_000}),

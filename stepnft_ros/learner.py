@@ -182,6 +182,11 @@ class Learner:
     # ---- episodes --------------------------------------------------------------------------
 
     @property
+    def env_steps(self) -> int:
+        """Env steps of the episodes trained on so far (each once, replays not counted)."""
+        return sum(int(record.get('env_steps', 0)) for record in self.history)
+
+    @property
     def done(self) -> bool:
         return self.cfg.max_updates > 0 and self.version >= self.cfg.max_updates
 

@@ -16,6 +16,7 @@ from stepnft_ros.env_pool import EnvPool
 from stepnft_ros.episodes.schema import collate_episodes
 from stepnft_ros.policy.backend import FlowBackend
 from stepnft_ros.policy.policy import FlowPolicy
+from stepnft_ros.policy.sampler import scheduled_noise_level
 from stepnft_ros.rollout import Env
 
 
@@ -96,10 +97,9 @@ class OnlineConfig:
 
     def noise_at(self, env_steps: int) -> float | None:
         """a for the rollouts that start after `env_steps` training env steps."""
-        if self.noise_level_final is None:
-            return self.noise_level
-        done = min(env_steps / self.noise_decay_env_steps, 1.0)
-        return self.noise_level + (self.noise_level_final - self.noise_level) * done
+        if self.noise_level is None:
+            return None
+        return scheduled_noise_level(self.noise_level, self.noise_level_final, self.noise_decay_env_steps, env_steps)
 
 
 @dataclass

@@ -251,17 +251,23 @@ class WeightsAnnouncement:
     checkpoint: str
     final: bool = False
     """The learner stops after this version (max_updates reached)."""
+    env_steps: int = 0
+    """Env steps of the episodes the learner has trained on so far: a noise schedule's clock."""
 
     def to_msg(self) -> String:
-        return String(data=json.dumps({'version': self.version, 'checkpoint': self.checkpoint, 'final': self.final}))
+        return String(data=json.dumps({'version': self.version, 'checkpoint': self.checkpoint, 'final': self.final,
+                                       'env_steps': self.env_steps}))
 
     @staticmethod
     def from_msg(msg: String) -> WeightsAnnouncement:
         try:
             body = json.loads(msg.data)
+            env_steps = int(body.get('env_steps', 0))  # absent from older learners' messages
+            if env_steps < 0:
+                raise ValueError(f'env_steps must be >= 0, got {env_steps}')
             return WeightsAnnouncement(version=int(body['version']), checkpoint=str(body['checkpoint']),
-                                       final=bool(body.get('final', False)))
-        except (ValueError, KeyError, TypeError) as err:
+                                       final=bool(body.get('final', False)), env_steps=env_steps)
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f'bad weights announcement {msg.data[:200]!r}: {err}') from None
 
 

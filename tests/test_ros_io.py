@@ -88,10 +88,14 @@ def test_assembler_waits_for_an_instruction_when_the_policy_needs_one():
 
 
 def test_weights_announcement_round_trip_and_garbage():
-    msg = ros_io.WeightsAnnouncement(3, '/tmp/v3').to_msg()
-    assert ros_io.WeightsAnnouncement.from_msg(msg) == ros_io.WeightsAnnouncement(3, '/tmp/v3')
-    with pytest.raises(ValueError, match='bad weights announcement'):
-        ros_io.WeightsAnnouncement.from_msg(String(data='{"version": "x"}'))
+    announced = ros_io.WeightsAnnouncement(3, '/tmp/v3', env_steps=4096)
+    assert ros_io.WeightsAnnouncement.from_msg(announced.to_msg()) == announced
+    # An older learner's message has no env_steps: the schedule's clock reads 0.
+    older = ros_io.WeightsAnnouncement.from_msg(String(data='{"version": 3, "checkpoint": "/tmp/v3"}'))
+    assert older == ros_io.WeightsAnnouncement(3, '/tmp/v3') and older.env_steps == 0
+    for garbage in ('{"version": "x"}', '[3]', '{"version": 3, "checkpoint": "/c", "env_steps": -5}', 'not json'):
+        with pytest.raises(ValueError, match='bad weights announcement'):
+            ros_io.WeightsAnnouncement.from_msg(String(data=garbage))
 
 
 def test_episode_seed_messages_and_the_bridges_seed_schedule():

@@ -23,7 +23,7 @@ from stepnft_ros import ros_io  # noqa: E402
 from stepnft_ros.episodes.store import EpisodeStore  # noqa: E402
 from stepnft_ros.monitoring import read_scalars  # noqa: E402
 from stepnft_ros.policy.checkpoint import read_header  # noqa: E402
-from stepnft_ros.policy.sampler import recorded_noise  # noqa: E402
+from stepnft_ros.policy.sampler import recorded_noise, scheduled_noise_level  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,8 @@ def test_train_sim_records_bags_updates_and_hot_swaps(tmp_path, ros_domain):
     params['/**']['ros__parameters'].update(max_episode_steps=12, env_id='PickCube-v1')  # the tiny policy's state
     params['/**/maniskill_bridge']['ros__parameters'].update(reconfigure_on_reset=False, group_size=2)
     params['maniskill_evaluator']['ros__parameters'].update(eval_episodes=2)
-    params['policy_server']['ros__parameters'].update(noise_level=0.5)
+    # a falls with the learner's training env steps, 0.5 -> 0.3 (about two updates of 2 short episodes).
+    params['policy_server']['ros__parameters'].update(noise_level=0.5, noise_level_final=0.3, noise_decay_env_steps=40)
     params_file = tmp_path / 'params.yaml'
     params_file.write_text(yaml.safe_dump(params))
     ckpt = tiny_checkpoint(tmp_path / 'sft')
@@ -97,6 +98,16 @@ def test_train_sim_records_bags_updates_and_hot_swaps(tmp_path, ros_domain):
         assert sum(executed) == e.env_steps
     _, meta = read_header(run / 'learner/checkpoints/v000002')
     assert meta['weights_version'] == 2 and len(meta['learner']['consumed']) == 4
+    # Each version's decisions explored at a for the env steps the learner had trained on when it announced it.
+    trained = np.cumsum([0] + [h['env_steps'] for h in meta['learner']['history']])
+    used = {}
+    for e in episodes:
+        for d in e.decisions:
+            version = d.weights_version if d.weights_version is not None else e.weights_version
+            used.setdefault(version, set()).add(round(float(d.trace.a[0]), 5))
+    expected = {v: {round(scheduled_noise_level(0.5, 0.3, 40, int(trained[v])), 5)} for v in used}
+    assert used == expected and used[0] == {0.5} and min(min(a) for a in used.values()) < 0.5, used
+    assert 'noise level a=' in logs['policy_server.log']
     assert (run / 'learner/success.png').read_bytes()[:4] == b'\x89PNG'
     evaluated = json.loads((run / 'eval_history.json').read_text())
     assert {0, 2} <= {h['weights_version'] for h in evaluated}, 'the SFT start and the final version are scored'
@@ -112,6 +123,18 @@ def test_train_sim_records_bags_updates_and_hot_swaps(tmp_path, ros_domain):
     assert {step for step, _ in scored['eval/eval_success']} == {h['weights_version'] for h in evaluated}
     assert all(low <= rate for (_, low), (_, rate) in zip(scored['eval/success_low95'], scored['eval/eval_success'],
                                                          strict=True))
+
+
+@pytest.mark.parametrize('bad, message', [
+    ({'mode': 'eval'}, "parameter 'noise_level_final' schedules train mode's noise; mode is eval"),
+    ({'noise_decay_env_steps': 0}, 'noise_decay_env_steps >= 1, got 0.8, 0.3 and 0')])
+def test_policy_server_refuses_a_noise_schedule_it_cannot_follow(tmp_path, graph, bad, message):
+    server = graph.start('stepnft_ros.nodes.policy_server', 'policy_server', {
+        'checkpoint': str(tiny_checkpoint(tmp_path / 'ckpt')), 'robots': ['env0'], 'mode': 'train',
+        'episode_dir': str(tmp_path / 'episodes'), 'noise_level': 0.8, 'noise_level_final': 0.3,
+        'noise_decay_env_steps': 1000, **bad})
+    assert server.proc.wait(60) == 2
+    assert message in server.output(), server.output()[-2000:]
 
 
 def test_camera_images_flow_through_bridge_and_policy_server(tmp_path, graph):

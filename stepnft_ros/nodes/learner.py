@@ -81,8 +81,8 @@ class LearnerNode(Node):
 
     def _announce(self) -> None:
         path = self.learner.checkpoint_path().resolve()
-        self.weights_pub.publish(ros_io.WeightsAnnouncement(self.learner.version, str(path),
-                                                            final=self.learner.done).to_msg())
+        self.weights_pub.publish(ros_io.WeightsAnnouncement(self.learner.version, str(path), final=self.learner.done,
+                                                            env_steps=self.learner.env_steps).to_msg())
 
     def _poll(self) -> None:
         while records := self.learner.poll(max_updates=1):  # announce each version as soon as it exists

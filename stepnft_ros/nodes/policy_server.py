@@ -15,7 +15,8 @@ Per robot namespace <ns> (parameter `robots`):
   out  <ns>/action_chunk (trajectory_msgs/JointTrajectory, header.stamp = the observation's)
   srv  <ns>/episode_outcome (std_srvs/SetBool, true = success): ends and writes the episode
        <ns>/episode_discard (std_srvs/Trigger): drops the running episode unwritten (operator)
-Graph-wide: /policy_weights (in, latched: hot swap), /emergency_stop (in, latched: stop
+Graph-wide: /policy_weights (in, latched: hot swap; with noise_level_final also the noise
+schedule's clock, the learner's training env steps), /emergency_stop (in, latched: stop
 answering), /episode_written (out: episode id, after its bag is on disk).
 
 Modes: `train` samples with Flow-SDE and records every decision with its trace; `eval` and
@@ -55,7 +56,7 @@ from stepnft_ros.episodes.store import EpisodeStore
 from stepnft_ros.nodes.common import ConfigError, ManagedNode, Params, run_node
 from stepnft_ros.policy import CheckpointError, load_checkpoint, make_policy
 from stepnft_ros.policy.onnx_backend import describe_backend, probe_observations
-from stepnft_ros.policy.sampler import CorrelatedStepNoise, recorded_step
+from stepnft_ros.policy.sampler import CorrelatedStepNoise, recorded_step, scheduled_noise_level
 from stepnft_ros.policy.types import Observation, ObservationError, validate_observation
 
 MODES = {'train': 'sde', 'eval': 'ode', 'deploy': 'ode'}
@@ -115,6 +116,10 @@ class PolicyServer(ManagedNode):
         self.max_batch = p.get('max_batch', 16)
         batch_window_s = p.get('batch_window_ms', 2.0) / 1000.0
         noise_level = p.get('noise_level', -1.0)
+        # Train mode: a falls linearly with the learner's training env steps (its weights announcements)
+        # from noise_level to noise_level_final, reached at noise_decay_env_steps. < 0: a stays fixed.
+        noise_level_final = p.get('noise_level_final', -1.0)
+        noise_decay_env_steps = p.get('noise_decay_env_steps', 0)
         sde_noise = p.get('sde_noise', 'every_step')  # or 'recorded_step': noise only at the traced step
         # ρ of each episode's AR(1) stream of step noise over its decisions (0: independent draws)
         step_noise_correlation = p.get('step_noise_correlation', 0.0)
@@ -162,6 +167,16 @@ class PolicyServer(ManagedNode):
         except (ValueError, CheckpointError) as err:
             raise ConfigError(f"parameters 'backend' / 'device' / 'sde_noise' / 'step_selection' / "
                               f"'step_noise_correlation' / 'cuda_graph': {err}") from None
+        self.noise_schedule: tuple[float, float, int] | None = None
+        if noise_level_final >= 0:
+            if self.mode != 'train':
+                raise ConfigError(f"parameter 'noise_level_final' schedules train mode's noise; mode is {self.mode}")
+            self.noise_schedule = (self.policy.noise_level, noise_level_final, noise_decay_env_steps)
+            try:
+                scheduled_noise_level(*self.noise_schedule, 0)
+            except ValueError as err:
+                raise ConfigError(f"parameters 'noise_level' / 'noise_level_final' / 'noise_decay_env_steps': "
+                                  f'{err}') from None
         self.action_names = action_names or [f'a{i}' for i in range(cfg.action_dim)]
         if len(self.action_names) != cfg.action_dim:
             raise ConfigError(f"parameter 'action_names' has {len(self.action_names)} names, "
@@ -429,18 +444,25 @@ class PolicyServer(ManagedNode):
     def _on_weights(self, msg: String) -> None:
         try:
             announced = ros_io.WeightsAnnouncement.from_msg(msg)
-            if announced.version <= self.version:
+            if announced.version < self.version:
                 return
-            model, meta = load_checkpoint(announced.checkpoint, expected=self.policy.model.config,
-                                          device=self.policy.device)
-            # Single-threaded executor: no batch is in flight, so no decision mixes two versions.
-            # (onnxruntime backend: the assignment rebuilds the graphs; on failure the old ones stay.)
-            self.policy.model = model.eval()
+            if announced.version > self.version:
+                model, meta = load_checkpoint(announced.checkpoint, expected=self.policy.model.config,
+                                              device=self.policy.device)
+                # Single-threaded executor: no batch is in flight, so no decision mixes two versions.
+                # (onnxruntime backend: the assignment rebuilds the graphs; on failure the old ones stay.)
+                self.policy.model = model.eval()
+                self.version = announced.version
+                self.get_logger().info(f'hot-swapped to weights version {self.version} ({announced.checkpoint})')
         except (ValueError, CheckpointError) as err:
             self.get_logger().error(f'weights update ignored, keeping version {self.version}: {err}')
             return
-        self.version = announced.version
-        self.get_logger().info(f'hot-swapped to weights version {self.version} ({announced.checkpoint})')
+        if self.noise_schedule is not None:  # also for the current version: a restarted server catches up
+            a = scheduled_noise_level(*self.noise_schedule, announced.env_steps)
+            if a != self.policy.noise_level:
+                self.policy.noise_level = a
+                self.get_logger().info(f'noise level a={a:.4g} after {announced.env_steps} training env steps '
+                                       f'(weights version {self.version})')
 
     # ---- inference -------------------------------------------------------------------------
 

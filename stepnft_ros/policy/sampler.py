@@ -174,3 +174,18 @@ class CorrelatedStepNoise:
 def check_step_noise_correlation(correlation: float) -> None:
     if not 0.0 <= correlation <= 1.0:
         raise ValueError(f'step_noise_correlation must be in [0, 1], got {correlation}')
+
+
+def scheduled_noise_level(start: float, final: float | None, decay_env_steps: int, env_steps: int) -> float:
+    """a after `env_steps` training env steps: linear from start to final over decay_env_steps, then final.
+
+    final None keeps a at start. Wide noise finds successes early; once most failures are near misses,
+    wide noise turns them into misses (docs/benchmarks-and-results.md, noise that falls).
+    """
+    if final is None:
+        return start
+    if not (start >= 0.0 and final >= 0.0 and decay_env_steps >= 1):
+        raise ValueError(f'a noise schedule needs noise_level >= 0, noise_level_final >= 0 and '
+                         f'noise_decay_env_steps >= 1, got {start}, {final} and {decay_env_steps}')
+    done = min(max(env_steps, 0) / decay_env_steps, 1.0)
+    return start + (final - start) * done

@@ -30,10 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from bench.learning import RESULTS, held_out_seeds, make_env  # noqa: E402
 from stepnft_ros.atomic import atomic_write_text  # noqa: E402
-from stepnft_ros.env_pool import episode_noise  # noqa: E402
 from stepnft_ros.policy import FlowPolicy, load_checkpoint  # noqa: E402
-from stepnft_ros.policy.sampler import CorrelatedStepNoise  # noqa: E402
-from stepnft_ros.rollout import to_observation  # noqa: E402
+from stepnft_ros.rollout import run_episode  # noqa: E402
 
 OBJECT_NAMES = ('cube', 'obj')  # what ManiSkill's tabletop tasks call the object to move ...
 GOAL_NAMES = ('goal_site', 'goal_region')  # ... and the goal it must reach
@@ -66,29 +64,21 @@ def run_shard(task: str, checkpoint: str, sampler: str, seeds: list[int], action
     model, _ = load_checkpoint(checkpoint)
     policy = FlowPolicy(model, mode='sde' if a > 0 else 'ode', noise_level=a if a > 0 else None,
                         sde_noise='recorded_step', step_noise_correlation=rho)
-    shape = (model.config.horizon, model.config.action_dim)
     env = make_env(task, max_episode_steps)
     rows = []
     for seed in seeds:
-        initial = episode_noise(seed)  # the streams a training rollout from this seed would use
-        step_noise = CorrelatedStepNoise(rho, episode_noise(seed, 0, 'step')) if policy.correlates_step_noise else None
-        raw, success, done = env.reset(seed), False, False
-        grasped, placed, distance = [], [], []
-        steps = 0
-        while not done:
-            out = policy.infer_batch([to_observation(raw)], initial_noise=torch.randn(shape, generator=initial)[None],
-                                     step_noise=None if step_noise is None else step_noise.next(shape)[None])
-            for action in out.chunks[0][:actions_per_chunk]:
-                raw, success, done = env.step(np.clip(action, env.action_low, env.action_high))
-                steps += 1
-                grasped.append(bool(env.last_info.get('is_grasped', False)))
-                placed.append(bool(env.last_info.get('is_obj_placed', False)))
-                if (d := object_goal_distance(env)) is not None:
-                    distance.append(round(d, 4))
-                if done:
-                    break
-        rows.append({'seed': seed, 'success': bool(success), 'steps': steps, 'ever_grasped': any(grasped),
-                     'ever_placed': any(placed), 'final_grasped': grasped[-1],
+        after_steps: list[tuple[bool, bool, float | None]] = []  # (grasped, placed, distance) after each step
+
+        def record(_raw, after_steps=after_steps) -> None:
+            after_steps.append((bool(env.last_info.get('is_grasped', False)),
+                                bool(env.last_info.get('is_obj_placed', False)), object_goal_distance(env)))
+
+        # the noise streams a training rollout from this seed would use
+        episode = run_episode(env, policy, seed, actions_per_chunk, on_step=record, episode_streams=True)
+        grasped, placed, distance = zip(*after_steps[1:], strict=True)  # the first call is the reset's
+        distance = [round(d, 4) for d in distance if d is not None]
+        rows.append({'seed': seed, 'success': bool(episode.success), 'steps': episode.env_steps,
+                     'ever_grasped': any(grasped), 'ever_placed': any(placed), 'final_grasped': grasped[-1],
                      'min_distance': min(distance) if distance else None,
                      'final_distance': distance[-1] if distance else None})
     return rows

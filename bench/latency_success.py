@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from bench.learning import FIRST_TEST_SEED, RESULTS, held_out_seeds, make_env  # noqa: E402
 from stepnft_ros.atomic import atomic_write_text  # noqa: E402
 from stepnft_ros.control import ChunkScheduler  # noqa: E402
-from stepnft_ros.env_pool import episode_noise, policy_shape  # noqa: E402
+from stepnft_ros.env_pool import policy_shape  # noqa: E402
 from stepnft_ros.policy import FlowPolicy, load_checkpoint  # noqa: E402
 from stepnft_ros.progress import mcnemar_exact, wilson  # noqa: E402
-from stepnft_ros.rollout import to_observation  # noqa: E402
+from stepnft_ros.rollout import episode_noise, to_observation  # noqa: E402
 
 SCHEDULES = {
     'synchronous': dict(latency_hiding=False),

@@ -28,7 +28,7 @@ import torch
 from stepnft_ros.episodes.schema import Decision, Episode
 from stepnft_ros.policy.policy import SamplingPolicy
 from stepnft_ros.policy.sampler import CorrelatedStepNoise
-from stepnft_ros.rollout import Env, to_observation
+from stepnft_ros.rollout import Env, episode_noise, to_observation
 
 EnvFactory = Callable[[], Env]
 
@@ -301,14 +301,6 @@ class EnvPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def episode_noise(seed: int, occurrence: int = 0, stream: str = 'initial') -> torch.Generator:
-    """The generator of one noise stream of the `occurrence`-th episode from `seed`: 'initial' (every
-    decision's ε), 'step' (its correlated SDE step noise, apart so that ε does not depend on it) or
-    'recorded_step' (its k* draws, for antithetic pairs)."""
-    offset = {'initial': 0, 'step': 1 << 40, 'recorded_step': 2 << 40}[stream]
-    return torch.Generator().manual_seed(int(seed) * 1009 + occurrence + offset)
 
 
 def policy_shape(policy: SamplingPolicy) -> tuple[int, int]:

@@ -303,6 +303,19 @@ def test_failure_modes_sort_failed_episodes_by_how_far_they_got():
     assert failures.summarize([row(False, True, False, None)])['success_steps_median'] is None
 
 
+def test_failure_modes_record_each_test_episode_in_the_simulator(tmp_path):
+    """One PickCube episode of a tiny policy under correlated SDE noise: a row per seed, from the env's info."""
+    failures = bench_module('failure_modes')
+    ckpt = tiny_checkpoint(tmp_path / 'tiny')
+    rows = failures.run_shard('PickCube-v1', str(ckpt), 'sde:0.8:1.0', [10_000, 10_001], 4, 6)
+    assert [r['seed'] for r in rows] == [10_000, 10_001]
+    for r in rows:  # an untrained policy in 6 steps: nothing grasped or placed, the cube still far from the goal
+        assert (r['success'], r['steps'], r['ever_grasped'], r['ever_placed']) == (False, 6, False, False)
+        assert 0.0 < r['min_distance'] <= r['final_distance'] + 1e-9 < 1.0
+    again = failures.run_shard('PickCube-v1', str(ckpt), 'sde:0.8:1.0', [10_001], 4, 6)
+    assert again == rows[1:], 'the seed fixes the episode: its own noise streams, not the shard it ran in'
+
+
 def test_a_branched_run_continues_the_source_state_under_its_own_settings(tmp_path, monkeypatch):
     bench = bench_module('learning')
     task_dir = tmp_path / 'work' / 'T'

@@ -14,6 +14,7 @@ from toy_env import PointReach
 from stepnft_ros.env_pool import EnvPool
 from stepnft_ros.policy import FlowPolicy, FlowVLA, PolicyConfig
 from stepnft_ros.policy.sampler import recorded_noise
+from stepnft_ros.rollout import run_episode
 
 
 class CrashOnce(PointReach):
@@ -181,6 +182,25 @@ def test_correlated_step_noise_leans_each_episode_one_way():
     assert not torch.allclose(first[0], first[1], atol=1e-2)  # the group's episodes lean different ways
     xi = [recorded_noise(d.trace, 4) for d in independent[0].decisions]
     assert not torch.allclose(xi[0], xi[1], atol=1e-2)
+
+
+def test_one_episode_on_its_own_streams_is_the_pool_rollout_from_its_seed():
+    """run_episode(episode_streams=True), one env in this process (failure analyses), draws what an
+    EnvPool training rollout from the same seed draws: its ε stream and its correlated step noise."""
+    model = small_model()
+
+    def policy() -> FlowPolicy:
+        return FlowPolicy(model, mode='sde', noise_level=0.5, sde_noise='recorded_step', step_noise_correlation=0.5)
+
+    with EnvPool(PointReach) as inline:
+        pooled = inline.run_episodes(policy(), [103], actions_per_chunk=2)[0]
+    alone = run_episode(PointReach(), policy(), 103, actions_per_chunk=2, episode_streams=True)
+    assert (alone.success, alone.env_steps) == (pooled.success, pooled.env_steps) and len(alone.decisions) > 2
+    for a, b in zip(alone.decisions, pooled.decisions, strict=True):
+        assert a.executed == b.executed and np.allclose(a.chunk, b.chunk, atol=1e-6)
+        assert torch.allclose(recorded_noise(a.trace, 4), recorded_noise(b.trace, 4), atol=1e-4)
+    on_policy_generator = run_episode(PointReach(), policy(), 103, actions_per_chunk=2)
+    assert not np.allclose(on_policy_generator.decisions[0].chunk, alone.decisions[0].chunk, atol=1e-3)
 
 
 def test_antithetic_pairs_share_their_draws_and_mirror_the_step_noise():

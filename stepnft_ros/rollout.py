@@ -54,7 +54,8 @@ def run_episode(env: Env, policy: FlowPolicy, seed: int, actions_per_chunk: int,
     observation after the reset and after every step (e.g. to record a video). episode_streams:
     the noise comes from the episode's own streams (episode_noise(seed), and a correlated SDE
     policy's step noise), as in EnvPool's rollouts, instead of the policy's generator: the
-    same seed then gives the episode a training rollout from it would.
+    same seed then gives the episode a training rollout from it would (the k* draws still come
+    from the policy's generator, as they do there).
     """
     episode = Episode(episode_id=episode_id or f'seed{seed}', weights_version=weights_version, seed=seed)
     cfg = policy.model.config

@@ -87,10 +87,11 @@ class OnlineConfig:
             raise ValueError(f'revisits need 0 <= revisit_fraction <= 1, max_revisits >= 0 and group_size > 1, got '
                              f'revisit_fraction={self.revisit_fraction}, max_revisits={self.max_revisits}, '
                              f'group_size={self.group_size}')
-        if self.noise_level_final is not None and (self.noise_level is None or self.noise_decay_env_steps < 1
-                                                   or self.noise_level_final < 0.0):
-            raise ValueError('a noise schedule needs noise_level, noise_level_final >= 0, noise_decay_env_steps >= 1:'
-                             f' got {self.noise_level}, {self.noise_level_final} and {self.noise_decay_env_steps}')
+        if self.noise_level_final is not None:
+            if self.noise_level is None:
+                raise ValueError('a noise schedule needs noise_level, its start: got None')
+            # the schedule's own check (the policy server's too)
+            scheduled_noise_level(self.noise_level, self.noise_level_final, self.noise_decay_env_steps, 0)
         if self.antithetic and (self.group_size % 2 or self.step_noise_correlation <= 0.0):
             raise ValueError(f'antithetic pairs need an even group_size and step_noise_correlation > 0, got '
                              f'group_size={self.group_size}, step_noise_correlation={self.step_noise_correlation}')

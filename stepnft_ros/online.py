@@ -16,7 +16,7 @@ from stepnft_ros.env_pool import EnvPool
 from stepnft_ros.episodes.schema import collate_episodes
 from stepnft_ros.policy.backend import FlowBackend
 from stepnft_ros.policy.policy import FlowPolicy
-from stepnft_ros.policy.sampler import scheduled_noise_level
+from stepnft_ros.policy.sampler import schedule_progress, scheduled_noise_level
 from stepnft_ros.rollout import Env
 
 
@@ -46,6 +46,10 @@ class OnlineConfig:
     the goal, its failures are near misses that wide noise turns into misses (docs/benchmarks-and-results.md)."""
     noise_decay_env_steps: int = 0
     """Training env steps over which noise_level_final is reached."""
+    lr_final: float | None = None
+    """If set (with a noise schedule), the update's lr moves linearly from the algorithm's lr to this value
+    over the same noise_decay_env_steps, then holds: with less noise each update moves the policy less (KL
+    per update fell threefold as a fell from 0.8 to 0.3), and a larger lr restores the step."""
     sde_noise: str = 'every_step'
     """Flow-SDE noise at every solver step, or only at the recorded step k* ('recorded_step')."""
     step_noise_correlation: float = 0.0
@@ -92,6 +96,9 @@ class OnlineConfig:
                 raise ValueError('a noise schedule needs noise_level, its start: got None')
             # the schedule's own check (the policy server's too)
             scheduled_noise_level(self.noise_level, self.noise_level_final, self.noise_decay_env_steps, 0)
+        if self.lr_final is not None and not (self.lr_final > 0.0 and self.noise_level_final is not None):
+            raise ValueError(f'lr_final must be > 0 and follows the noise schedule (noise_level_final), got '
+                             f'lr_final={self.lr_final}, noise_level_final={self.noise_level_final}')
         if self.antithetic and (self.group_size % 2 or self.step_noise_correlation <= 0.0):
             raise ValueError(f'antithetic pairs need an even group_size and step_noise_correlation > 0, got '
                              f'group_size={self.group_size}, step_noise_correlation={self.step_noise_correlation}')
@@ -101,6 +108,12 @@ class OnlineConfig:
         if self.noise_level is None:
             return None
         return scheduled_noise_level(self.noise_level, self.noise_level_final, self.noise_decay_env_steps, env_steps)
+
+    def lr_at(self, env_steps: int, lr: float) -> float:
+        """The update's lr after `env_steps` training env steps, from the algorithm's `lr`."""
+        if self.lr_final is None:
+            return lr
+        return lr + (self.lr_final - lr) * schedule_progress(self.noise_decay_env_steps, env_steps)
 
 
 @dataclass
@@ -212,6 +225,9 @@ def run_online(env: Env | EnvPool, model: FlowBackend, online: OnlineConfig, alg
         group_seeds, next_fresh = plan_groups(online, states, next_fresh)
         if online.noise_level_final is not None:  # a function of env steps, so a resumed run continues it
             explore.noise_level = online.noise_at(env_steps)
+        if online.lr_final is not None:  # likewise; the optimizer's saved state keeps the last lr, so set it each time
+            for group in trainer.optimizer.param_groups:
+                group['lr'] = online.lr_at(env_steps, algo.lr)
         revisited = set(group_seeds) & set(states)
         seeds = [seed for seed in group_seeds for _ in range(online.group_size)]
         episodes = pool.run_episodes(explore, seeds, online.actions_per_chunk, weights_version=trainer.updates,
@@ -228,6 +244,8 @@ def run_online(env: Env | EnvPool, model: FlowBackend, online: OnlineConfig, alg
                  'train_success': sum(bool(e.success) for e in episodes) / len(episodes), **metrics}
         if online.noise_level_final is not None:
             entry['noise_level'] = round(explore.noise_level, 4)
+        if online.lr_final is not None:
+            entry['lr'] = trainer.optimizer.param_groups[0]['lr']
         if online.group_size > 1:
             outcomes = group_outcomes(episodes)
             entry['mixed_group_fraction'] = sum(0 < k < n for _, k, n in outcomes) / len(outcomes)

@@ -100,27 +100,36 @@ def test_online_loop_explores_in_antithetic_pairs():
             replace(online, **bad)
 
 
-def test_the_noise_level_falls_with_env_steps_and_a_resumed_run_continues_the_schedule():
+def test_the_noise_level_falls_with_env_steps_and_a_resumed_run_continues_the_schedule():  # the lr with it
     from stepnft_ros.algo.stepnft import StepNFTConfig, StepNFTTrainer
     from stepnft_ros.online import OnlineConfig, run_online
 
     schedule = OnlineConfig(noise_level=0.8, noise_level_final=0.2, noise_decay_env_steps=100)
     assert [schedule.noise_at(n) for n in (0, 50, 100, 500)] == pytest.approx([0.8, 0.5, 0.2, 0.2])
     assert OnlineConfig(noise_level=0.8).noise_at(10**9) == 0.8
+    rising = replace(schedule, lr_final=3e-4)
+    assert [rising.lr_at(n, 1e-4) for n in (0, 50, 100, 500)] == pytest.approx([1e-4, 2e-4, 3e-4, 3e-4])
+    assert schedule.lr_at(50, 1e-4) == 1e-4
+    for bad in (dict(lr_final=0.0), dict(lr_final=1e-4, noise_level_final=None)):
+        with pytest.raises(ValueError, match='lr_final must be > 0 and follows the noise schedule'):
+            replace(schedule, **bad)
     for bad in (dict(noise_level=None), dict(noise_decay_env_steps=0), dict(noise_level_final=-0.1)):
         with pytest.raises(ValueError, match='a noise schedule needs'):
             replace(schedule, **bad)
 
     model = small_model()
     online = replace(schedule, iterations=2, episodes_per_iteration=2, actions_per_chunk=4, eval_seeds=(500,),
-                     eval_every=2, noise_decay_env_steps=60)
+                     eval_every=2, noise_decay_env_steps=60, lr_final=3e-4)
     algo = StepNFTConfig(minibatch_size=64)
     trainer = StepNFTTrainer(model, algo)
     history = run_online(PointReach(), model, online, algo, trainer=trainer)
     more = run_online(PointReach(), model, replace(online, iterations=3), algo, history=history, trainer=trainer)
     for before, entry in itertools.pairwise(more):  # each iteration's rollouts use a at the env steps before it
         assert entry['noise_level'] == pytest.approx(online.noise_at(before['env_steps']), abs=1e-4)
+        assert entry['lr'] == pytest.approx(online.lr_at(before['env_steps'], algo.lr))  # and its update's lr
     assert more[1]['noise_level'] == 0.8 and more[3]['noise_level'] < more[2]['noise_level'] < 0.8
+    assert more[1]['lr'] == algo.lr < more[2]['lr'] < more[3]['lr'] <= 3e-4
+    assert trainer.optimizer.param_groups[0]['lr'] == more[3]['lr']
 
 
 def test_revisits_go_to_the_most_balanced_mixed_states_and_survive_a_resume():

@@ -187,5 +187,9 @@ def scheduled_noise_level(start: float, final: float | None, decay_env_steps: in
     if not (start >= 0.0 and final >= 0.0 and decay_env_steps >= 1):
         raise ValueError(f'a noise schedule needs noise_level >= 0, noise_level_final >= 0 and '
                          f'noise_decay_env_steps >= 1, got {start}, {final} and {decay_env_steps}')
-    done = min(max(env_steps, 0) / decay_env_steps, 1.0)
-    return start + (final - start) * done
+    return start + (final - start) * schedule_progress(decay_env_steps, env_steps)
+
+
+def schedule_progress(decay_env_steps: int, env_steps: int) -> float:
+    """How far a linear schedule over decay_env_steps has gone after env_steps: 0 at the start, 1 from its end."""
+    return min(max(env_steps, 0) / decay_env_steps, 1.0)

@@ -3,10 +3,11 @@
 A learning curve says how often a policy succeeds; this says what the failures look like, so that a
 plateau can be read: a policy that never grasps needs different exploration than one that carries the
 object to within a few centimetres of the goal and stalls. Per episode it records, from ManiSkill's
-info, whether the object was ever grasped and ever placed, and the object-goal distance over time
-(for tasks whose env has an object and a goal site). Samplers: `ode` (the evaluation protocol) or
-`sde:A[:RHO]` (Flow-SDE at noise level A, step noise correlated over the episode with ρ = RHO, with
-the same per-episode noise streams as training rollouts). Nothing is selected on these seeds.
+info, whether the object was ever grasped and ever placed, and, for tasks whose env has an object and
+a goal site, the object-goal distance over time and what the policy asked for at the end (`final_move`).
+Samplers: `ode` (the evaluation protocol) or `sde:A[:RHO]` (Flow-SDE at noise level A, step noise
+correlated over the episode with ρ = RHO, with the same per-episode noise streams as training
+rollouts). Nothing is selected on these seeds.
 
     python bench/failure_modes.py --task PickCube-v1 --samplers ode sde:0.8:1.0 sde:0.3:1.0 \\
         --checkpoint start=runs/learning/PickCube-v1/sft_start/sft \\
@@ -47,14 +48,30 @@ def parse_sampler(text: str) -> tuple[float, float]:
     return float(parts[1]), float(parts[2]) if len(parts) == 3 else 0.0
 
 
-def object_goal_distance(env) -> float | None:
-    """Distance (m) between the task's object and its goal, if the env has both."""
+LAST_DECISIONS = 3  # decisions whose executed moves `final_move` averages
+
+
+def object_to_goal(env) -> np.ndarray | None:
+    """Vector (m, world frame) from the task's object to its goal, if the env has both."""
     base = env._env.unwrapped
     obj = next((getattr(base, n) for n in OBJECT_NAMES if hasattr(base, n)), None)
     goal = next((getattr(base, n) for n in GOAL_NAMES if hasattr(base, n)), None)
     if obj is None or goal is None:
         return None
-    return float((obj.pose.p - goal.pose.p).norm())
+    return (goal.pose.p - obj.pose.p).reshape(-1).numpy().astype(np.float64)
+
+
+def final_move(decisions, to_goal: np.ndarray) -> dict:
+    """What the policy asked for at the end: the mean position part (pd_ee_delta_pose's first three
+    dimensions, normalized units, base frame) of the last decisions' executed actions, its size and its
+    cosine with the object-goal vector. The base of ManiSkill's tabletop robots is aligned with the world,
+    so the two frames agree. A policy that stops short of the goal because it believes it has arrived
+    asks for a small move in no particular direction (cosine near 0)."""
+    moves = np.concatenate([np.asarray(d.chunk[:d.executed])[:, :3] for d in decisions[-LAST_DECISIONS:]])
+    move = moves.mean(axis=0)
+    size = float(np.linalg.norm(move))
+    cos = float(move @ to_goal / (size * np.linalg.norm(to_goal))) if size > 0 and np.linalg.norm(to_goal) > 0 else 0.0
+    return {'size': round(size, 4), 'cos_to_goal': round(cos, 3)}
 
 
 def run_shard(task: str, checkpoint: str, sampler: str, seeds: list[int], actions_per_chunk: int,
@@ -67,20 +84,23 @@ def run_shard(task: str, checkpoint: str, sampler: str, seeds: list[int], action
     env = make_env(task, max_episode_steps)
     rows = []
     for seed in seeds:
-        after_steps: list[tuple[bool, bool, float | None]] = []  # (grasped, placed, distance) after each step
+        after_steps: list[tuple[bool, bool, np.ndarray | None]] = []  # (grasped, placed, to goal) after each step
 
         def record(_raw, after_steps=after_steps) -> None:
             after_steps.append((bool(env.last_info.get('is_grasped', False)),
-                                bool(env.last_info.get('is_obj_placed', False)), object_goal_distance(env)))
+                                bool(env.last_info.get('is_obj_placed', False)), object_to_goal(env)))
 
-        # the noise streams a training rollout from this seed would use
+        # the noise streams a training rollout from this seed would use; the k* draws seeded by it too, so
+        # a seed's row does not depend on the shard it ran in
+        policy.reset(seed)
         episode = run_episode(env, policy, seed, actions_per_chunk, on_step=record, episode_streams=True)
-        grasped, placed, distance = zip(*after_steps[1:], strict=True)  # the first call is the reset's
-        distance = [round(d, 4) for d in distance if d is not None]
+        grasped, placed, to_goal = zip(*after_steps[1:], strict=True)  # the first call is the reset's
+        distance = [round(float(np.linalg.norm(v)), 4) for v in to_goal if v is not None]
         rows.append({'seed': seed, 'success': bool(episode.success), 'steps': episode.env_steps,
                      'ever_grasped': any(grasped), 'ever_placed': any(placed), 'final_grasped': grasped[-1],
                      'min_distance': min(distance) if distance else None,
-                     'final_distance': distance[-1] if distance else None})
+                     'final_distance': distance[-1] if distance else None,
+                     **({'final_move': final_move(episode.decisions, to_goal[-1])} if to_goal[-1] is not None else {})})
     return rows
 
 
@@ -100,6 +120,14 @@ def summarize(rows: list[dict]) -> dict:
             str(q): round(float(np.quantile(closest, q)) * 100, 1) for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
         for cm in (5, 10):
             summary[f'failed_within_{cm}cm'] = int(np.sum(closest < cm / 100))
+    if rows[0].get('final_move') is not None:  # the last decisions' move: near misses against successes
+        for name, group in (('near_misses', [r for r in failed if r['final_distance'] < 0.05]),
+                            ('successes', [r for r in rows if r['success']])):
+            if group:
+                summary[f'final_move_{name}'] = {
+                    'episodes': len(group),
+                    'size_median': round(float(np.median([r['final_move']['size'] for r in group])), 4),
+                    'cos_to_goal_median': round(float(np.median([r['final_move']['cos_to_goal'] for r in group])), 3)}
     return summary
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -301,6 +302,27 @@ def test_failure_modes_sort_failed_episodes_by_how_far_they_got():
             summary['failed_placed_not_success'], summary['failed_holding_at_end']) == (1, 2, 1, 3)
     assert (summary['failed_within_5cm'], summary['failed_within_10cm']) == (2, 3)
     assert failures.summarize([row(False, True, False, None)])['success_steps_median'] is None
+    assert 'final_move_near_misses' not in summary  # rows without it: an env with no object or goal
+
+    # the last decisions' move: toward the goal for the success, sideways and small for the near miss
+    rows[0]['final_move'], rows[2]['final_move'] = {'size': 0.1, 'cos_to_goal': 0.9}, {'size': 0.02, 'cos_to_goal': 0.0}
+    for r in rows[1:] + rows[:1]:
+        r.setdefault('final_move', {'size': 0.05, 'cos_to_goal': 0.5})
+    summary = failures.summarize(rows)
+    assert summary['final_move_successes'] == {'episodes': 1, 'size_median': 0.1, 'cos_to_goal_median': 0.9}
+    assert summary['final_move_near_misses'] == {'episodes': 2, 'size_median': 0.035, 'cos_to_goal_median': 0.25}
+
+
+def test_final_move_averages_the_executed_moves_of_the_last_decisions():
+    failures = bench_module('failure_modes')
+    decision = SimpleNamespace  # what final_move reads of a Decision: its chunk and how much of it ran
+    toward, unexecuted = [0.2, 0.0, 0.0, 1.0], [-9.0, 0.0, 0.0, 0.0]
+    decisions = [decision(chunk=np.array([[-1.0, 0, 0, 0]] * 2), executed=2)] + [  # too early to count
+        decision(chunk=np.array([toward, toward, unexecuted]), executed=2)] * failures.LAST_DECISIONS
+    move = failures.final_move(decisions, np.array([0.03, 0.0, 0.0]))
+    assert move == {'size': 0.2, 'cos_to_goal': 1.0}
+    assert failures.final_move(decisions, np.array([0.0, -0.03, 0.0]))['cos_to_goal'] == 0.0
+    assert failures.final_move(decisions[:1], np.zeros(3)) == {'size': 1.0, 'cos_to_goal': 0.0}  # at the goal
 
 
 def test_failure_modes_record_each_test_episode_in_the_simulator(tmp_path):
@@ -312,6 +334,7 @@ def test_failure_modes_record_each_test_episode_in_the_simulator(tmp_path):
     for r in rows:  # an untrained policy in 6 steps: nothing grasped or placed, the cube still far from the goal
         assert (r['success'], r['steps'], r['ever_grasped'], r['ever_placed']) == (False, 6, False, False)
         assert 0.0 < r['min_distance'] <= r['final_distance'] + 1e-9 < 1.0
+        assert r['final_move']['size'] > 0 and -1.0 <= r['final_move']['cos_to_goal'] <= 1.0
     again = failures.run_shard('PickCube-v1', str(ckpt), 'sde:0.8:1.0', [10_001], 4, 6)
     assert again == rows[1:], 'the seed fixes the episode: its own noise streams, not the shard it ran in'
 

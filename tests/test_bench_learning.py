@@ -378,3 +378,37 @@ def test_a_branched_run_continues_the_source_state_under_its_own_settings(tmp_pa
     args.branch_from = 'missing'
     with pytest.raises(SystemExit, match='no saved run'):
         bench.run_one(args)
+
+
+def test_velocity_probe_compares_the_policy_with_and_without_the_joint_velocities(tmp_path):
+    probe = bench_module('velocity_probe')
+    velocity, goal = probe.state_layout('PickCube-v1')  # [qpos 9, qvel 9, extras ending in obj_to_goal_pos]
+    assert (velocity, goal) == (slice(9, 18), slice(39, 42))
+
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(50, 42)).astype(np.float32)
+    obs[:, goal] = rng.normal(size=(50, 3)) * 0.1
+    distance = np.linalg.norm(obs[:, goal], axis=1) * 100
+    idx = probe.select_states({'obs': obs}, goal, (2.5, 12.0), count=200)
+    assert len(idx) == np.sum((distance >= 2.5) & (distance < 12.0)) > 0 and np.all(np.diff(idx) > 0)
+    assert len(probe.select_states({'obs': obs}, goal, (2.5, 12.0), count=3)) == 3
+    assert len(probe.select_states({'obs': obs}, None, (2.5, 12.0), count=200)) == 50  # no goal: every state
+    with pytest.raises(SystemExit, match='no demonstration state'):
+        probe.select_states({'obs': obs}, goal, (500.0, 600.0), count=10)
+
+    # moves: the mean of each state's executed position moves, against the object-goal vector
+    chunks = np.zeros((2, 2, 7))
+    chunks[0, :, 0] = 0.2       # toward +x twice
+    chunks[1, 0, 1] = -0.4      # toward -y, then nothing
+    toward = np.array([[0.03, 0, 0], [0, 0.03, 0]])  # the first along its goal, the second against it
+    assert probe.moves(chunks, toward) == {'size_median': 0.2, 'cos_to_goal_median': 0.0}
+    assert probe.moves(chunks, None) == {'size_median': 0.2}
+
+    model, _ = load_checkpoint(tiny_checkpoint(tmp_path / 'tiny'))
+    states, to_goal = obs[idx], obs[idx][:, goal]
+    out = probe.probe(model, states, velocity, to_goal, actions_per_chunk=2)
+    assert out['as_recorded'] != out['velocity_zeroed']  # the network reads its velocity inputs
+    assert out['size_ratio'] == round(out['velocity_zeroed']['size_median'] / out['as_recorded']['size_median'], 3)
+    # nothing zeroed: both passes see the same states and the same initial noise, so they agree exactly
+    same = probe.probe(model, states, slice(0, 0), to_goal, actions_per_chunk=2)
+    assert same['as_recorded'] == same['velocity_zeroed'] and same['size_ratio'] == 1.0

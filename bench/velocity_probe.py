@@ -4,7 +4,7 @@ A policy cloned from demonstrations whose state includes the joint velocities ca
 its own motion (the velocities predict the demonstrator's next move almost perfectly) instead of
 reading the goal. Such a policy moves firmly toward the goal while it is moving, and once the arm
 slows, say on contact or near the goal, it asks for almost nothing and stays where it is. This probe
-feeds the ODE policy demonstration states near the goal twice, once as recorded and once with the
+feeds the ODE policy demonstration states near the goal, object in hand, twice, once as recorded and once with the
 joint velocities set to zero, and compares the size and direction (cosine with the object-goal
 vector) of the position part of the executed actions (pd_ee_delta_pose's first three dimensions).
 The demonstrator's own actions on the same states are the reference.
@@ -13,7 +13,8 @@ The demonstrator's own actions on the same states are the reference.
         --checkpoint start=runs/learning/PickCube-v1/sft_start/sft \\
         --checkpoint anneal_s0=runs/learning/PickCube-v1/stepnft_correlated_noise_lr5e-5_anneal/s0/state
 
-Writes bench/results/velocity_probe_<task>.json (one entry per checkpoint, merged with earlier runs).
+Writes bench/results/velocity_probe_<task>.json: per band of object-goal distances, the demonstrator's
+moves and one entry per checkpoint, merged with earlier runs.
 """
 
 from __future__ import annotations
@@ -33,12 +34,13 @@ from stepnft_ros.atomic import atomic_write_text  # noqa: E402
 from stepnft_ros.policy import FlowPolicy, load_checkpoint  # noqa: E402
 from stepnft_ros.policy.types import Observation  # noqa: E402
 
-OBJECT_TO_GOAL = 'obj_to_goal_pos'  # ManiSkill's name for the object-goal vector among a task's state extras
+OBJECT_TO_GOAL = 'obj_to_goal_pos'  # ManiSkill's names among a task's state extras: the object-goal vector ...
+GRASPED = 'is_grasped'  # ... and whether the gripper holds the object
 
 
-def state_layout(task: str) -> tuple[slice, slice | None]:
-    """Where the joint velocities and the object-goal vector sit in the task's flat state
-    ([qpos, qvel, extras]; the vector is None for tasks without one)."""
+def state_layout(task: str) -> tuple[slice, slice | None, int | None]:
+    """Where the joint velocities, the object-goal vector and the grasp flag sit in the task's flat state
+    ([qpos, qvel, extras]; the last two are None for tasks without them)."""
     env = make_env(task, 10)
     try:
         joints = len(env.joint_names)
@@ -47,10 +49,9 @@ def state_layout(task: str) -> tuple[slice, slice | None]:
         env.close()
     velocity = slice(joints, 2 * joints)
     first = f'{OBJECT_TO_GOAL}.0'
-    if first not in names:
-        return velocity, None
-    start = 2 * joints + names.index(first)
-    return velocity, slice(start, start + 3)
+    goal = slice(2 * joints + names.index(first), 2 * joints + names.index(first) + 3) if first in names else None
+    grasped = 2 * joints + names.index(GRASPED) if GRASPED in names else None
+    return velocity, goal, grasped
 
 
 def moves(chunks: np.ndarray, to_goal: np.ndarray | None) -> dict:
@@ -80,16 +81,16 @@ def probe(model, states: np.ndarray, velocity: slice, to_goal: np.ndarray | None
     return out
 
 
-def select_states(demos: dict, goal: slice | None, near_cm: tuple[float, float], count: int,
+def select_states(demos: dict, goal: slice | None, grasped: int | None, near_cm: tuple[float, float], count: int,
                   seed: int = 0) -> np.ndarray:
-    """Indices of up to `count` demonstration states whose object is near_cm from the goal (all states
-    for a task without an object-goal vector), drawn without replacement."""
+    """Indices of up to `count` demonstration states, drawn without replacement, whose object is held (for
+    tasks that say) and near_cm from the goal (every state for a task without an object-goal vector)."""
     obs = demos['obs']
-    if goal is None:
-        candidates = np.arange(len(obs))
-    else:
+    keep = np.ones(len(obs), dtype=bool) if grasped is None else obs[:, grasped] > 0.5
+    if goal is not None:
         distance = np.linalg.norm(obs[:, goal], axis=1) * 100
-        candidates = np.flatnonzero((distance >= near_cm[0]) & (distance < near_cm[1]))
+        keep &= (distance >= near_cm[0]) & (distance < near_cm[1])
+    candidates = np.flatnonzero(keep)
     if not len(candidates):
         raise SystemExit(f'no demonstration state is {near_cm[0]}-{near_cm[1]} cm from the goal')
     rng = np.random.default_rng(seed)
@@ -110,19 +111,21 @@ def main() -> None:
     checkpoints = dict(c.split('=', 1) for c in args.checkpoint)
     demos_path = Path(args.demos or f'runs/learning/{args.task}/sft_start/demos.npz')
     demos = dict(np.load(demos_path))
-    velocity, goal = state_layout(args.task)
-    idx = select_states(demos, goal, tuple(args.near_cm), args.states)
+    velocity, goal, grasped = state_layout(args.task)
+    idx = select_states(demos, goal, grasped, tuple(args.near_cm), args.states)
     states = demos['obs'][idx].astype(np.float32)
     to_goal = states[:, goal] if goal is not None else None
     out = RESULTS / f'velocity_probe_{args.task}.json'
-    result = json.loads(out.read_text()) if out.exists() else {'task': args.task, 'runs': {}}
-    result.update(demos=str(demos_path), near_cm=list(args.near_cm), states=len(idx),
-                  demonstrator=moves(demos['actions'][idx][:, None], to_goal))  # its one action at each state
+    result = json.loads(out.read_text()) if out.exists() else {'task': args.task, 'bands': {}}
+    band = f'{args.near_cm[0]:g}-{args.near_cm[1]:g}cm' if goal is not None else 'all_states'
+    entry = result['bands'].setdefault(band, {'runs': {}})
+    entry.update(demos=str(demos_path), states=len(idx),
+                 demonstrator=moves(demos['actions'][idx][:, None], to_goal))  # its one action at each state
+    print(json.dumps({'band': band, 'states': len(idx), 'demonstrator': entry['demonstrator']}), flush=True)
     for name, path in checkpoints.items():
         model, _ = load_checkpoint(path)
-        result['runs'][name] = {'checkpoint': path, **probe(model, states, velocity, to_goal, args.actions_per_chunk)}
-        print(json.dumps({'run': name, **result['runs'][name]}), flush=True)
-    print(json.dumps({'demonstrator': result['demonstrator'], 'states': len(idx)}), flush=True)
+        entry['runs'][name] = {'checkpoint': path, **probe(model, states, velocity, to_goal, args.actions_per_chunk)}
+        print(json.dumps({'run': name, **entry['runs'][name]}), flush=True)
     atomic_write_text(out, json.dumps(result, indent=1))
 
 

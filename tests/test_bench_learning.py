@@ -382,19 +382,23 @@ def test_a_branched_run_continues_the_source_state_under_its_own_settings(tmp_pa
 
 def test_velocity_probe_compares_the_policy_with_and_without_the_joint_velocities(tmp_path):
     probe = bench_module('velocity_probe')
-    velocity, goal = probe.state_layout('PickCube-v1')  # [qpos 9, qvel 9, extras ending in obj_to_goal_pos]
-    assert (velocity, goal) == (slice(9, 18), slice(39, 42))
+    # [qpos 9, qvel 9, extras: is_grasped first, obj_to_goal_pos last]
+    velocity, goal, grasped = probe.state_layout('PickCube-v1')
+    assert (velocity, goal, grasped) == (slice(9, 18), slice(39, 42), 18)
 
     rng = np.random.default_rng(0)
     obs = rng.normal(size=(50, 42)).astype(np.float32)
     obs[:, goal] = rng.normal(size=(50, 3)) * 0.1
+    obs[:, grasped] = np.arange(50) % 2  # every other state holds the object
     distance = np.linalg.norm(obs[:, goal], axis=1) * 100
-    idx = probe.select_states({'obs': obs}, goal, (2.5, 12.0), count=200)
-    assert len(idx) == np.sum((distance >= 2.5) & (distance < 12.0)) > 0 and np.all(np.diff(idx) > 0)
-    assert len(probe.select_states({'obs': obs}, goal, (2.5, 12.0), count=3)) == 3
-    assert len(probe.select_states({'obs': obs}, None, (2.5, 12.0), count=200)) == 50  # no goal: every state
+    near = (distance >= 2.5) & (distance < 12.0)
+    idx = probe.select_states({'obs': obs}, goal, grasped, (2.5, 12.0), count=200)
+    assert list(idx) == list(np.flatnonzero(near & (obs[:, grasped] > 0.5))) and len(idx) > 0
+    assert len(probe.select_states({'obs': obs}, goal, None, (2.5, 12.0), count=200)) == near.sum()
+    assert len(probe.select_states({'obs': obs}, goal, grasped, (2.5, 12.0), count=3)) == 3
+    assert len(probe.select_states({'obs': obs}, None, None, (2.5, 12.0), count=200)) == 50  # no goal: every state
     with pytest.raises(SystemExit, match='no demonstration state'):
-        probe.select_states({'obs': obs}, goal, (500.0, 600.0), count=10)
+        probe.select_states({'obs': obs}, goal, grasped, (500.0, 600.0), count=10)
 
     # moves: the mean of each state's executed position moves, against the object-goal vector
     chunks = np.zeros((2, 2, 7))

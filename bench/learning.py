@@ -179,15 +179,22 @@ def make_env(env_id: str, max_episode_steps: int) -> ManiSkillEnv:
 def sft_spec(args: argparse.Namespace) -> DefaultSFT:
     """The task's embedded start (PushCube: 10 demos, 1000 steps) unless --num-demos / --sft-steps say otherwise."""
     base = EMBEDDED_STARTS.get(args.task, DefaultSFT())
-    return replace(base, env_id=args.task, d_model=args.d_model,
+    spec = replace(base, env_id=args.task, d_model=args.d_model,
                    num_demos=base.num_demos if args.num_demos is None else args.num_demos,
                    sft_steps=base.sft_steps if args.sft_steps is None else args.sft_steps)
+    if args.velocity_dropout:  # the joint velocities: [n, 2n) of the flat [qpos, qvel, extras] state
+        env = make_env(args.task, 10)
+        joints = len(env.joint_names)
+        env.close()
+        spec = replace(spec, state_dropout=args.velocity_dropout, state_dropout_dims=tuple(range(joints, 2 * joints)))
+    return spec
 
 
 def start_tag(args: argparse.Namespace) -> str:
-    """Suffix naming a start other than the default width: its SFT, start evaluation, runs and results
-    stay apart from the default's."""
-    return '' if args.d_model == DefaultSFT.d_model else f'_d{args.d_model}'
+    """Suffix naming a start other than the default (width, velocity dropout): its SFT, start evaluation,
+    runs and results stay apart from the default's."""
+    return ('' if args.d_model == DefaultSFT.d_model else f'_d{args.d_model}') + (
+        f'_vdrop{args.velocity_dropout:g}' if args.velocity_dropout else '')
 
 
 def run_one(args: argparse.Namespace) -> dict:
@@ -608,6 +615,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument('--d-model', type=int, default=DefaultSFT.d_model,
                    help='width of the start policy; other than the default, runs and results are named '
                         '<method>_d<width>')
+    r.add_argument('--velocity-dropout', type=float, default=0.0, metavar='P',
+                   help="clone the start with the joint velocities zeroed in a share P of its training samples "
+                        "(SFTConfig.state_dropout), so that it reads the goal to move from standstill; runs and "
+                        "results are named <method>_vdrop<P>")
     r.add_argument('--max-episode-steps', type=int, default=100)
     r.add_argument('--branch-from', metavar='METHOD',
                    help="start from METHOD's saved run of the same task and seed (its model, optimizer moments "

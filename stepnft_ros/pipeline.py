@@ -37,7 +37,7 @@ def sft_from_demos(demos: DemoSet, policy: PolicyConfig, sft: SFTConfig,
     torch.manual_seed(sft.seed)
     model = FlowVLA(cfg)
     model.normalizer.fit(demos.states, demos.actions)
-    data = ChunkDataset(demos, model, sft.observation_lag)
+    data = ChunkDataset(demos, model, sft.observation_lag, sft.state_dropout, sft.state_dropout_dims, sft.seed)
     losses = train_sft(model, len(data), data.get_batch, sft, log=log)
     return model, losses
 
@@ -54,7 +54,8 @@ def sft_from_checkpoint(demos: DemoSet, checkpoint: str | Path, sft: SFTConfig,
         raise ValueError(f'demo actions have {demos.actions.shape[1]} dims, {checkpoint} has {cfg.action_dim}')
     if cfg.use_language and not any(demos.instructions):
         raise ValueError(f'{checkpoint} is language-conditioned: the demos need instructions')
-    data = ChunkDataset(demos, model, sft.observation_lag)  # checks cameras, image size and state size
+    # checks cameras, image size and state size
+    data = ChunkDataset(demos, model, sft.observation_lag, sft.state_dropout, sft.state_dropout_dims, sft.seed)
     torch.manual_seed(sft.seed)
     return model, train_sft(model, len(data), data.get_batch, sft, log=log)
 
@@ -77,6 +78,9 @@ class DefaultSFT:
     seed: int = 0
     observation_lag: int = 0
     """Clone for observations this many control steps old (algo.sft.SFTConfig.observation_lag)."""
+    state_dropout: float = 0.0
+    state_dropout_dims: tuple[int, ...] = ()
+    """Zero these state dims of a training sample with this probability (algo.sft.SFTConfig.state_dropout)."""
     demo_seeds: tuple[int, ...] = (200, 3000)
     """One demo-generating process per entry, each trying seeds upward from it (kept apart from the
     held-out evaluation seeds at 10000 and the training seeds at 1000000)."""
@@ -156,7 +160,9 @@ def ensure_sft_checkpoint(out: str | Path, spec: DefaultSFT = DefaultSFT(),
                               prefix_layers=1, expert_layers=2, num_steps=4, noise_level=spec.noise_level)
     model, losses = sft_from_demos(demos, policy_cfg, SFTConfig(steps=spec.sft_steps, batch_size=spec.sft_batch,
                                                                 lr=1e-3, seed=spec.seed,
-                                                                observation_lag=spec.observation_lag),
+                                                                observation_lag=spec.observation_lag,
+                                                                state_dropout=spec.state_dropout,
+                                                                state_dropout_dims=spec.state_dropout_dims),
                                    log=lambda step, loss: log(f'sft step {step} loss {loss:.4f}')
                                    if step % 500 == 0 else None)
     save_checkpoint(ckpt, model, {'stage': 'sft', 'env_id': spec.env_id, 'demos': demos.num_episodes,

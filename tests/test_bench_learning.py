@@ -174,16 +174,21 @@ def test_sft_ceiling_variants_parse_into_sft_specs_and_reject_typos():
 
 def test_a_start_of_another_width_names_its_runs_apart_from_the_default():
     learning = bench_module('learning')
-    args = argparse.Namespace(task='PickCube-v1', num_demos=300, sft_steps=8000, d_model=64)
+    args = argparse.Namespace(task='PickCube-v1', num_demos=300, sft_steps=8000, d_model=64, velocity_dropout=0.0)
     assert learning.start_tag(args) == ''
     wide = argparse.Namespace(**{**vars(args), 'd_model': 128})
     assert learning.start_tag(wide) == '_d128'
     assert learning.sft_spec(wide).d_model == 128 and learning.sft_spec(wide).env_id == 'PickCube-v1'
+    assert learning.sft_spec(args).state_dropout_dims == ()
+    dropout = argparse.Namespace(**{**vars(wide), 'velocity_dropout': 0.5})
+    assert learning.start_tag(dropout) == '_d128_vdrop0.5'
+    spec = learning.sft_spec(dropout)  # PickCube's Panda: 9 joints, so qvel is [9, 18) of the state
+    assert (spec.state_dropout, spec.state_dropout_dims) == (0.5, tuple(range(9, 18)))
 
 
 def test_without_sft_flags_a_run_starts_from_the_tasks_embedded_start():
     learning = bench_module('learning')
-    push = argparse.Namespace(task='PushCube-v1', num_demos=None, sft_steps=None, d_model=64)
+    push = argparse.Namespace(task='PushCube-v1', num_demos=None, sft_steps=None, d_model=64, velocity_dropout=0.0)
     assert (learning.sft_spec(push).num_demos, learning.sft_spec(push).sft_steps) == (10, 1000)
     pick = learning.sft_spec(argparse.Namespace(**{**vars(push), 'task': 'PickCube-v1'}))
     assert (pick.env_id, pick.num_demos, pick.sft_steps) == ('PickCube-v1', 300, 8000)
@@ -366,7 +371,7 @@ def test_a_branched_run_continues_the_source_state_under_its_own_settings(tmp_pa
     monkeypatch.setattr(bench, 'RESULTS', tmp_path / 'results')
     args = argparse.Namespace(work=str(tmp_path / 'work'), task='T', method='stepnft_correlated_noise', seed=0,
                               branch_from='stepnft_correlated_noise_lr5e-5', env_steps=300, eval_every=1,
-                              workers=1, num_demos=None, sft_steps=None, d_model=64, test_seeds=2,
+                              workers=1, num_demos=None, sft_steps=None, d_model=64, velocity_dropout=0.0, test_seeds=2,
                               max_episode_steps=100)
     result = bench.run_one(args)
     # the source's weights, optimizer step count and history; this method's lr (1e-4, not 5e-5)

@@ -293,6 +293,29 @@ def test_an_observation_lag_pairs_each_chunk_with_an_older_observation_of_its_ow
         SFTConfig(observation_lag=-1)
 
 
+def test_state_dropout_zeroes_the_named_dims_of_a_share_of_the_samples():
+    states = np.tile(np.array([[1.0, 2.0, 3.0]], dtype=np.float32), (400, 1))
+    demos = DemoSet(states, np.zeros((400, 1), dtype=np.float32), np.array([400]))
+    model = FlowVLA(PolicyConfig(state_dim=3, action_dim=1, horizon=2, d_model=32, n_heads=2))
+    rows = torch.arange(400)
+    data = ChunkDataset(demos, model, state_dropout=0.5, state_dropout_dims=(1, 2), seed=0)
+    obs, actions, _ = data.get_batch(rows)
+    dropped = obs.state[:, 1] == 0
+    assert 150 < dropped.sum() < 250  # about half
+    assert torch.all(obs.state[dropped, 1:] == 0) and torch.all(obs.state[~dropped, 1:] == torch.tensor([2.0, 3.0]))
+    assert torch.all(obs.state[:, 0] == 1.0), 'the other dims stay'
+    assert torch.equal(data.states, torch.from_numpy(states)), 'the demos themselves are untouched'
+    assert torch.equal(actions, ChunkDataset(demos, model).get_batch(rows)[1])
+    again = ChunkDataset(demos, model, state_dropout=0.5, state_dropout_dims=(1, 2), seed=0).get_batch(rows)[0]
+    assert torch.equal(again.state, obs.state), 'seeded'
+    with pytest.raises(ValueError, match='are not all dims of the 3-dim state'):
+        ChunkDataset(demos, model, state_dropout=0.5, state_dropout_dims=(3,))
+    for bad in (dict(state_dropout=0.5), dict(state_dropout_dims=(1,)),
+                dict(state_dropout=1.0, state_dropout_dims=(1,))):
+        with pytest.raises(ValueError, match='state_dropout must be in'):
+            SFTConfig(**bad)
+
+
 def test_sft_from_each_format_gives_a_loadable_checkpoint(tmp_path, capsys):
     write_libero(tmp_path / 'a_demo.hdf5', 'pick up the bowl', [5, 6], seed=1)
     write_libero(tmp_path / 'b_demo.hdf5', 'open the drawer', [6], seed=2)

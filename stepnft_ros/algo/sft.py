@@ -70,8 +70,17 @@ class SFTConfig:
     observation_lag: int = 0
     """Pair each chunk with the observation this many control steps before its first action: a policy
     for a loop whose observations are that old when its actions start (about one step over a ROS graph)."""
+    state_dropout: float = 0.0
+    """Probability with which a training sample's state_dropout_dims are set to zero. On the joint
+    velocities it keeps the policy from learning to continue its own motion (in planner demos the
+    velocities predict the next action almost perfectly), so it must read the goal to move from standstill."""
+    state_dropout_dims: tuple[int, ...] = ()
+    """State dimensions state_dropout zeroes (e.g. a ManiSkill state's joint velocities, [n, 2n) for n joints)."""
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.state_dropout < 1.0 or (self.state_dropout > 0.0) != bool(self.state_dropout_dims):
+            raise ValueError(f'state_dropout must be in [0, 1) and > 0 exactly when state_dropout_dims are given, '
+                             f'got {self.state_dropout} and {self.state_dropout_dims}')
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f'steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}')
         if self.observation_lag < 0:

@@ -118,10 +118,14 @@ class ChunkDataset:
     Images are gathered per batch from the demo arrays (uint8, no copy of the whole set).
     """
 
-    def __init__(self, demos: DemoSet, model: FlowVLA, observation_lag: int = 0) -> None:
+    def __init__(self, demos: DemoSet, model: FlowVLA, observation_lag: int = 0, state_dropout: float = 0.0,
+                 state_dropout_dims: tuple[int, ...] = (), seed: int = 0) -> None:
         cfg = model.config
         if observation_lag < 0:
             raise ValueError(f'observation_lag must be >= 0, got {observation_lag}')
+        if state_dropout_dims and not all(0 <= d < cfg.state_dim for d in state_dropout_dims):
+            raise ValueError(f'state_dropout_dims {state_dropout_dims} are not all dims of the '
+                             f'{cfg.state_dim}-dim state')
         missing = [c for c in cfg.camera_names if c not in demos.images]
         if missing:
             raise ValueError(f'the policy expects cameras {missing} that the demos do not have '
@@ -148,6 +152,9 @@ class ChunkDataset:
         self.frames = [demos.images[c] for c in cfg.camera_names]
         self.instructions = demos.instructions
         self.episode_of_row = np.repeat(np.arange(demos.num_episodes), demos.episode_lengths)
+        self.state_dropout = state_dropout
+        self.state_dropout_dims = torch.tensor(state_dropout_dims, dtype=torch.long)
+        self.dropout_generator = torch.Generator().manual_seed(seed)  # its own stream: batches stay as they were
 
     def __len__(self) -> int:
         return int(self.chunk_index.shape[0])
@@ -162,6 +169,10 @@ class ChunkDataset:
             stacked = np.stack([frames[picked] for frames in self.frames], axis=1)
             images = torch.from_numpy(stacked).permute(0, 1, 4, 2, 3).contiguous()
         episodes = self.episode_of_row[rows.numpy()]
-        obs = ObservationBatch(state=None if self.states is None else self.states[rows], images=images,
+        state = None if self.states is None else self.states[rows]  # a copy: indexing gathers
+        if state is not None and self.state_dropout > 0:
+            dropped = torch.rand(len(rows), generator=self.dropout_generator) < self.state_dropout
+            state[dropped.nonzero()[:, :1], self.state_dropout_dims] = 0.0
+        obs = ObservationBatch(state=state, images=images,
                                instructions=tuple(self.instructions[e] for e in episodes))
         return obs, self.actions[self.chunk_index[idx]], self.mask[idx]

@@ -79,7 +79,8 @@ def _sft(args: argparse.Namespace) -> int:
                           n_heads=args.n_heads, num_steps=args.num_steps, noise_level=args.noise_level,
                           vision_patch=args.vision_patch)
     sft = SFTConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                    observation_lag=args.observation_lag)
+                    observation_lag=args.observation_lag, state_dropout=args.state_dropout,
+                    state_dropout_dims=tuple(args.state_dropout_dims))
     language = {'auto': None, 'on': True, 'off': False}[args.language]
     start = time.perf_counter()
 
@@ -324,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--observation-lag', type=int, default=0,
                    help='pair each action chunk with the observation N control steps before it: a policy '
                         'for a loop whose observations arrive that late (about 1 over a ROS graph)')
+    p.add_argument('--state-dropout', type=float, default=0.0, metavar='P',
+                   help='zero --state-dropout-dims in a share P of the training samples (e.g. the joint '
+                        'velocities, so the policy reads the goal to move from standstill)')
+    p.add_argument('--state-dropout-dims', type=int, nargs='+', default=[], metavar='DIM',
+                   help='state dims --state-dropout zeroes (a ManiSkill state with n joints: n .. 2n-1)')
     p.add_argument('--seed', type=int, default=0)
     p.set_defaults(func=_sft)
 

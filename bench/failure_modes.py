@@ -68,10 +68,16 @@ def final_move(decisions, to_goal: np.ndarray) -> dict:
     so the two frames agree. A policy that stops short of the goal because it believes it has arrived
     asks for a small move in no particular direction (cosine near 0)."""
     moves = np.concatenate([np.asarray(d.chunk[:d.executed])[:, :3] for d in decisions[-LAST_DECISIONS:]])
-    move = moves.mean(axis=0)
-    size = float(np.linalg.norm(move))
-    cos = float(move @ to_goal / (size * np.linalg.norm(to_goal))) if size > 0 and np.linalg.norm(to_goal) > 0 else 0.0
-    return {'size': round(size, 4), 'cos_to_goal': round(cos, 3)}
+    size, cos = size_and_cosine(moves.mean(axis=0)[None], np.asarray(to_goal)[None])
+    return {'size': round(float(size[0]), 4), 'cos_to_goal': round(float(cos[0]), 3)}
+
+
+def size_and_cosine(moves: np.ndarray, to_goal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of (N, 3) position moves: its size and its cosine with the row's object-goal vector (0 when
+    either is zero)."""
+    size = np.linalg.norm(moves, axis=1)
+    cos = np.einsum('ij,ij->i', moves, to_goal) / np.maximum(size * np.linalg.norm(to_goal, axis=1), 1e-12)
+    return size, cos
 
 
 def run_shard(task: str, checkpoint: str, sampler: str, seeds: list[int], actions_per_chunk: int,

@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
+from bench.failure_modes import size_and_cosine  # noqa: E402
 from bench.learning import RESULTS, make_env  # noqa: E402
 from stepnft_ros.atomic import atomic_write_text  # noqa: E402
 from stepnft_ros.policy import FlowPolicy, load_checkpoint  # noqa: E402
@@ -57,10 +58,9 @@ def state_layout(task: str) -> tuple[slice, slice | None, int | None]:
 def moves(chunks: np.ndarray, to_goal: np.ndarray | None) -> dict:
     """Median size and cosine with the object-goal vector of each state's mean executed position move."""
     move = chunks[..., :3].mean(axis=1)
-    size = np.linalg.norm(move, axis=1)
+    size, cos = size_and_cosine(move, move if to_goal is None else to_goal)  # no goal: cos unused
     out = {'size_median': round(float(np.median(size)), 4)}
     if to_goal is not None:
-        cos = np.einsum('ij,ij->i', move, to_goal) / np.maximum(size * np.linalg.norm(to_goal, axis=1), 1e-12)
         out['cos_to_goal_median'] = round(float(np.median(cos)), 3)
     return out
 

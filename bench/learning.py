@@ -4,8 +4,10 @@ Each (method, task, training seed) run is its own resumable job: the model, the 
 history are saved after every update under <work>/<task>/<method>/s<seed>/ (TensorBoard scalars in its
 tensorboard/), and a restarted run continues from there. Its result JSON lands in
 bench/results/learning/. Runs start from the task's embedded SFT start (stepnft_ros.pipeline.EMBEDDED_STARTS)
-unless --num-demos / --sft-steps name another. `summarize` merges every result into
-bench/results/learning_summary.json and plots success against env steps and wall-clock with Wilson 95 % bands.
+unless --num-demos / --sft-steps / --d-model / --velocity-dropout name another (PickCube's plain clone, the
+start of the runs recorded before velocity dropout became its default: --velocity-dropout 0). `summarize`
+merges every result into bench/results/learning_summary.json and plots success against env steps and
+wall-clock with Wilson 95 % bands.
 
     python bench/learning.py run --method stepnft --seed 0 --env-steps 300000 --workers 2
     python bench/learning.py summarize
@@ -177,12 +179,15 @@ def make_env(env_id: str, max_episode_steps: int) -> ManiSkillEnv:
 
 
 def sft_spec(args: argparse.Namespace) -> DefaultSFT:
-    """The task's embedded start (PushCube: 10 demos, 1000 steps) unless --num-demos / --sft-steps say otherwise."""
+    """The task's embedded start (PushCube: 10 demos, 1000 steps; PickCube: velocity dropout 0.5) unless
+    --num-demos / --sft-steps / --d-model / --velocity-dropout say otherwise."""
     base = EMBEDDED_STARTS.get(args.task, DefaultSFT())
     spec = replace(base, env_id=args.task, d_model=args.d_model,
                    num_demos=base.num_demos if args.num_demos is None else args.num_demos,
                    sft_steps=base.sft_steps if args.sft_steps is None else args.sft_steps)
-    if args.velocity_dropout:  # the joint velocities: [n, 2n) of the flat [qpos, qvel, extras] state
+    if args.velocity_dropout == 0:
+        spec = replace(spec, state_dropout=0.0, state_dropout_dims=())
+    elif args.velocity_dropout is not None:  # the joint velocities: [n, 2n) of the flat [qpos, qvel, extras] state
         env = make_env(args.task, 10)
         joints = len(env.joint_names)
         env.close()
@@ -190,17 +195,18 @@ def sft_spec(args: argparse.Namespace) -> DefaultSFT:
     return spec
 
 
-def start_tag(args: argparse.Namespace) -> str:
-    """Suffix naming a start other than the default (width, velocity dropout): its SFT, start evaluation,
-    runs and results stay apart from the default's."""
-    return ('' if args.d_model == DefaultSFT.d_model else f'_d{args.d_model}') + (
-        f'_vdrop{args.velocity_dropout:g}' if args.velocity_dropout else '')
+def start_tag(spec: DefaultSFT) -> str:
+    """Suffix naming a start by its width and velocity dropout when they are not the plain clone's (d_model 64,
+    no dropout): its SFT, start evaluation, runs and results stay apart from every other start's."""
+    return ('' if spec.d_model == DefaultSFT.d_model else f'_d{spec.d_model}') + (
+        f'_vdrop{spec.state_dropout:g}' if spec.state_dropout else '')
 
 
 def run_one(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
     task_dir = Path(args.work) / args.task
-    tag = start_tag(args)
+    start_spec = sft_spec(args)
+    tag = start_tag(start_spec)
     name = args.method + tag  # the method as the results name it
     if args.branch_from:
         name += f'_from_{args.branch_from}'
@@ -218,7 +224,6 @@ def run_one(args: argparse.Namespace) -> dict:
             atomic_write_text(state_dir / 'branched_from.json', json.dumps(
                 {'method': args.branch_from, 'iteration': last['iteration'], 'env_steps': last['env_steps']}))
         branched_at = json.loads((state_dir / 'branched_from.json').read_text())
-    start_spec = sft_spec(args)
     sft = ensure_sft_checkpoint(task_dir / f'sft_start{tag}', start_spec, log=log)
     algo_over, online_over = METHODS[args.method]
     algo = StepNFTConfig(**{**BASE_ALGO, **algo_over})
@@ -615,10 +620,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument('--d-model', type=int, default=DefaultSFT.d_model,
                    help='width of the start policy; other than the default, runs and results are named '
                         '<method>_d<width>')
-    r.add_argument('--velocity-dropout', type=float, default=0.0, metavar='P',
+    r.add_argument('--velocity-dropout', type=float, metavar='P',
                    help="clone the start with the joint velocities zeroed in a share P of its training samples "
-                        "(SFTConfig.state_dropout), so that it reads the goal to move from standstill; runs and "
-                        "results are named <method>_vdrop<P>")
+                        "(SFTConfig.state_dropout), so that it reads the goal to move from standstill; 0: the plain "
+                        "clone (default: the task's embedded start, PickCube 0.5, others 0); runs and results of a "
+                        "start with dropout are named <method>_vdrop<P>")
     r.add_argument('--max-episode-steps', type=int, default=100)
     r.add_argument('--branch-from', metavar='METHOD',
                    help="start from METHOD's saved run of the same task and seed (its model, optimizer moments "

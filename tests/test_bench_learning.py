@@ -172,28 +172,30 @@ def test_sft_ceiling_variants_parse_into_sft_specs_and_reject_typos():
         ceiling.parse_variant('100-8000', 'PushCube-v1')
 
 
-def test_a_start_of_another_width_names_its_runs_apart_from_the_default():
+def test_a_start_of_another_width_or_dropout_names_its_runs_apart_from_the_plain_clone():
     learning = bench_module('learning')
-    args = argparse.Namespace(task='PickCube-v1', num_demos=300, sft_steps=8000, d_model=64, velocity_dropout=0.0)
-    assert learning.start_tag(args) == ''
-    wide = argparse.Namespace(**{**vars(args), 'd_model': 128})
-    assert learning.start_tag(wide) == '_d128'
+    plain = argparse.Namespace(task='PickCube-v1', num_demos=300, sft_steps=8000, d_model=64, velocity_dropout=0.0)
+    assert learning.sft_spec(plain).state_dropout_dims == () and learning.start_tag(learning.sft_spec(plain)) == ''
+    wide = argparse.Namespace(**{**vars(plain), 'd_model': 128})
+    assert learning.start_tag(learning.sft_spec(wide)) == '_d128'
     assert learning.sft_spec(wide).d_model == 128 and learning.sft_spec(wide).env_id == 'PickCube-v1'
-    assert learning.sft_spec(args).state_dropout_dims == ()
-    dropout = argparse.Namespace(**{**vars(wide), 'velocity_dropout': 0.5})
-    assert learning.start_tag(dropout) == '_d128_vdrop0.5'
+    dropout = argparse.Namespace(**{**vars(wide), 'velocity_dropout': 0.3})
     spec = learning.sft_spec(dropout)  # PickCube's Panda: 9 joints, so qvel is [9, 18) of the state
-    assert (spec.state_dropout, spec.state_dropout_dims) == (0.5, tuple(range(9, 18)))
+    assert (spec.state_dropout, spec.state_dropout_dims) == (0.3, tuple(range(9, 18)))
+    assert learning.start_tag(spec) == '_d128_vdrop0.3'
 
 
 def test_without_sft_flags_a_run_starts_from_the_tasks_embedded_start():
     learning = bench_module('learning')
-    push = argparse.Namespace(task='PushCube-v1', num_demos=None, sft_steps=None, d_model=64, velocity_dropout=0.0)
-    assert (learning.sft_spec(push).num_demos, learning.sft_spec(push).sft_steps) == (10, 1000)
+    push = argparse.Namespace(task='PushCube-v1', num_demos=None, sft_steps=None, d_model=64, velocity_dropout=None)
+    spec = learning.sft_spec(push)
+    assert (spec.num_demos, spec.sft_steps, spec.state_dropout, learning.start_tag(spec)) == (10, 1000, 0.0, '')
     pick = learning.sft_spec(argparse.Namespace(**{**vars(push), 'task': 'PickCube-v1'}))
     assert (pick.env_id, pick.num_demos, pick.sft_steps) == ('PickCube-v1', 300, 8000)
+    assert (pick.state_dropout, pick.state_dropout_dims, learning.start_tag(pick)) == (
+        0.5, tuple(range(9, 18)), '_vdrop0.5')  # so its runs share names with the same start's earlier runs
     other = learning.sft_spec(argparse.Namespace(**{**vars(push), 'task': 'PullCube-v1', 'num_demos': 20}))
-    assert (other.env_id, other.num_demos, other.sft_steps) == ('PullCube-v1', 20, 8000)  # no embedded start
+    assert (other.env_id, other.num_demos, other.sft_steps, other.state_dropout) == ('PullCube-v1', 20, 8000, 0.0)
 
 
 def test_reach_counts_states_without_a_success_split_by_the_ode_outcome():
@@ -390,6 +392,8 @@ def test_velocity_probe_compares_the_policy_with_and_without_the_joint_velocitie
     # [qpos 9, qvel 9, extras: is_grasped first, obj_to_goal_pos last]
     velocity, goal, grasped = probe.state_layout('PickCube-v1')
     assert (velocity, goal, grasped) == (slice(9, 18), slice(39, 42), 18)
+    from stepnft_ros.pipeline import PANDA_JOINT_VELOCITIES  # what the embedded PickCube start drops
+    assert PANDA_JOINT_VELOCITIES == tuple(range(velocity.start, velocity.stop))
 
     rng = np.random.default_rng(0)
     obs = rng.normal(size=(50, 42)).astype(np.float32)
@@ -421,3 +425,24 @@ def test_velocity_probe_compares_the_policy_with_and_without_the_joint_velocitie
     # nothing zeroed: both passes see the same states and the same initial noise, so they agree exactly
     same = probe.probe(model, states, slice(0, 0), to_goal, actions_per_chunk=2)
     assert same['as_recorded'] == same['velocity_zeroed'] and same['size_ratio'] == 1.0
+
+
+def test_rescore_compares_repeats_and_a_recorded_evaluation_seed_by_seed(tmp_path, monkeypatch):
+    rescore = bench_module('rescore')
+    ckpt = tiny_checkpoint(tmp_path / 'tiny')
+    monkeypatch.setattr(rescore, 'RESULTS', tmp_path)
+    recorded = tmp_path / 'run.json'
+    recorded.write_text(json.dumps({'start_outcomes': [True, False]}))  # an untrained policy solves neither
+    assert rescore.main(['--checkpoint', str(ckpt), '--name', 'tiny', '--recorded', str(recorded), '--test-seeds',
+                         '2', '--workers', '0', '--max-episode-steps', '6']) == 0
+    entry = json.loads((tmp_path / 'rescore_PickCube-v1.json').read_text())['tiny']
+    assert entry['outcomes'] == [[False, False], [False, False]]
+    assert entry['recorded'][0]['success'] == 0.5
+    for repeat in entry['repeats']:
+        assert repeat['success'] == 0.0 and repeat['vs_first_repeat'] == {'gained': 0, 'lost': 0, 'p_value': 1.0}
+        assert (repeat['vs_recorded'][0]['gained'], repeat['vs_recorded'][0]['lost']) == (0, 1)
+    with pytest.raises(SystemExit, match='holds 2 test seeds, not 3'):
+        rescore.main(['--checkpoint', str(ckpt), '--name', 'x', '--recorded', str(recorded), '--test-seeds', '3'])
+    (tmp_path / 'bad.json').write_text(json.dumps({'curve': []}))
+    with pytest.raises(SystemExit, match='neither start_outcomes nor eval_outcomes'):
+        rescore.main(['--checkpoint', str(ckpt), '--name', 'x', '--recorded', str(tmp_path / 'bad.json')])

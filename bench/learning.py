@@ -46,7 +46,7 @@ from stepnft_ros.online import OnlineConfig, run_online  # noqa: E402
 from stepnft_ros.pipeline import EMBEDDED_STARTS, DefaultSFT, ensure_sft_checkpoint  # noqa: E402
 from stepnft_ros.policy import FlowPolicy, load_checkpoint, save_checkpoint  # noqa: E402
 from stepnft_ros.policy.checkpoint import read_header  # noqa: E402
-from stepnft_ros.progress import mcnemar_exact, wilson  # noqa: E402
+from stepnft_ros.progress import mcnemar_exact, rate_interval, wilson  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 FIRST_TEST_SEED = 10_000  # demos use seeds from 200 and 3000, training episodes from 1000000
@@ -326,7 +326,7 @@ def summarize(args: argparse.Namespace) -> dict:
         n = r['test_seeds']
         for key in ('seed', 'start', 'final', 'best', 'env_steps', 'wall_min'):
             entry['seeds' if key == 'seed' else key].append(r[key])
-        entry['final_interval'].append([round(x, 4) for x in wilson(round(r['final'] * n), n)])
+        entry['final_interval'].append(rate_interval(r['final'], n))
         entry['paired_vs_start'].append(paired_vs_start(r))
     for methods in summary['tasks'].values():
         for entry in methods.values():
@@ -387,7 +387,7 @@ def ablation_table(runs: list[dict]) -> dict:
         n = r['test_seeds']
         row = {'method': r['method'], 'seed': r['seed'], 'start': r['start'],
                'env_steps': r['curve'][i]['env_steps'], 'success': r['curve'][i]['eval_success'],
-               'interval': [round(x, 4) for x in wilson(round(r['curve'][i]['eval_success'] * n), n)],
+               'interval': rate_interval(r['curve'][i]['eval_success'], n),
                'base_env_steps': base['curve'][j]['env_steps'], 'base_success': base['curve'][j]['eval_success']}
         if ours is not None and theirs is not None:
             row |= paired(theirs, ours)

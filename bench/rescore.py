@@ -32,7 +32,7 @@ from bench.learning import RESULTS, held_out_seeds, make_env, paired  # noqa: E4
 from stepnft_ros.atomic import atomic_write_text  # noqa: E402
 from stepnft_ros.env_pool import EnvPool  # noqa: E402
 from stepnft_ros.policy import FlowPolicy, load_checkpoint  # noqa: E402
-from stepnft_ros.progress import wilson  # noqa: E402
+from stepnft_ros.progress import rate_interval  # noqa: E402
 
 
 def recorded_outcomes(path: Path) -> list[bool]:
@@ -46,7 +46,7 @@ def recorded_outcomes(path: Path) -> list[bool]:
 
 def score(outcomes: list[bool]) -> dict:
     n, k = len(outcomes), sum(outcomes)
-    return {'success': k / n, 'interval': [round(x, 4) for x in wilson(k, n)]}
+    return {'success': k / n, 'interval': rate_interval(k / n, n)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,7 +114,7 @@ class ManiSkillEvaluator(Node):
         self.done_versions.add(announced.version)
         atomic_write_text(self.out_dir / 'eval_history.json', json.dumps(self.history, indent=1) + '\n')
         if self.scalars is not None:
-            low, high = rate_interval(record)
+            low, high = rate_interval(record['eval_success'], record['episodes'])
             self.scalars.write('eval', {**record, 'success_low95': low, 'success_high95': high}, announced.version)
         self.rate_pub.publish(Float32(data=float(success)))
         self.result_pub.publish(String(data=json.dumps(record)))

@@ -42,10 +42,10 @@ def mcnemar_exact(gained: int, lost: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def rate_interval(record: dict) -> list[float]:
-    """The 95 % Wilson interval of an eval_history record (its rate over its `episodes`)."""
-    n = int(record['episodes'])
-    return [round(x, 4) for x in wilson(round(record['eval_success'] * n), n)]
+def rate_interval(rate: float, n: int) -> list[float]:
+    """The 95 % Wilson interval of a success rate measured over n episodes, rounded for reports."""
+    n = int(n)
+    return [round(x, 4) for x in wilson(round(rate * n), n)]
 
 
 class JsonList:
@@ -123,7 +123,8 @@ class Progress:
         summary['eval_episodes'] = 0
         if evals:
             for key, record in (('start', evals[0]), ('final', evals[-1])):
-                summary.update({key: record['eval_success'], f'{key}_interval': rate_interval(record),
+                summary.update({key: record['eval_success'],
+                                f'{key}_interval': rate_interval(record['eval_success'], record['episodes']),
                                 f'{key}_version': record['weights_version']})
             summary['eval_episodes'] = evals[-1]['episodes']
         summary.update({

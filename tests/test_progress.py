@@ -8,7 +8,7 @@ import pytest
 
 from stepnft_ros.launch_description import NodeSpec
 from stepnft_ros.launcher import node_parameter
-from stepnft_ros.progress import Progress, mcnemar_exact, wilson
+from stepnft_ros.progress import Progress, mcnemar_exact, rate_interval, wilson
 
 
 def test_wilson_interval():
@@ -16,6 +16,13 @@ def test_wilson_interval():
     low, high = wilson(0, 48)
     assert low == 0.0 and high == pytest.approx(0.0741, abs=1e-4)
     assert wilson(48, 48)[1] == pytest.approx(1.0) and wilson(0, 0) == (0.0, 1.0)
+
+
+def test_rate_interval_takes_a_rate_and_rounds_for_reports():
+    # 50 of 200 by the closed form: centre 0.2547, half-width 0.0596
+    assert rate_interval(0.25, 200) == [0.1951, 0.3143]
+    assert rate_interval(0.595, 200) == [0.5258, 0.6606]
+    assert rate_interval(0.0, 0) == [0.0, 1.0]
 
 
 def record(version, success, env_steps=500):

@@ -189,7 +189,9 @@ def test_without_sft_flags_a_run_starts_from_the_tasks_embedded_start():
     learning = bench_module('learning')
     push = argparse.Namespace(task='PushCube-v1', num_demos=None, sft_steps=None, d_model=64, velocity_dropout=None)
     spec = learning.sft_spec(push)
-    assert (spec.num_demos, spec.sft_steps, spec.state_dropout, learning.start_tag(spec)) == (10, 1000, 0.0, '')
+    assert (spec.num_demos, spec.sft_steps, spec.state_dropout, learning.start_tag(spec)) == (
+        10, 1000, 0.5, '_vdrop0.5')
+    assert learning.sft_spec(argparse.Namespace(**{**vars(push), 'velocity_dropout': 0.0})).state_dropout_dims == ()
     pick = learning.sft_spec(argparse.Namespace(**{**vars(push), 'task': 'PickCube-v1'}))
     assert (pick.env_id, pick.num_demos, pick.sft_steps) == ('PickCube-v1', 300, 8000)
     assert (pick.state_dropout, pick.state_dropout_dims, learning.start_tag(pick)) == (

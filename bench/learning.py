@@ -4,9 +4,9 @@ Each (method, task, training seed) run is its own resumable job: the model, the 
 history are saved after every update under <work>/<task>/<method>/s<seed>/ (TensorBoard scalars in its
 tensorboard/), and a restarted run continues from there. Its result JSON lands in
 bench/results/learning/. Runs start from the task's embedded SFT start (stepnft_ros.pipeline.EMBEDDED_STARTS)
-unless --num-demos / --sft-steps / --d-model / --velocity-dropout name another (PickCube's plain clone, the
-start of the runs recorded before velocity dropout became its default: --velocity-dropout 0). `summarize`
-merges every result into bench/results/learning_summary.json and plots success against env steps and
+unless --num-demos / --sft-steps / --d-model / --velocity-dropout name another (PickCube's or PushCube's
+plain clone, the start of the runs recorded before velocity dropout became its default: --velocity-dropout
+0). `summarize` merges every result into bench/results/learning_summary.json and plots success against env steps and
 wall-clock with Wilson 95 % bands.
 
     python bench/learning.py run --method stepnft --seed 0 --env-steps 300000 --workers 2
@@ -179,7 +179,7 @@ def make_env(env_id: str, max_episode_steps: int) -> ManiSkillEnv:
 
 
 def sft_spec(args: argparse.Namespace) -> DefaultSFT:
-    """The task's embedded start (PushCube: 10 demos, 1000 steps; PickCube: velocity dropout 0.5) unless
+    """The task's embedded start (PushCube: 10 demos, 1000 steps; both: velocity dropout 0.5) unless
     --num-demos / --sft-steps / --d-model / --velocity-dropout say otherwise."""
     base = EMBEDDED_STARTS.get(args.task, DefaultSFT())
     spec = replace(base, env_id=args.task, d_model=args.d_model,
